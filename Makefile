@@ -1,0 +1,43 @@
+# Set-up and everyday commands; each target installs what it needs into .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 3000
+
+.PHONY: serve test lint bento bench register-shipped clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# The serving set only (no torch); rebuilt when pyproject.toml changes.
+$(VENV)/.serve: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# Everything: training extra (torch from pip) and test tools.
+$(VENV)/.all: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[train,dev]'
+	touch $@ $(VENV)/.serve
+
+register-shipped: $(VENV)/.serve
+	$(BIN)/python -m service.shipped
+
+serve: register-shipped
+	$(BIN)/bentoml serve service.service:Classifier --port $(PORT)
+
+test: $(VENV)/.all
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.all
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bento: register-shipped
+	$(BIN)/bentoml build --output tag
+
+bench: $(VENV)/.all
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,21 @@
+"""Networks and the input contract; importing this package needs no torch."""
+
+from models.contract import CLASS_NAMES, INPUT_SIZE, MEAN, STD
+
+ARCHS: tuple[str, ...] = ("lenet", "resnet18")
+
+
+def get_model(name: str, num_classes: int = len(CLASS_NAMES)):
+    """Build an untrained network by architecture name."""
+    if name == "lenet":
+        from models.lenet import LeNet5
+
+        return LeNet5(num_classes)
+    if name == "resnet18":
+        from models.resnet import resnet18
+
+        return resnet18(num_classes)
+    raise ValueError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHS)}")
+
+
+__all__ = ["ARCHS", "CLASS_NAMES", "INPUT_SIZE", "MEAN", "STD", "get_model"]

@@ -1,0 +1,103 @@
+"""The `cifar10` command: train, export, register, predict, evaluate.
+
+Each subcommand imports its heavy dependencies itself, so `predict` runs without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from service.errors import UserError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        arch=args.arch, data=args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        cutout=args.cutout, seed=args.seed, device=args.device, amp=args.amp, resume=args.resume,
+        download=args.download, val_size=args.val_size, command=["cifar10", *sys.argv[1:]],
+    )
+    train(cfg)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from training.export import export
+
+    export(args.checkpoint, args.out, data=args.data, register_as=args.register)
+    return 0
+
+
+def _register(args: argparse.Namespace) -> int:
+    from training.register import register
+
+    print(register(args.onnx_file, args.name))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate
+
+    evaluate(args.data, model=args.model, split=args.split, out=args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cifar10", description="Train, export and serve CIFAR-10 classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a network; checkpoints every epoch")
+    p.add_argument("--arch", required=True, choices=("lenet", "resnet18"))
+    p.add_argument("--data", required=True, help="zip, class-folder tree or cifar-10-batches-py root")
+    p.add_argument("--out", required=True, help="run folder for checkpoints, metrics and curves")
+    p.add_argument("--epochs", type=int, help="default: the architecture's recipe")
+    p.add_argument("--batch-size", type=int, help="global batch size; default: the recipe's")
+    p.add_argument("--lr", type=float, help="peak learning rate; default: the recipe's")
+    p.add_argument("--cutout", type=int, help="side of the square Cutout erases, 0 for none; default: the recipe's")
+    p.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--download", action="store_true", help="fetch the official CIFAR-10 release into --data")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for CUDA and for CPUs with native bf16)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX and check parity")
+    p.add_argument("checkpoint", help="RUN_DIR/best.pt")
+    p.add_argument("--out", required=True, help="FILE.onnx to write")
+    p.add_argument("--data", help="images for the parity check (default: a synthetic batch)")
+    p.add_argument("--register", metavar="NAME", help="also store the ONNX file in the BentoML model store")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("register", help="store an ONNX file in the BentoML model store")
+    p.add_argument("onnx_file")
+    p.add_argument("--name", required=True, help="model name, e.g. cifar10-resnet18")
+    p.set_defaults(func=_register)
+
+    p = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix on a labelled split")
+    p.add_argument("--data", required=True, help="zip, class-folder tree or cifar-10-batches-py root")
+    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--model", default="resnet18", help="resnet18, lenet, a store tag, FILE.onnx or a .pt checkpoint")
+    p.add_argument("--out", help="folder for evaluation.json and confusion.png")
+    p.set_defaults(func=_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `cifar10` console command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"cifar10 {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cifar10 {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Image decoding, validation and normalization: the one preprocessing path.
+
+The service, the batch CLI, evaluation and training's data loader all call these
+functions, so a CIFAR-10 image becomes the same tensor everywhere.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from models.contract import INPUT_SIZE
+from service.errors import UserError
+
+# Formats Pillow cannot decode but that users plausibly send: answered with 415.
+_UNSUPPORTED_SIGNATURES = {
+    b"%PDF": "PDF",
+    b"<svg": "SVG",
+    b"<?xml": "SVG/XML",
+}
+
+
+class ImageError(UserError):
+    """An input that is not a usable image; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode `data` into a loaded Pillow image, checking its size before full decoding."""
+    if not data:
+        raise ImageError("empty upload: send an image file")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise _unidentified(data) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}",
+            status=413,
+        )
+    if image.format == "JPEG":
+        # Decode JPEGs at the smallest DCT scale that still covers the 32x32 output.
+        image.draft("RGB", (INPUT_SIZE, INPUT_SIZE))
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"corrupt or truncated {image.format or 'image'} file ({exc})") from None
+    return image
+
+
+def _unidentified(data: bytes) -> ImageError:
+    head = data[:256].lstrip()
+    for signature, kind in _UNSUPPORTED_SIGNATURES.items():
+        if head.startswith(signature) or (kind.startswith("SVG") and b"<svg" in head):
+            return ImageError(f"{kind} is not a supported image type; send JPEG, PNG, WebP, GIF, BMP or TIFF", 415)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return ImageError("not an image, or a corrupt one: Pillow cannot identify it")
+    return ImageError("text is not a supported image type; send JPEG, PNG, WebP, GIF, BMP or TIFF", 415)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Apply EXIF orientation and convert any mode to 8-bit RGB (transparency over white)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16/32-bit integer grayscale: keep the top byte of 16-bit data instead of clipping.
+        array = np.asarray(image, dtype=np.int64)
+        image = Image.fromarray(np.clip(array >> 8, 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+        scale = 255.0 if array.size and array.max() <= 1.0 else 1.0
+        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def resize_center_crop(image: Image.Image, size: int = INPUT_SIZE) -> Image.Image:
+    """Resize the shorter side to `size` and center-crop; a size x size input is returned as is."""
+    width, height = image.size
+    if (width, height) == (size, size):
+        return image
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=None)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def decode_rgb(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
+    """Bytes of any supported image -> uint8 array of shape (32, 32, 3)."""
+    image = resize_center_crop(to_rgb(open_image(data, max_pixels)))
+    return np.asarray(image, dtype=np.uint8)
+
+
+def normalization_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Per-channel lookup table (3, 256): float32 value of each uint8 pixel after normalization.
+
+    Training gathers from this same table on its device, which makes its input
+    bit-identical to the service's for the same image.
+    """
+    levels = np.arange(256, dtype=np.float32) / np.float32(255)
+    mean32 = np.asarray(mean, dtype=np.float32)[:, None]
+    std32 = np.asarray(std, dtype=np.float32)[:, None]
+    return ((levels[None, :] - mean32) / std32).astype(np.float32)
+
+
+def normalize(pixels: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """uint8 (N, 32, 32, 3) or (32, 32, 3) -> float32 NCHW (or CHW) through the lookup table."""
+    channels = np.arange(3)
+    out = table[channels, pixels]  # (..., H, W, 3)
+    return np.ascontiguousarray(np.moveaxis(out, -1, -3))

@@ -1,0 +1,345 @@
+"""Train LeNet-5 or ResNet-18 on CIFAR-10; runs alone or under torchrun (DDP).
+
+Every epoch writes last.pt, best.pt (by validation accuracy), metrics.jsonl and
+curves.png into the run folder, atomically, so `--resume` can pick up any cut.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from models import CLASS_NAMES, MEAN, STD, get_model
+from service.errors import UserError
+from service.preprocess import normalization_table
+from training.data import DataError, Split, load_split
+
+# Per-architecture defaults: Nesterov SGD, warm-up then linear decay, label smoothing.
+RECIPES: dict[str, dict[str, float]] = {
+    "lenet": {"epochs": 60, "batch_size": 128, "lr": 0.05, "weight_decay": 5e-4, "cutout": 0},
+    "resnet18": {"epochs": 60, "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4, "cutout": 0},
+}
+PAD = 4  # random-crop padding, in pixels
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; stored in every checkpoint."""
+
+    arch: str
+    data: str
+    out: str
+    epochs: int | None = None  # None: the recipe's value (likewise batch_size, lr, weight_decay, cutout)
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    cutout: int | None = None  # side of the square erased at random (Cutout), 0 for none
+    momentum: float = 0.9
+    label_smoothing: float = 0.1
+    val_size: int = 5000
+    seed: int = 0
+    device: str = "auto"
+    amp: bool | None = None  # bf16 autocast; None: on for CUDA and for CPUs with native bf16
+    resume: bool = False
+    download: bool = False
+    command: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for key, value in RECIPES[self.arch].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
+
+class TrainError(UserError):
+    """A problem with the run's set-up, reported as one line."""
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError("--device cuda was asked for, but PyTorch sees no usable GPU; use --device cpu")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """CUDA always; a CPU only with native bf16 (AVX512-BF16 or AMX), where autocast emulation is ~10x slower."""
+    if device.type == "cuda":
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
+    """Hold out a seeded random part of the training images (at most 10% of them)."""
+    n_val = min(val_size, len(train) // 10)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).numpy()
+    val, rest = order[:n_val], np.sort(order[n_val:])
+    return Split(train.images[rest], train.labels[rest]), Split(train.images[val], train.labels[val])
+
+
+class Augmenter:
+    """Random crop (4-pixel zero padding), horizontal flip and Cutout on uint8 NHWC batches, with normalization."""
+
+    def __init__(self, device: torch.device, cutout: int = 0) -> None:
+        self.cutout = cutout
+        self.table = torch.from_numpy(normalization_table(MEAN, STD)).to(device)
+        self.channels = torch.arange(3, device=device)
+        self.grid = torch.arange(32, device=device)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC -> float32 NCHW (channels_last strides), from the service's lookup table."""
+        return self.table[self.channels, pixels.long()].permute(0, 3, 1, 2)
+
+    def __call__(self, pixels: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """`offsets` (B, 4): crop row and column offsets, then the Cutout square's centre row and column."""
+        padded = nn.functional.pad(pixels, (0, 0, PAD, PAD, PAD, PAD))
+        rows = (offsets[:, 0:1] + self.grid)[:, :, None]
+        cols = offsets[:, 1:2] + self.grid
+        cols = torch.where(flips[:, None], cols.flip(1), cols)[:, None, :]
+        batch = torch.arange(len(pixels), device=pixels.device)[:, None, None]
+        x = self.normalize(padded[batch, rows, cols])
+        if self.cutout:
+            half = self.cutout // 2
+            inside_rows = (self.grid[None, :] - offsets[:, 2:3]).abs() < half
+            inside_cols = (self.grid[None, :] - offsets[:, 3:4]).abs() < half
+            x = x.masked_fill((inside_rows[:, :, None] & inside_cols[:, None, :])[:, None], 0.0)
+        return x
+
+
+def warmup_then_decay(total_steps: int, warmup: float = 0.15):
+    """Learning-rate factor: linear warm-up over the first 15% of steps, then linear decay to zero."""
+    warm = max(1, int(warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+
+    return factor
+
+
+def epoch_plan(n: int, epoch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Order, crop offsets and Cutout centres, and flips of one epoch.
+
+    A function of (seed, epoch) alone, so a resumed run repeats them exactly.
+    """
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g)
+    crops = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g)
+    flips = torch.rand(n, generator=g) < 0.5
+    centres = torch.randint(0, 32, (n, 2), generator=g)
+    return order, torch.cat([crops, centres], 1), flips
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Split, aug: Augmenter, device: torch.device, amp: bool) -> dict:
+    """Loss, accuracy and per-class accuracy on a split, without augmentation."""
+    model.eval()
+    images = torch.from_numpy(data.images).to(device)
+    labels = torch.from_numpy(data.labels).to(device)
+    loss_sum, preds = 0.0, []
+    for start in range(0, len(data), 1000):
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            logits = model(aug.normalize(images[start : start + 1000])).float()
+        loss_sum += nn.functional.cross_entropy(logits, labels[start : start + 1000], reduction="sum").item()
+        preds.append(logits.argmax(1))
+    correct = (torch.cat(preds) == labels).cpu().numpy()
+    per_class = {
+        name: float(correct[data.labels == i].mean()) if (data.labels == i).any() else float("nan")
+        for i, name in enumerate(CLASS_NAMES)
+    }
+    return {"loss": loss_sum / len(data), "accuracy": float(correct.mean()), "per_class": per_class}
+
+
+def save_atomic(obj: object, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [m["epoch"] for m in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [m["train_loss"] for m in history], label="train")
+    ax_loss.plot(epochs, [m["val_loss"] for m in history], label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_acc.plot(epochs, [m["train_acc"] for m in history], label="train")
+    ax_acc.plot(epochs, [m["val_acc"] for m in history], label="validation")
+    ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy", title="Accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run the training described by `cfg`; returns the final summary (rank 0) or {}."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.amp is None:
+        cfg.amp = bf16_is_fast(device)
+    if cfg.batch_size % world:
+        raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
+    try:
+        return _train(cfg, device, rank, world)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> dict:
+    out = Path(cfg.out)
+    is_main = rank == 0
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    if cfg.resume and not last_path.exists():
+        raise TrainError(f"--resume: no {last_path} to resume from; start without --resume")
+
+    train_data, val_data = split_validation(load_split(cfg.data, "train", cfg.download), cfg.val_size, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = get_model(cfg.arch).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
+    )
+    local_batch = cfg.batch_size // world
+    steps = max(1, len(train_data) // cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_decay(cfg.epochs * steps))
+    history: list[dict] = []
+    best_acc, start_epoch = -1.0, 1
+    if cfg.resume:
+        state = torch.load(last_path, map_location=device, weights_only=True)
+        if state["config"]["arch"] != cfg.arch:
+            raise TrainError(f"--resume: {last_path} holds a {state['config']['arch']} run, not {cfg.arch}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        history, best_acc, start_epoch = state["history"], state["best_val_acc"], state["epoch"] + 1
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    aug = Augmenter(device, cfg.cutout)
+    images = torch.from_numpy(train_data.images).to(device)
+    labels = torch.from_numpy(train_data.labels).to(device)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        model.train()
+        order, offsets, flips = (t.to(device) for t in epoch_plan(len(train_data), epoch, cfg.seed))
+        totals = torch.zeros(2, device=device)  # loss sum, correct
+        count = 0
+        started = time.perf_counter()
+        bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", disable=not is_main or None, leave=False)
+        for step in bar:
+            batch = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            idx = batch[rank * local_batch : (rank + 1) * local_batch]  # this process's share
+            x, y = aug(images[idx], offsets[idx], flips[idx]), labels[idx]
+            with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+                logits = net(x)
+                loss = criterion(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            totals += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum()])
+            count += len(y)
+            if not bar.disable and step % 20 == 0:  # .item() waits for the device: only when someone watches
+                bar.set_postfix(loss=f"{totals[0].item() / count:.3f}", acc=f"{totals[1].item() / count:.3f}",
+                                img_s=f"{count * world / (time.perf_counter() - started):.0f}")
+        totals = torch.cat([totals, torch.tensor([float(count)], device=device)])
+        if world > 1:
+            dist.all_reduce(totals)
+        seconds = time.perf_counter() - started
+        val = evaluate(model, val_data, aug, device, cfg.amp)
+        metrics = {
+            "epoch": epoch,
+            "train_loss": totals[0].item() / totals[2].item(),
+            "train_acc": totals[1].item() / totals[2].item(),
+            "val_loss": val["loss"],
+            "val_acc": val["accuracy"],
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": round(seconds, 2),
+            "images_per_s": round(totals[2].item() / seconds, 1),
+        }
+        history.append(metrics)
+        if not is_main:
+            continue
+        print(
+            f"epoch {epoch}/{cfg.epochs}  train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.4f}  "
+            f"val loss {metrics['val_loss']:.4f} acc {metrics['val_acc']:.4f}  "
+            f"{seconds:.1f}s ({metrics['images_per_s']:.0f} img/s)",
+            flush=True,
+        )
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch, "rng": {"torch": torch.get_rng_state()}, "config": asdict(cfg),
+            "history": history, "best_val_acc": max(best_acc, metrics["val_acc"]),
+        }
+        if metrics["val_acc"] > best_acc:
+            best_acc = metrics["val_acc"]
+            save_atomic({"model": model.state_dict(), "epoch": epoch, "config": asdict(cfg), "history": history,
+                         "val_acc": best_acc}, best_path)
+        save_atomic(state, last_path)
+        write_text_atomic("".join(json.dumps(m) + "\n" for m in history), out / "metrics.jsonl")
+        plot_curves(history, out / "curves.png")
+    return _finish(cfg, device, out, history) if is_main else {}
+
+
+def _finish(cfg: TrainConfig, device: torch.device, out: Path, history: list[dict]) -> dict:
+    """Evaluate best.pt once on the test split and write summary.json."""
+    best = torch.load(out / "best.pt", map_location=device, weights_only=True)
+    model = get_model(cfg.arch).to(device, memory_format=torch.channels_last)
+    model.load_state_dict(best["model"])
+    summary = {
+        "arch": cfg.arch, "best_epoch": best["epoch"], "val_acc": best["val_acc"], "epochs": cfg.epochs,
+        "train_seconds": round(sum(m["seconds"] for m in history), 1),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "config": asdict(cfg),
+    }
+    try:
+        test = load_split(cfg.data, "test")
+    except DataError as exc:  # no test split: say so and keep the run
+        print(f"no test evaluation: {exc}", file=sys.stderr)
+    else:
+        result = evaluate(model, test, Augmenter(device), device, cfg.amp)
+        summary.update(test_acc=result["accuracy"], test_per_class=result["per_class"])
+        print(f"test accuracy of best.pt (epoch {best['epoch']}): {result['accuracy']:.4f}", flush=True)
+    write_text_atomic(json.dumps(summary, indent=2, default=float) + "\n", out / "summary.json")
+    return summary
+
