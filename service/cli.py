@@ -17,7 +17,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         arch=args.arch, data=args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         cutout=args.cutout, seed=args.seed, device=args.device, amp=args.amp, resume=args.resume,
-        download=args.download, val_size=args.val_size, command=["cifar10", *sys.argv[1:]],
+        download=args.download, val_size=args.val_size, stop_after=args.stop_after, command=["cifar10", *sys.argv[1:]],
     )
     train(cfg)
     return 0
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--stop-after", type=int, metavar="EPOCH", help="end after this epoch; finish later with --resume")
     p.add_argument("--download", action="store_true", help="fetch the official CIFAR-10 release into --data")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA and for CPUs with native bf16)")

@@ -39,6 +39,10 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise _unidentified(data) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image is too large to decode safely ({exc})", status=413) from None
+    except (OSError, SyntaxError, ValueError) as exc:  # a header Pillow recognised but could not read
+        raise ImageError(f"corrupt or truncated image file ({exc})") from None
     width, height = image.size
     if width * height > max_pixels:
         raise ImageError(

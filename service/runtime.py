@@ -85,7 +85,7 @@ def default_threads() -> int:
     return int(os.environ.get("CIFAR10_ORT_THREADS", 0)) or (os.cpu_count() or 1)
 
 
-class Classifier:
+class OnnxModel:
     """An ONNX Runtime session plus the metadata and normalization table that belong to it."""
 
     def __init__(self, path: str | os.PathLike, providers: str = "auto", threads: int | None = None) -> None:

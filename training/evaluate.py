@@ -21,10 +21,10 @@ BATCH = 256
 
 
 def _onnx_runner(spec: str) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, str]:
-    from service.runtime import Classifier
+    from service.runtime import OnnxModel
     from service.store import resolve
 
-    model = Classifier(resolve(spec))
+    model = OnnxModel(resolve(spec))
     return model.logits, model.table, f"{model.path} ({model.provider})"
 
 

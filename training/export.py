@@ -6,8 +6,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import pickle
-import zipfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -44,8 +42,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         if not isinstance(state, dict):
             raise TypeError(f"it holds a {type(state).__name__}, not a dict")
         return state if "model" in state and "config" in state else _missing(path)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, TypeError, ValueError) as exc:
-        raise UserError(f"{path} is not a readable training checkpoint ({str(exc).splitlines()[0]})") from None
+    except UserError:
+        raise
+    except Exception as exc:  # torch.load fails in many ways (pickle, zip, index errors) on a damaged file
+        raise UserError(f"{path} is not a readable training checkpoint ({type(exc).__name__}); "
+                        "pass RUN_DIR/best.pt or last.pt from `cifar10 train`") from None
 
 
 def _missing(path: Path) -> dict:

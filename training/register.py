@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from service.errors import UserError
-from service.runtime import Classifier
+from service.runtime import OnnxModel
 from service.store import MODEL_FILE
 
 
@@ -16,7 +16,7 @@ def register(onnx_file: str | os.PathLike, name: str) -> str:
     import bentoml
 
     path = Path(onnx_file)
-    info = Classifier(path, providers="cpu").info  # also proves the file loads and carries our metadata
+    info = OnnxModel(path, providers="cpu").info  # also proves the file loads and carries our metadata
     metadata = {key: value for key, value in vars(info).items() if value is not None}
     labels = {"arch": info.arch, "task": "cifar10-classification", "format": "onnx"}
     try:

@@ -51,6 +51,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool | None = None  # bf16 autocast; None: on for CUDA and for CPUs with native bf16
     resume: bool = False
+    stop_after: int | None = None  # end this process after that epoch; the schedule still spans `epochs`
     download: bool = False
     command: list[str] = field(default_factory=list)
 
@@ -259,7 +260,8 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> dic
     images = torch.from_numpy(train_data.images).to(device)
     labels = torch.from_numpy(train_data.labels).to(device)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    for epoch in range(start_epoch, cfg.epochs + 1):
+    last_epoch = min(cfg.epochs, cfg.stop_after or cfg.epochs)
+    for epoch in range(start_epoch, last_epoch + 1):
         model.train()
         order, offsets, flips = (t.to(device) for t in epoch_plan(len(train_data), epoch, cfg.seed))
         totals = torch.zeros(2, device=device)  # loss sum, correct
@@ -318,6 +320,10 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> dic
         save_atomic(state, last_path)
         write_text_atomic("".join(json.dumps(m) + "\n" for m in history), out / "metrics.jsonl")
         plot_curves(history, out / "curves.png")
+    if last_epoch < cfg.epochs:
+        if is_main:
+            print(f"stopped after epoch {last_epoch} of {cfg.epochs}; continue with --resume", flush=True)
+        return {}
     return _finish(cfg, device, out, history) if is_main else {}
 
 

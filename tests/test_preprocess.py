@@ -1,0 +1,108 @@
+"""The one preprocessing path: decoding, conversions, resizing, errors, and parity with training."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.contract import MEAN, STD
+from service.preprocess import ImageError, decode_rgb, normalization_table, normalize
+from training.data import load_split
+from training.train import Augmenter
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def test_service_input_is_bit_identical_to_training_input(tiny_data) -> None:
+    split = load_split(tiny_data, "test")
+    files = sorted((tiny_data / "test").rglob("*.jpg"))
+    table = normalization_table(MEAN, STD)
+    service_input = np.stack([normalize(decode_rgb(f.read_bytes()), table) for f in files])
+    training_input = Augmenter(torch.device("cpu")).normalize(torch.from_numpy(split.images)).numpy()
+    assert service_input.dtype == training_input.dtype == np.float32
+    assert np.array_equal(service_input.view(np.uint32), np.ascontiguousarray(training_input).view(np.uint32))
+
+
+def test_augmenter_without_crop_shift_or_flip_is_plain_normalization() -> None:
+    pixels = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    aug = Augmenter(torch.device("cpu"), cutout=0)
+    still = torch.tensor([[4, 4, 0, 0]] * 4)
+    assert torch.equal(aug(pixels, still, torch.zeros(4, dtype=torch.bool)), aug.normalize(pixels))
+    flipped = aug(pixels, still, torch.ones(4, dtype=torch.bool))
+    assert torch.equal(flipped, aug.normalize(pixels).flip(3))
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1", "RGB"])
+def test_any_mode_becomes_rgb(mode: str) -> None:
+    image = Image.new("RGB", (40, 36), (200, 30, 90)).convert(mode)
+    fmt = "TIFF" if mode == "CMYK" else "PNG"
+    pixels = decode_rgb(encode(image, fmt))
+    assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
+
+
+def test_transparent_pixels_are_composited_over_white() -> None:
+    pixels = decode_rgb(encode(Image.new("RGBA", (32, 32), (255, 0, 0, 0)), "PNG"))
+    assert (pixels == 255).all()
+
+
+def test_32x32_input_passes_through_untouched() -> None:
+    original = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert np.array_equal(decode_rgb(encode(Image.fromarray(original), "PNG")), original)
+
+
+def test_large_photo_is_resized_on_its_shorter_side_and_centre_cropped() -> None:
+    # 1000x800 -> 40x32 -> centre 32x32: a red band in the left 10% (4 of 40 columns) is cropped away.
+    array = np.zeros((800, 1000, 3), np.uint8)
+    array[:, :100] = (255, 0, 0)
+    array[:, 100:] = (0, 0, 255)
+    pixels = decode_rgb(encode(Image.fromarray(array), "JPEG", quality=95))
+    assert pixels.shape == (32, 32, 3)
+    assert pixels[:, 1:, 2].min() > 200 and pixels[:, 1:, 0].max() < 60
+
+
+def test_exif_orientation_is_applied() -> None:
+    array = np.zeros((32, 64, 3), np.uint8)
+    array[:, :32] = 255  # white left half, black right half
+    exif = Image.Exif()
+    exif[0x0112] = 3  # rotated 180 degrees: white ends up on the right
+    data = encode(Image.fromarray(array), "PNG", exif=exif.tobytes())
+    pixels = decode_rgb(data)
+    assert pixels[:, -1].mean() > 200 and pixels[:, 0].mean() < 50
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "words"),
+    [
+        (b"", 400, "empty"),
+        (b"hello, this is text", 415, "text"),
+        (b'<svg xmlns="http://www.w3.org/2000/svg"></svg>', 415, "SVG"),
+        (b"%PDF-1.4 ...", 415, "PDF"),
+        (bytes(range(128, 256)) * 2, 400, "not an image"),
+    ],
+)
+def test_bad_input_raises_image_error_with_status(data: bytes, status: int, words: str) -> None:
+    with pytest.raises(ImageError, match=words) as info:
+        decode_rgb(data)
+    assert info.value.status == status
+
+
+@pytest.mark.parametrize("keep", [0.2, 0.6, 0.95])
+def test_truncated_jpeg_is_a_400(keep: float) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    jpeg = encode(Image.fromarray(noise), "JPEG")
+    with pytest.raises(ImageError, match="corrupt or truncated") as info:
+        decode_rgb(jpeg[: int(len(jpeg) * keep)])
+    assert info.value.status == 400
+
+
+def test_pixel_limit_is_checked_from_the_header() -> None:
+    data = encode(Image.new("L", (3000, 2000)), "PNG")
+    with pytest.raises(ImageError, match="6,000,000 pixels") as info:
+        decode_rgb(data, max_pixels=5_000_000)
+    assert info.value.status == 413

@@ -1,0 +1,144 @@
+"""Train -> resume -> export -> parity -> register, on a tiny real data set, all on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service.runtime import OnnxModel
+from tests.conftest import ROOT, TEST_ZIP, run_cli
+
+VOLATILE = ("seconds", "images_per_s")
+
+
+def metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in VOLATILE} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two LeNet epochs in one go."""
+    run = tmp_path_factory.mktemp("runs") / "straight"
+    result = run_cli("train", "--arch", "lenet", "--data", str(tiny_data), "--out", str(run), "--epochs", "2")
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def test_train_writes_checkpoints_metrics_and_curves(trained: Path) -> None:
+    for name in ("best.pt", "last.pt", "metrics.jsonl", "curves.png", "summary.json"):
+        assert (trained / name).is_file(), name
+    assert [m["epoch"] for m in metrics(trained)] == [1, 2]
+    state = torch.load(trained / "last.pt", weights_only=True)  # plain tensors and values only
+    assert state["epoch"] == 2 and state["config"]["arch"] == "lenet"
+    assert "test_acc" in json.loads((trained / "summary.json").read_text())
+
+
+def test_resume_matches_an_uninterrupted_run(trained: Path, tiny_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "cut"
+    common = ["train", "--arch", "lenet", "--data", str(tiny_data), "--out", str(run), "--epochs", "2"]
+    first = run_cli(*common, "--stop-after", "1")
+    assert first.returncode == 0, first.stderr
+    assert len(metrics(run)) == 1 and "--resume" in first.stdout
+    second = run_cli(*common, "--resume")
+    assert second.returncode == 0, second.stderr
+    assert metrics(run) == metrics(trained)
+    straight = torch.load(trained / "last.pt", weights_only=True)["model"]
+    resumed = torch.load(run / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_export_checks_parity_and_registers(trained: Path, tiny_data: Path, tmp_path: Path) -> None:
+    onnx_file = tmp_path / "lenet.onnx"
+    result = run_cli("export", str(trained / "best.pt"), "--out", str(onnx_file), "--data", str(tiny_data),
+                     "--register", "test-lenet")
+    assert result.returncode == 0, result.stderr
+    assert "argmax identical: True" in result.stdout
+    diff = float(result.stdout.split("max |logit diff| ")[1].split(",")[0])
+    assert diff <= 1e-4
+    info = OnnxModel(onnx_file, providers="cpu").info
+    assert info.arch == "lenet" and info.parity_max_abs_diff == pytest.approx(diff, rel=0.01)
+    assert info.test_accuracy == json.loads((trained / "summary.json").read_text())["test_acc"]
+
+    import bentoml
+
+    stored = bentoml.models.get("test-lenet:latest")
+    assert stored.info.labels["arch"] == "lenet"
+    loaded = OnnxModel(stored.path_of("model.onnx"), providers="cpu")
+    batch = np.zeros((2, 3, 32, 32), np.float32)
+    assert np.allclose(loaded.logits(batch), OnnxModel(onnx_file, providers="cpu").logits(batch))
+
+
+@pytest.mark.parametrize("arch", ["lenet", "resnet18"])
+def test_exported_model_gives_an_image_the_same_logits_alone_and_in_a_batch(arch: str) -> None:
+    model = OnnxModel(ROOT / "models" / "pretrained" / f"{arch}.onnx", providers="cpu")
+    batch = np.random.default_rng(1).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    together = model.logits(batch)
+    for i in (0, 5):
+        assert np.allclose(model.logits(batch[i : i + 1])[0], together[i], atol=1e-5)
+
+
+def test_distributed_training_with_two_cpu_processes(tiny_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "-m", "service.cli", "train", "--arch", "lenet", "--data", str(tiny_data), "--out", str(run),
+               "--epochs", "1", "--batch-size", "64", "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("epoch 1/1") == 1  # only rank 0 reports
+    assert [m["epoch"] for m in metrics(run)] == [1] and (run / "best.pt").is_file()
+
+
+def one_line_error(result: subprocess.CompletedProcess, words: str) -> None:
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], result.stderr
+
+
+def test_missing_data_path_is_a_one_line_error(tmp_path: Path) -> None:
+    result = run_cli("train", "--arch", "lenet", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"))
+    one_line_error(result, "data path not found")
+
+
+def test_archive_without_a_train_split_is_a_one_line_error(tmp_path: Path) -> None:
+    if not TEST_ZIP.exists():
+        pytest.skip(f"{TEST_ZIP} is not on this machine")
+    result = run_cli("train", "--arch", "lenet", "--data", str(TEST_ZIP), "--out", str(tmp_path / "r"))
+    one_line_error(result, "no train images")
+
+
+def test_empty_split_folder_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "data" / "train" / "cat").mkdir(parents=True)
+    result = run_cli("train", "--arch", "lenet", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r"))
+    one_line_error(result, "no train images")
+
+
+def test_unknown_class_folder_is_a_one_line_error(tmp_path: Path, samples) -> None:
+    folder = tmp_path / "data" / "train" / "kangaroo"
+    folder.mkdir(parents=True)
+    (folder / "1.jpg").write_bytes(samples[0][1])
+    result = run_cli("train", "--arch", "lenet", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r"))
+    one_line_error(result, "unknown class folder train/kangaroo")
+
+
+def test_unreadable_image_names_the_file(tmp_path: Path) -> None:
+    folder = tmp_path / "data" / "train" / "cat"
+    folder.mkdir(parents=True)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    result = run_cli("train", "--arch", "lenet", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r"))
+    one_line_error(result, "broken.jpg")
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
+    bad = tmp_path / "best.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    result = run_cli("export", str(bad), "--out", str(tmp_path / "m.onnx"))
+    one_line_error(result, "not a readable training checkpoint")
+    assert not (tmp_path / "m.onnx").exists()
