@@ -44,6 +44,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from service.predict import predict
+
+    return predict(args.inputs, model=args.model, top_k=args.top_k, batch_size=args.batch_size, out=args.out,
+                   fmt=args.format, workers=args.workers, server=args.server, recursive=args.recursive,
+                   force=args.force, quiet=args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cifar10", description="Train, export and serve CIFAR-10 classifiers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="model name, e.g. cifar10-resnet18")
     p.set_defaults(func=_register)
 
+    p = sub.add_parser("predict", help="label image files: CSV or JSONL, one row per input, in order")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, globs, or - for paths on stdin")
+    p.add_argument("--recursive", action="store_true", help="descend into sub-folders (and ** in globs)")
+    p.add_argument("--model", default="resnet18", help="resnet18, lenet, a store tag or FILE.onnx")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", default="-", help="FILE.csv, FILE.jsonl or - for stdout (default)")
+    p.add_argument("--format", choices=("csv", "jsonl"), help="default: from the --out suffix, else csv")
+    p.add_argument("--workers", type=int, help="decoding threads (local) or concurrent requests (server)")
+    p.add_argument("--server", metavar="URL", help="use a running service, e.g. http://localhost:3000")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=_predict)
+
     p = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix on a labelled split")
     p.add_argument("--data", required=True, help="zip, class-folder tree or cifar-10-batches-py root")
     p.add_argument("--split", default="test", choices=("train", "test"))
@@ -98,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cifar10 {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `cifar10 predict ... | head`
+        sys.stderr.close()
+        return 141
 
 
 if __name__ == "__main__":

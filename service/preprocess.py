@@ -34,7 +34,7 @@ class ImageError(UserError):
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode `data` into a loaded Pillow image, checking its size before full decoding."""
     if not data:
-        raise ImageError("empty upload: send an image file")
+        raise ImageError("empty file (0 bytes): send an image")
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:

@@ -142,3 +142,16 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
     result = run_cli("export", str(bad), "--out", str(tmp_path / "m.onnx"))
     one_line_error(result, "not a readable training checkpoint")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_evaluate_gives_the_same_accuracy_for_checkpoint_and_onnx(trained: Path, tiny_data: Path,
+                                                                  tmp_path: Path) -> None:
+    onnx_file = tmp_path / "m.onnx"
+    assert run_cli("export", str(trained / "best.pt"), "--out", str(onnx_file)).returncode == 0
+    reports = {}
+    for model in (str(trained / "best.pt"), str(onnx_file)):
+        result = run_cli("evaluate", "--data", str(tiny_data), "--model", model, "--out", str(tmp_path / "e"))
+        assert result.returncode == 0, result.stderr
+        reports[model] = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    first, second = reports.values()
+    assert first["accuracy"] == second["accuracy"] and first["images"] == second["images"] == 50

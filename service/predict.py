@@ -1,0 +1,256 @@
+"""`cifar10 predict`: label a stream of image files, locally in ONNX Runtime or through a running server.
+
+Paths stream through a bounded pipeline (decode in threads, one batch ahead of
+inference), so memory stays flat however many inputs there are, and rows are
+written in input order as they are ready.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from service.errors import UserError
+from service.preprocess import ImageError, decode_rgb, normalize
+from service.runtime import OnnxModel, softmax
+
+RETRY_STATUSES = (429, 503)
+MAX_RETRIES = 5
+
+
+@dataclass
+class Row:
+    """One output line: a label with its probability and the top-k, or an error."""
+
+    path: str
+    top: list[tuple[str, float]] = field(default_factory=list)
+    error: str = ""
+
+
+def expand_inputs(inputs: list[str], recursive: bool, stdin: IO[str] = sys.stdin) -> Iterator[str]:
+    """Files, folders, globs and `-` (paths on stdin), in the order given; folders sorted."""
+    for item in inputs:
+        if item == "-":
+            yield from (line.strip() for line in stdin if line.strip())
+        elif Path(item).is_dir():
+            pattern = "**/*" if recursive else "*"
+            yield from (str(p) for p in sorted(Path(item).glob(pattern)) if p.is_file())
+        elif glob.has_magic(item):
+            matches = sorted(glob.glob(item, recursive=recursive))
+            if not matches:
+                raise UserError(f"no files match {item!r}")
+            yield from (m for m in matches if Path(m).is_file())
+        else:
+            yield item  # a missing file becomes an error row, not a crash
+
+
+def batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def _decode(path: str) -> np.ndarray | str:
+    """Pixels, or the error text for this one file."""
+    try:
+        return decode_rgb(Path(path).read_bytes())
+    except ImageError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"cannot read file: {exc.strerror or exc}"
+
+
+def _top_k(probabilities: np.ndarray, names: tuple[str, ...], k: int) -> list[tuple[str, float]]:
+    return [(names[i], float(probabilities[i])) for i in np.argsort(-probabilities, kind="stable")[:k]]
+
+
+class LocalPredictor:
+    """In-process ONNX Runtime; decoding runs in threads, one batch ahead of inference."""
+
+    def __init__(self, model_path: Path, top_k: int, workers: int) -> None:
+        self.model = OnnxModel(model_path)
+        self.top_k, self.workers = top_k, workers
+
+    def __call__(self, chunks: Iterable[list[str]]) -> Iterator[Row]:
+        with ThreadPoolExecutor(self.workers) as pool:
+            pending: deque[tuple[list[str], list[Future]]] = deque()
+            for chunk in chunks:
+                pending.append((chunk, [pool.submit(_decode, p) for p in chunk]))
+                if len(pending) > 1:
+                    yield from self._infer(*pending.popleft())
+            while pending:
+                yield from self._infer(*pending.popleft())
+
+    def _infer(self, paths: list[str], futures: list[Future]) -> Iterator[Row]:
+        decoded = [f.result() for f in futures]
+        good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
+        probabilities = {}
+        if good:
+            logits = self.model.logits(normalize(np.stack([decoded[i] for i in good]), self.model.table))
+            probabilities = dict(zip(good, softmax(logits.astype(np.float64)), strict=True))
+        names = self.model.info.class_names
+        for i, path in enumerate(paths):
+            if i in probabilities:
+                yield Row(path, _top_k(probabilities[i], names, self.top_k))
+            else:
+                yield Row(path, error=decoded[i])
+
+
+class ServerPredictor:
+    """POST /classify_batch to a running service with bounded concurrency and retries on 429/503."""
+
+    def __init__(self, url: str, model: str, top_k: int, workers: int) -> None:
+        import httpx
+
+        self.url, self.model, self.top_k, self.workers = url.rstrip("/"), model, top_k, workers
+        self.client = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=workers))
+        try:
+            self.client.get(f"{self.url}/readyz").raise_for_status()
+        except httpx.HTTPError as exc:
+            raise UserError(f"cannot reach the server at {self.url} ({exc}); start it with `make serve`") from None
+
+    def __call__(self, chunks: Iterable[list[str]]) -> Iterator[Row]:
+        with ThreadPoolExecutor(self.workers) as pool:
+            pending: deque[Future] = deque()
+            for chunk in chunks:
+                pending.append(pool.submit(self._post, chunk))
+                if len(pending) >= self.workers:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+
+    def _post(self, paths: list[str]) -> list[Row]:
+        import httpx
+
+        rows: list[Row | None] = [None] * len(paths)
+        files = []
+        for i, path in enumerate(paths):
+            try:
+                files.append((i, Path(path).read_bytes()))
+            except OSError as exc:
+                rows[i] = Row(path, error=f"cannot read file: {exc.strerror or exc}")
+        if files:
+            body = [("images", (Path(paths[i]).name, data)) for i, data in files]
+            fields = {"model": self.model, "top_k": str(self.top_k)}
+            for attempt in range(MAX_RETRIES + 1):
+                try:
+                    response = self.client.post(f"{self.url}/classify_batch", files=body, data=fields)
+                except httpx.HTTPError as exc:
+                    raise UserError(f"lost the server at {self.url} ({exc})") from None
+                if response.status_code not in RETRY_STATUSES or attempt == MAX_RETRIES:
+                    break
+                time.sleep(float(response.headers.get("retry-after", 0.5)) * 2**attempt)
+            if response.status_code != 200:
+                raise UserError(f"the server answered {response.status_code}: {response.text[:200]}")
+            for (i, _), result in zip(files, response.json()["results"], strict=True):
+                top = [(p["label"], p["probability"]) for p in result.get("predictions", [])]
+                rows[i] = Row(paths[i], top, result.get("error", ""))
+        return rows  # type: ignore[return-value]
+
+
+class Writer:
+    """CSV or JSONL rows to a file (written under a temporary name, renamed when complete) or stdout."""
+
+    def __init__(self, out: str, force: bool, fmt: str | None) -> None:
+        self.out = out
+        self.fmt = fmt or ("jsonl" if out.endswith((".jsonl", ".json")) else "csv")
+        if out == "-":
+            self.stream, self.partial = sys.stdout, None
+        else:
+            target = Path(out)
+            if target.exists() and not force:
+                raise UserError(f"{out} exists; choose another --out or add --force to overwrite it")
+            self.partial = target.with_name(target.name + ".partial")
+            self.stream = self.partial.open("w", newline="")
+        self.csv = csv.writer(self.stream) if self.fmt == "csv" else None
+        if self.csv:
+            self.csv.writerow(["path", "label", "probability", "top_labels", "top_probabilities", "error"])
+
+    def write(self, row: Row) -> None:
+        label, probability = row.top[0] if row.top else ("", None)
+        if self.csv:
+            self.csv.writerow([row.path, label, "" if probability is None else f"{probability:.6f}",
+                               ";".join(n for n, _ in row.top), ";".join(f"{p:.6f}" for _, p in row.top), row.error])
+        else:
+            self.stream.write(json.dumps({
+                "path": row.path, "label": label or None, "probability": probability,
+                "top_k": [{"label": n, "probability": p} for n, p in row.top], "error": row.error or None,
+            }) + "\n")
+
+    def close(self, complete: bool) -> None:
+        if self.partial is None:
+            self.stream.flush()
+            return
+        self.stream.close()
+        if complete:
+            os.replace(self.partial, self.out)
+
+
+class Progress:
+    """A one-line counter on stderr, only when stderr is a terminal."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.enabled = not quiet and sys.stderr.isatty()
+        self.started = time.perf_counter()
+        self.images = self.errors = 0
+
+    def update(self, row: Row) -> None:
+        self.images += 1
+        self.errors += bool(row.error)
+        if self.enabled and self.images % 256 == 0:
+            print(f"\r{self.images:,} images, {self.errors:,} errors, {self.rate():,.0f} images/s",
+                  end="", file=sys.stderr, flush=True)
+
+    def rate(self) -> float:
+        return self.images / max(time.perf_counter() - self.started, 1e-9)
+
+    def summary(self, out: str) -> str:
+        if self.enabled:
+            print("\r", end="", file=sys.stderr)
+        where = "" if out == "-" else f" -> {out}"
+        return f"{self.images:,} images, {self.errors:,} errors, {self.rate():,.0f} images/s{where}"
+
+
+def predict(inputs: list[str], model: str = "resnet18", top_k: int = 3, batch_size: int = 64, out: str = "-",
+            fmt: str | None = None, workers: int | None = None, server: str | None = None, recursive: bool = False,
+            force: bool = False, quiet: bool = False) -> int:
+    """Run the whole command; returns the exit status."""
+    if not 1 <= top_k <= 10:
+        raise UserError(f"--top-k must be between 1 and 10, got {top_k}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    workers = workers or (4 if server else os.cpu_count() or 1)
+    if server:
+        predictor = ServerPredictor(server, model, top_k, workers)
+        batch_size = min(batch_size, 64)  # the server's per-request limit
+    else:
+        from service.store import resolve
+
+        predictor = LocalPredictor(resolve(model), top_k, workers)
+    writer = Writer(out, force, fmt)
+    progress = Progress(quiet)
+    complete = False
+    try:
+        for row in predictor(batches(expand_inputs(inputs, recursive), batch_size)):
+            writer.write(row)
+            progress.update(row)
+        complete = True
+    finally:
+        writer.close(complete)
+    print(progress.summary(out), file=sys.stderr)
+    if progress.images == 0:
+        raise UserError("no input files: pass image files, folders, globs or - for paths on stdin")
+    return 1 if progress.errors == progress.images else 0

@@ -1,0 +1,117 @@
+"""`cifar10 predict` and `cifar10 evaluate` on real files, locally and through a live server."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import free_port, run_cli
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory: pytest.TempPathFactory, samples) -> Path:
+    """Real JPEG and PNG images, plus a text file, a truncated JPEG and an empty file."""
+    folder = tmp_path_factory.mktemp("mixed")
+    for i, (label, data) in enumerate(samples[:6]):
+        if i % 2:
+            buffer = io.BytesIO()
+            Image.open(io.BytesIO(data)).save(buffer, "PNG")
+            (folder / f"{i:02d}-{label}.png").write_bytes(buffer.getvalue())
+        else:
+            (folder / f"{i:02d}-{label}.jpg").write_bytes(data)
+    (folder / "07-notes.txt").write_text("not an image\n")
+    (folder / "08-truncated.jpg").write_bytes(samples[6][1][:120])
+    (folder / "09-empty.jpg").write_bytes(b"")
+    return folder
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_predict_labels_good_files_and_reports_bad_ones_in_order(mixed_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "labels.jsonl"
+    result = run_cli("predict", str(mixed_folder), "--model", "lenet", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "9 images, 3 errors" in result.stderr
+    rows = read_jsonl(out)
+    assert [Path(r["path"]).name for r in rows] == sorted(p.name for p in mixed_folder.iterdir())
+    assert all(r["label"] and not r["error"] and len(r["top_k"]) == 3 for r in rows[:6])
+    assert [bool(r["error"]) for r in rows[6:]] == [True, True, True]
+    assert "truncated" in rows[7]["error"] and "empty" in rows[8]["error"]
+
+
+def test_csv_and_jsonl_agree(mixed_folder: Path, tmp_path: Path) -> None:
+    run_cli("predict", str(mixed_folder), "--model", "lenet", "--out", str(tmp_path / "a.jsonl"))
+    result = run_cli("predict", str(mixed_folder), "--model", "lenet", "--out", str(tmp_path / "a.csv"))
+    assert result.returncode == 0
+    rows = list(csv.DictReader((tmp_path / "a.csv").open()))
+    for row, line in zip(rows, read_jsonl(tmp_path / "a.jsonl"), strict=True):
+        assert row["label"] == (line["label"] or "") and row["path"] == line["path"]
+        if line["probability"] is not None:
+            assert float(row["probability"]) == pytest.approx(line["probability"], abs=1e-6)
+
+
+def test_paths_from_stdin_and_stdout_output(mixed_folder: Path) -> None:
+    import subprocess
+    import sys
+
+    paths = "\n".join(str(p) for p in sorted(mixed_folder.glob("*.jpg"))) + "\n"
+    result = subprocess.run([sys.executable, "-m", "service.cli", "predict", "-", "--model", "lenet",
+                             "--format", "jsonl"], input=paths, capture_output=True, text=True)
+    assert result.returncode == 0
+    assert len(result.stdout.splitlines()) == len(paths.split())
+
+
+def test_local_and_server_predictions_agree(mixed_folder: Path, tmp_path: Path, server: str) -> None:
+    local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
+    assert run_cli("predict", str(mixed_folder), "--model", "lenet", "--out", str(local)).returncode == 0
+    result = run_cli("predict", str(mixed_folder), "--model", "lenet", "--out", str(remote), "--server", server,
+                     "--batch-size", "4")
+    assert result.returncode == 0, result.stderr
+    for a, b in zip(read_jsonl(local), read_jsonl(remote), strict=True):
+        assert (a["path"], a["label"], bool(a["error"])) == (b["path"], b["label"], bool(b["error"]))
+        for x, y in zip(a["top_k"], b["top_k"], strict=True):
+            assert x["label"] == y["label"] and x["probability"] == pytest.approx(y["probability"], abs=1e-5)
+
+
+def test_existing_output_is_kept_without_force(mixed_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "keep.csv"
+    out.write_text("precious\n")
+    result = run_cli("predict", str(mixed_folder), "--out", str(out))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "--force" in result.stderr
+    assert out.read_text() == "precious\n"
+    assert run_cli("predict", str(mixed_folder), "--model", "lenet", "--out", str(out), "--force").returncode == 0
+    assert out.read_text().startswith("path,label")
+
+
+def test_unreachable_server_is_a_one_line_error(mixed_folder: Path) -> None:
+    result = run_cli("predict", str(mixed_folder), "--server", f"http://127.0.0.1:{free_port()}")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the server" in lines[0]
+
+
+def test_no_inputs_is_an_error(tmp_path: Path) -> None:
+    result = run_cli("predict", str(tmp_path / "*.jpg"))
+    assert result.returncode == 2 and "no files match" in result.stderr
+
+
+def test_evaluate_matches_counting_predict_output(tiny_data: Path, tmp_path: Path) -> None:
+    result = run_cli("evaluate", "--data", str(tiny_data), "--model", "lenet", "--out", str(tmp_path / "eval"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert (tmp_path / "eval" / "confusion.png").is_file()
+    out = tmp_path / "p.jsonl"
+    assert run_cli("predict", str(tiny_data / "test"), "--recursive", "--model", "lenet", "--out", str(out),
+                   "--top-k", "1").returncode == 0
+    rows = read_jsonl(out)
+    correct = sum(Path(r["path"]).parent.name == r["label"] for r in rows)
+    assert report["images"] == len(rows)
+    assert report["accuracy"] == pytest.approx(correct / len(rows))
+    assert sum(map(sum, report["confusion_matrix"]["rows_true_cols_predicted"])) == len(rows)

@@ -1,0 +1,172 @@
+"""HTTP behaviour of a real `bentoml serve` process with the shipped models."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.contract import CLASS_NAMES
+
+pytestmark = pytest.mark.server
+
+
+def as_format(jpeg: bytes, fmt: str, mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).convert(mode).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def classify(server: str, data: bytes, name: str = "x", content_type: str = "application/octet-stream",
+             **fields) -> httpx.Response:
+    return httpx.post(f"{server}/classify", files={"image": (name, data, content_type)},
+                      data={k: str(v) for k, v in fields.items()}, timeout=60)
+
+
+def check_schema(body: dict, model: str, top_k: int) -> None:
+    assert body["model"] == model and body["model_version"]
+    predictions = body["predictions"]
+    assert len(predictions) == top_k
+    probabilities = [p["probability"] for p in predictions]
+    assert probabilities == sorted(probabilities, reverse=True) and 0 < probabilities[0] <= 1
+    for p in predictions:
+        assert CLASS_NAMES[p["index"]] == p["label"]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_one_image_of_each_class_round_trips(server: str, samples, fmt: str) -> None:
+    firsts = {label: data for label, data in reversed(samples)}
+    correct = 0
+    for label, jpeg in firsts.items():
+        data = jpeg if fmt == "JPEG" else as_format(jpeg, fmt)
+        response = classify(server, data, f"{label}.{fmt.lower()}", top_k=3)
+        assert response.status_code == 200, response.text
+        check_schema(response.json(), "resnet18", 3)
+        correct += response.json()["predictions"][0]["label"] == label
+    assert correct >= 8  # a 91% model on ten real images
+
+
+@pytest.mark.parametrize("model", ["resnet18", "lenet"])
+def test_both_models_answer(server: str, samples, model: str) -> None:
+    response = classify(server, samples[0][1], model=model, top_k=10)
+    assert response.status_code == 200
+    check_schema(response.json(), model, 10)
+    assert sum(p["probability"] for p in response.json()["predictions"]) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_grayscale_palette_and_transparent_inputs(server: str, samples, mode: str) -> None:
+    response = classify(server, as_format(samples[0][1], "PNG", mode))
+    assert response.status_code == 200, response.text
+
+
+def test_photo_sized_image(server: str) -> None:
+    photo = np.random.default_rng(0).integers(0, 256, (800, 1000, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, "JPEG")
+    assert classify(server, buffer.getvalue()).status_code == 200
+
+
+def test_png_sent_as_jpeg_is_judged_by_its_bytes(server: str, samples) -> None:
+    response = classify(server, as_format(samples[0][1], "PNG"), "x.jpg", "image/jpeg")
+    assert response.status_code == 200
+
+
+def test_batch_keeps_order_and_isolates_bad_items(server: str, samples) -> None:
+    good = [data for _, data in samples[:4]]
+    files = [("images", ("a.jpg", good[0])), ("images", ("b.txt", b"plain text")),
+             ("images", ("c.png", as_format(good[1], "PNG"))), ("images", ("d.jpg", good[2][:200])),
+             ("images", ("e.jpg", good[3]))]
+    response = httpx.post(f"{server}/classify_batch", files=files, data={"model": "lenet", "top_k": "2"}, timeout=60)
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [("predictions" in r, r.get("status")) for r in results] == [
+        (True, None), (False, 415), (True, None), (False, 400), (True, None)]
+    single = classify(server, good[0], model="lenet", top_k=2).json()["predictions"]
+    assert [p["label"] for p in results[0]["predictions"]] == [p["label"] for p in single]
+    assert [p["probability"] for p in results[0]["predictions"]] == pytest.approx([p["probability"] for p in single])
+
+
+def test_batch_limit(server: str, samples) -> None:
+    files = [("images", (f"{i}.jpg", samples[0][1])) for i in range(65)]
+    response = httpx.post(f"{server}/classify_batch", files=files, timeout=60)
+    assert response.status_code == 400 and "limit is 64" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("files", "fields", "status", "words"),
+    [
+        ({"image": ("a.txt", b"just some text")}, {}, 415, "not a supported image type"),
+        ({"image": ("a.jpg", b"")}, {}, 400, "empty"),
+        ({"image": ("a.jpg", bytes(range(128, 256)))}, {}, 400, "not an image"),
+        ({"image": ("a.svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>')}, {}, 415, "SVG"),
+        ({"image": ("a.pdf", b"%PDF-1.7\n")}, {}, 415, "PDF"),
+        ({"image": ("a.jpg", "SAMPLE")}, {"model": "vgg"}, 400, "unknown model"),
+        ({"image": ("a.jpg", "SAMPLE")}, {"top_k": "0"}, 400, "top_k"),
+        ({"image": ("a.jpg", "SAMPLE")}, {"top_k": "11"}, 400, "top_k"),
+        ({}, {"model": "lenet"}, 400, "validation error"),
+    ],
+)
+def test_bad_requests_get_a_4xx_json_error(server: str, samples, files, fields, status, words) -> None:
+    files = {k: (name, samples[0][1] if data == "SAMPLE" else data) for k, (name, data) in files.items()}
+    response = httpx.post(f"{server}/classify", files=files or None, data=fields, timeout=60)
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"]
+
+
+def test_truncated_image_is_a_400(server: str) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "JPEG")
+    response = classify(server, buffer.getvalue()[:1500])
+    assert response.status_code == 400 and "truncated" in response.json()["error"]
+
+
+def test_body_and_pixel_limits_are_413(server: str) -> None:
+    response = classify(server, b"\xff" * (11 * 1024 * 1024))
+    assert response.status_code == 413 and "10 MB" in response.json()["error"]
+    buffer = io.BytesIO()
+    Image.new("L", (8000, 6000)).save(buffer, "PNG")
+    response = classify(server, buffer.getvalue())
+    assert response.status_code == 413 and "pixels" in response.json()["error"]
+
+
+def test_a_bad_image_among_concurrent_good_ones_fails_alone(server: str, samples) -> None:
+    """32 concurrent requests share batches; the 5 bad ones must not take a good neighbour down."""
+
+    async def main() -> list[int]:
+        async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+            async def one(i: int) -> int:
+                data = b"not an image at all \xff\xfe" if i % 7 == 3 else samples[i % len(samples)][1]
+                response = await client.post("/classify", files={"image": ("x", data)}, data={"model": "lenet"})
+                return response.status_code
+            return await asyncio.gather(*(one(i) for i in range(32)))
+
+    statuses = asyncio.run(main())
+    assert sorted(set(statuses)) == [200, 400]
+    assert statuses.count(400) == sum(1 for i in range(32) if i % 7 == 3)
+
+
+def test_models_endpoint_describes_the_served_models(server: str) -> None:
+    body = httpx.get(f"{server}/models").json()
+    assert set(body["models"]) == {"resnet18", "lenet"}
+    resnet = body["models"]["resnet18"]
+    assert resnet["class_names"] == list(CLASS_NAMES) and resnet["mean"] == [0.485, 0.456, 0.406]
+    assert resnet["provider"] == "CPUExecutionProvider" and resnet["test_accuracy"] > 0.9
+    assert body["batching"]["max_batch_size"] >= 1
+
+
+def test_builtin_endpoints_still_work(server: str, samples) -> None:
+    classify(server, samples[0][1], model="lenet")
+    assert httpx.get(f"{server}/livez").status_code == 200
+    assert httpx.get(f"{server}/readyz").status_code == 200
+    assert "swagger" in httpx.get(f"{server}/").text.lower()
+    assert "/classify" in httpx.get(f"{server}/docs.json").json()["paths"]
+    metrics = httpx.get(f"{server}/metrics").text
+    for name in ("cifar10_inference_images_total", "cifar10_inference_batch_size_bucket",
+                 "cifar10_inference_seconds_bucket", 'model="lenet"'):
+        assert name in metrics

@@ -1,0 +1,60 @@
+"""The shipped ONNX models: files match their cards, accuracy holds, the store keeps user models."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from models.contract import CLASS_NAMES
+from service.preprocess import decode_rgb, normalize
+from service.runtime import OnnxModel
+from service.store import PRETRAINED, STORE_NAMES
+from tests.conftest import ROOT, TEST_ZIP, run_cli
+
+ARCHS = ("resnet18", "lenet")
+
+
+def card(arch: str) -> dict:
+    return json.loads((PRETRAINED / f"{arch}.json").read_text())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_onnx_file_matches_its_card(arch: str) -> None:
+    data = (PRETRAINED / f"{arch}.onnx").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == card(arch)["sha256"]
+    info = OnnxModel(PRETRAINED / f"{arch}.onnx", providers="cpu").info
+    assert info.arch == arch and info.class_names == CLASS_NAMES
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_accuracy_on_2000_test_images_holds_the_cards_figure(arch: str) -> None:
+    if not TEST_ZIP.exists():
+        pytest.skip(f"needs the CIFAR-10 test archive at {TEST_ZIP}")
+    model = OnnxModel(PRETRAINED / f"{arch}.onnx", providers="cpu")
+    with zipfile.ZipFile(TEST_ZIP) as archive:
+        names = sorted(n for n in archive.namelist() if n.endswith(".jpg"))
+        chosen = [(i, n) for i, label in enumerate(CLASS_NAMES) for n in
+                  [n for n in names if n.split("/")[-2] == label][:200]]
+        pixels = np.stack([decode_rgb(archive.read(n)) for _, n in chosen])
+    labels = np.array([i for i, _ in chosen])
+    logits = np.concatenate([model.logits(normalize(pixels[s : s + 250], model.table)) for s in range(0, 2000, 250)])
+    accuracy = float((logits.argmax(1) == labels).mean())
+    assert accuracy >= card(arch)["test"]["accuracy"] - 0.015, accuracy
+
+
+def test_shipped_models_never_replace_a_users_model(tmp_path) -> None:
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home")}
+    store = [sys.executable, "-m", "service.store"]
+    first = subprocess.run(store, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert first.count("registered") == 2
+    mine = run_cli("register", str(PRETRAINED / "lenet.onnx"), "--name", STORE_NAMES["lenet"], env=env)
+    assert mine.returncode == 0, mine.stderr
+    again = subprocess.run(store, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert again.count("kept") == 2 and mine.stdout.strip().split(":")[1] in again
