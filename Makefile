@@ -20,7 +20,7 @@ $(VENV)/.all: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.serve
 
 register-shipped: $(VENV)/.serve
-	$(BIN)/python -m service.shipped
+	$(BIN)/python -m service.store
 
 serve: register-shipped
 	$(BIN)/bentoml serve service.service:Classifier --port $(PORT)

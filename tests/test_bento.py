@@ -1,0 +1,76 @@
+"""The deployable bento: what it holds, that it serves, and that serving needs no torch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import ROOT, free_port, start_server, stop_server
+
+
+@pytest.fixture(scope="module")
+def bento(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict]:
+    """`bentoml build` in a fresh BENTOML_HOME holding the shipped models."""
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path_factory.mktemp("bento-home"))}
+    subprocess.run([sys.executable, "-m", "service.store"], env=env, cwd=ROOT, check=True, capture_output=True)
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    result = subprocess.run([bentoml, "build", "--output", "tag"], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    name, version = tag.split(":")
+    return tag, Path(env["BENTOML_HOME"]) / "bentos" / name / version, env
+
+
+def test_bento_holds_the_service_both_models_and_no_training_code(bento) -> None:
+    _, path, _ = bento
+    files = {str(p.relative_to(path / "src")) for p in (path / "src").rglob("*") if p.is_file()}
+    assert {"service/service.py", "service/preprocess.py", "models/contract.py"} <= files
+    assert not any(f.startswith(("tests/", "training/", "data/")) or f.endswith((".pt", ".onnx", ".zip"))
+                   for f in files)
+    assert not any(f.startswith(("models/lenet", "models/resnet")) for f in files)
+    models = {m["tag"].split(":")[0] for s in yaml.safe_load((path / "bento.yaml").read_text())["services"]
+              for m in s["models"]}
+    assert models == {"cifar10-resnet18", "cifar10-lenet"}
+
+
+def test_bento_requirements_name_onnxruntime_gpu_and_no_torch(bento) -> None:
+    _, path, _ = bento
+    requirements = (path / "env" / "python" / "requirements.txt").read_text().lower()
+    assert "onnxruntime-gpu[cuda,cudnn]" in requirements
+    assert not any(word in requirements for word in ("torch", "onnxscript", "\nonnx=="))
+    assert (path / "env" / "docker" / "Dockerfile").is_file()
+
+
+def test_built_bento_serves_from_another_directory(bento, samples, tmp_path: Path) -> None:
+    tag, _, env = bento
+    port = free_port()
+    process = start_server([tag], env, tmp_path, port)
+    try:
+        label, data = samples[0]
+        for model in ("resnet18", "lenet"):
+            response = httpx.post(f"http://127.0.0.1:{port}/classify", files={"image": ("x.jpg", data)},
+                                  data={"model": model}, timeout=60)
+            assert response.status_code == 200, response.text
+            assert response.json()["predictions"][0]["label"] == label
+    finally:
+        stop_server(process)
+
+
+def test_serving_code_runs_with_torch_unimportable(samples, tmp_path: Path) -> None:
+    image = tmp_path / "x.jpg"
+    image.write_bytes(samples[0][1])
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import service.service, service.predict, service.store\n"
+        "from service.cli import main\n"
+        f"sys.exit(main(['predict', {str(image)!r}, '--model', 'lenet', '--format', 'jsonl']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert '"label": ' in result.stdout and "torch" not in result.stderr
