@@ -1,16 +1,22 @@
-"""ASGI pieces around the BentoML app: the body-size limit, Retry-After on overload, GET /models."""
-
-from __future__ import annotations
+"""The HTTP surface: the public routes (FastAPI, mounted on the BentoML service) and the limits middleware."""
 
 import json
+from typing import Annotated
 
-from starlette.applications import Starlette
+from fastapi import FastAPI, File, Form, UploadFile
+from fastapi.exceptions import RequestValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 RETRY_AFTER_S = b"1"
+
+
+# Form fields of the public routes (module level: FastAPI resolves annotations by name).
+Model = Annotated[str, Form(description="resnet18 or lenet")]
+TopK = Annotated[int, Form(description="how many labels to return, 1-10")]
+Image = Annotated[UploadFile, File(description="an image file (JPEG, PNG, WebP, GIF, BMP, TIFF)")]
+Images = Annotated[list[UploadFile], File(description="up to 64 images, repeated field")]
 
 
 class _TooLarge(Exception):
@@ -67,11 +73,37 @@ class LimitsMiddleware:
         await send({"type": "http.response.body", "body": body.encode()})
 
 
-def models_app() -> Starlette:
-    """GET /models: what the running service serves (mounted beside BentoML's routes)."""
+def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+    return JSONResponse({"error": f"invalid request: {problems}"}, status_code=400)
+
+
+def api_app() -> FastAPI:
+    """The public routes, mounted on the BentoML service; BentoML merges them into its OpenAPI spec."""
     import bentoml
 
-    async def models(_: Request) -> JSONResponse:
+    app = FastAPI(title="cifar10-classifier")
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    errors = {s: {"description": d, "content": {"application/json": {"example": {"error": "..."}}}} for s, d in (
+        (400, "bad input"), (413, "too large"), (415, "unsupported type"), (429, "too many requests"),
+        (503, "overloaded"), (504, "timed out"))}
+
+    @app.post("/classify", responses=errors)
+    async def classify(image: Image, model: Model = "resnet18", top_k: TopK = 3) -> JSONResponse:
+        """Classify one image: the top_k CIFAR-10 labels with softmax probabilities."""
+        status, body = await bentoml.get_current_service().classify(await image.read(), model, top_k)
+        return JSONResponse(body, status_code=status)
+
+    @app.post("/classify_batch", responses=errors)
+    async def classify_batch(images: Images, model: Model = "resnet18", top_k: TopK = 3) -> JSONResponse:
+        """Classify several images: one result per image, in order, each `predictions` or `error`."""
+        items = [await image.read() for image in images]
+        status, body = await bentoml.get_current_service().classify_batch(items, model, top_k)
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/models")
+    async def models() -> JSONResponse:
+        """The served models, their versions, input contract, accuracy and execution provider."""
         return JSONResponse(bentoml.get_current_service().describe())
 
-    return Starlette(routes=[Route("/models", models, methods=["GET"])])
+    return app

@@ -1,7 +1,8 @@
 """The BentoML service: CIFAR-10 classification over HTTP with adaptive batching.
 
-Each request is decoded and validated on its own, so a bad image fails only its
-own request. The normalized float32 arrays then go through BentoML's adaptive
+The HTTP routes (service/http.py) hand each request's bytes to this class, which
+decodes and validates them on their own, so a bad image fails only its own
+request. The normalized float32 arrays then go through BentoML's adaptive
 batching dispatcher (the CorkDispatcher behind `batchable=True` APIs), called
 in-process: BentoML's own route from one API to a batchable one is an HTTP hop
 that measured 142 req/s with 13% failures here (see the README).
@@ -12,15 +13,13 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import anyio
 import bentoml
 import numpy as np
 from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema
-from starlette.responses import JSONResponse
 
-from service.http import LimitsMiddleware, models_app
+from service.http import LimitsMiddleware, api_app
 from service.preprocess import ImageError, decode_rgb, normalize
 from service.runtime import OnnxModel, softmax
 from service.settings import SETTINGS
@@ -32,6 +31,8 @@ INLINE_DECODE_BYTES = 64 * 1024  # larger uploads are decoded off the event loop
 INFERENCES = bentoml.metrics.Counter(
     name="cifar10_inference_images_total", documentation="Images classified, by model", labelnames=["model"]
 )
+
+
 BATCH_SIZES = bentoml.metrics.Histogram(
     name="cifar10_inference_batch_size", documentation="Images per model call, by model", labelnames=["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
@@ -50,16 +51,12 @@ def _shed() -> np.ndarray:
     raise Overloaded
 
 
-def error(message: str, status: int = 400) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
 @bentoml.service(
     name="cifar10-classifier",
     workers=SETTINGS.workers,
     traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency},
 )
-@bentoml.asgi_app(models_app(), path="/")
+@bentoml.asgi_app(api_app(), path="/")
 class Classifier:
     """ResNet-18 and LeNet-5 CIFAR-10 classifiers in ONNX Runtime."""
 
@@ -101,47 +98,43 @@ class Classifier:
         logits = await anyio.to_thread.run_sync(self._run, arch, batch)
         return np.split(logits, np.cumsum([len(p) for p in parts[:-1]]))
 
-    @bentoml.api
-    async def classify(self, image: Path, model: str = DEFAULT_MODEL, top_k: int = 3) -> dict:
-        """Classify one image (multipart field `image`); answers the top_k labels with probabilities."""
+    async def classify(self, data: bytes, model: str, top_k: int) -> tuple[int, dict]:
+        """One image -> (HTTP status, body): the top_k labels with probabilities, or an error."""
         problem = self._check_options(model, top_k)
         if problem:
             return problem
         try:
-            pixels = await self._decode(image)
+            pixels = await self._decode(data)
         except ImageError as exc:
-            return error(str(exc), exc.status)
-        logits = await self._logits(model, pixels[None])
-        if isinstance(logits, JSONResponse):
-            return logits
-        return {"model": model, "model_version": self.versions[model],
-                "predictions": self._top_k(model, logits[0], top_k)}
+            return exc.status, {"error": str(exc)}
+        status, logits = await self._logits(model, pixels[None])
+        if status != 200:
+            return status, logits
+        return 200, {"model": model, "model_version": self.versions[model],
+                     "predictions": self._top_k(model, logits[0], top_k)}
 
-    @bentoml.api
-    async def classify_batch(self, images: list[Path], model: str = DEFAULT_MODEL, top_k: int = 3) -> dict:
-        """Classify up to 64 images (repeated field `images`); one result per image, in order."""
+    async def classify_batch(self, items: list[bytes], model: str, top_k: int) -> tuple[int, dict]:
+        """Several images -> one result per image, in order; a bad image fails only its own entry."""
         problem = self._check_options(model, top_k)
         if problem:
             return problem
-        if not images:
-            return error("no images: send one or more files in the `images` field")
-        if len(images) > SETTINGS.max_batch_images:
-            return error(f"{len(images)} images in one request; the limit is {SETTINGS.max_batch_images}")
-        results: list[dict] = [{} for _ in images]
+        if len(items) > SETTINGS.max_batch_images:
+            return 400, {"error": f"{len(items)} images in one request; the limit is {SETTINGS.max_batch_images}"}
+        results: list[dict] = [{} for _ in items]
         good, pixels = [], []
-        for i, path in enumerate(images):
+        for i, data in enumerate(items):
             try:
-                pixels.append(await self._decode(path))
+                pixels.append(await self._decode(data))
                 good.append(i)
             except ImageError as exc:
                 results[i] = {"error": str(exc), "status": exc.status}
         if good:
-            logits = await self._logits(model, np.stack(pixels))
-            if isinstance(logits, JSONResponse):
-                return logits
+            status, logits = await self._logits(model, np.stack(pixels))
+            if status != 200:
+                return status, logits
             for i, row in zip(good, logits, strict=True):
                 results[i] = {"predictions": self._top_k(model, row, top_k)}
-        return {"model": model, "model_version": self.versions[model], "results": results}
+        return 200, {"model": model, "model_version": self.versions[model], "results": results}
 
     def describe(self) -> dict:
         """The served models, their versions, input contract, accuracy and execution provider."""
@@ -155,26 +148,26 @@ class Classifier:
             "batching": {"max_batch_size": SETTINGS.max_batch_size, "max_latency_ms": SETTINGS.max_latency_ms},
         }
 
-    def _check_options(self, model: str, top_k: int) -> JSONResponse | None:
+    def _check_options(self, model: str, top_k: int) -> tuple[int, dict] | None:
         if model not in self.models:
-            return error(f"unknown model {model!r}; choose one of: {', '.join(self.models)}")
-        if not 1 <= top_k <= len(self.models[model].info.class_names):
-            return error(f"top_k must be between 1 and {len(self.models[model].info.class_names)}, got {top_k}")
+            return 400, {"error": f"unknown model {model!r}; choose one of: {', '.join(self.models)}"}
+        classes = len(self.models[model].info.class_names)
+        if not 1 <= top_k <= classes:
+            return 400, {"error": f"top_k must be between 1 and {classes}, got {top_k}"}
         return None
 
-    async def _decode(self, path: Path) -> np.ndarray:
-        data = path.read_bytes()
+    async def _decode(self, data: bytes) -> np.ndarray:
         if len(data) <= INLINE_DECODE_BYTES:
             return decode_rgb(data, SETTINGS.max_pixels)
         return await anyio.to_thread.run_sync(decode_rgb, data, SETTINGS.max_pixels)
 
-    async def _logits(self, model: str, pixels: np.ndarray) -> np.ndarray | JSONResponse:
+    async def _logits(self, model: str, pixels: np.ndarray) -> tuple[int, np.ndarray | dict]:
         """Normalize and send through the model's batching dispatcher."""
         try:
-            return await self.batched[model](normalize(pixels, self.models[model].table))
+            return 200, await self.batched[model](normalize(pixels, self.models[model].table))
         except Overloaded:
-            return error(f"the server is overloaded (requests would wait over {SETTINGS.max_latency_ms} ms); "
-                         "retry shortly", 503)
+            return 503, {"error": f"the server is overloaded (requests would wait over {SETTINGS.max_latency_ms} "
+                                  "ms); retry shortly"}
 
     def _top_k(self, model: str, logits: np.ndarray, k: int) -> list[dict]:
         probabilities = softmax(logits[None].astype(np.float64))[0]

@@ -108,7 +108,8 @@ def test_batch_limit(server: str, samples) -> None:
         ({"image": ("a.jpg", "SAMPLE")}, {"model": "vgg"}, 400, "unknown model"),
         ({"image": ("a.jpg", "SAMPLE")}, {"top_k": "0"}, 400, "top_k"),
         ({"image": ("a.jpg", "SAMPLE")}, {"top_k": "11"}, 400, "top_k"),
-        ({}, {"model": "lenet"}, 400, "validation error"),
+        ({}, {"model": "lenet"}, 400, "image: Field required"),
+        ({}, {"image": "http://127.0.0.1:9/cat.jpg"}, 400, "Expected UploadFile"),  # never fetched as a URL
     ],
 )
 def test_bad_requests_get_a_4xx_json_error(server: str, samples, files, fields, status, words) -> None:
