@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", default="-", help="FILE.csv, FILE.jsonl or - for stdout (default)")
     p.add_argument("--format", choices=("csv", "jsonl"), help="default: from the --out suffix, else csv")
-    p.add_argument("--workers", type=int, help="decoding threads (local) or concurrent requests (server)")
+    p.add_argument("--workers", type=int,
+                   help="decoding processes (local; default: one per core) or requests in flight (server; default 4)")
     p.add_argument("--server", metavar="URL", help="use a running service, e.g. http://localhost:3000")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--quiet", action="store_true", help="no progress line")

@@ -171,3 +171,31 @@ def test_builtin_endpoints_still_work(server: str, samples) -> None:
     for name in ("cifar10_inference_images_total", "cifar10_inference_batch_size_bucket",
                  "cifar10_inference_seconds_bucket", 'model="lenet"'):
         assert name in metrics
+
+
+def test_overload_is_answered_with_retry_after_and_the_server_recovers(samples, tmp_path) -> None:
+    """A server with tight limits sheds load with 429/503 + Retry-After, never a 500, and keeps serving."""
+    import os
+
+    from tests.conftest import ROOT, free_port, start_server, stop_server
+
+    port = free_port()
+    env = {**os.environ, "CIFAR10_MAX_CONCURRENCY": "8", "CIFAR10_MAX_LATENCY_MS": "20"}
+    process = start_server(["service.service:Classifier"], env, ROOT, port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async def main() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                return await asyncio.gather(*(
+                    client.post("/classify", files={"image": ("x.jpg", samples[i % len(samples)][1])})
+                    for i in range(48)))
+
+        responses = asyncio.run(main())
+        statuses = {r.status_code for r in responses}
+        assert statuses <= {200, 429, 503} and statuses & {429, 503}, statuses
+        for response in responses:
+            if response.status_code != 200:
+                assert response.headers["retry-after"] == "1" and response.json()["error"]
+        assert classify(url, samples[0][1]).status_code == 200
+    finally:
+        stop_server(process)

@@ -1,0 +1,199 @@
+"""`make bench`: raw ONNX Runtime, the HTTP service under load, and `cifar10 predict`, in one run.
+
+Writes CSVs under bench/results/ and prints Markdown tables for BENCHMARKS.md. Every load run
+is bounded in count and time and targets only a server this script starts on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import psutil
+
+from bench import runtime
+from bench.load import multipart, run_load
+from tests.conftest import TEST_ZIP, cifar_samples, free_port, start_server, stop_server
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+CONCURRENCY = (1, 8, 32, 64)
+
+
+def requests_for(arch: str, concurrency: int, quick: bool) -> int:
+    per_client = 20 if arch == "resnet18" else 150
+    total = max(concurrency * per_client, 200 if arch == "resnet18" else 1500)
+    return max(concurrency, total // (4 if quick else 1))
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    gpu = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip() if \
+        subprocess.run(["which", "nvidia-smi"], capture_output=True).returncode == 0 else "none"
+    return {"cores": os.cpu_count(), "cpu": cpu, "gpu": gpu or "none", "python": platform.python_version()}
+
+
+class Server:
+    """A `bentoml serve` of the shipped models with the given CIFAR10_* settings."""
+
+    def __init__(self, home: Path, **settings: str) -> None:
+        self.port = free_port()
+        env = {**os.environ, "BENTOML_HOME": str(home), **{f"CIFAR10_{k.upper()}": v for k, v in settings.items()}}
+        self.process = start_server(["service.service:Classifier"], env, ROOT, self.port)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def rss_mb(self) -> float:
+        tree = psutil.Process(self.process.pid)
+        return sum(p.memory_info().rss for p in [tree, *tree.children(recursive=True)]) / 2**20
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        stop_server(self.process)
+
+
+def write_csv(name: str, rows: list[dict]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with (RESULTS / name).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()} for r in rows)
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:,.2f}" if abs(v) < 10 else f"{v:,.1f}"
+        return json.dumps(v) if isinstance(v, dict) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def load_runs(server: Server, raw: list[dict], quick: bool) -> list[dict]:
+    label, image = cifar_samples(1)[3]
+    rows = []
+    for arch in ("resnet18", "lenet"):
+        body, ctype = multipart([("image", "x.jpg", image), ("model", "", arch.encode())])
+        ceiling = runtime.best(raw, arch)
+        batch1 = next(r for r in raw if r["model"] == arch and r["batch"] == 1 and r["threads"] == ceiling["threads"])
+        for c in CONCURRENCY:
+            row = {"model": arch, "endpoint": "/classify",
+                   **run_load(f"{server.url}/classify", body, ctype, c, requests_for(arch, c, quick))}
+            row["ratio_to_raw_best"] = row["images_per_s"] / ceiling["images_per_s"]
+            row["raw_batch1_p50_ms"] = batch1["p50_ms"]
+            rows.append(row)
+            print(f"load {arch:<8} c={c:<3} {row['requests_per_s']:>8,.0f} req/s  p50 {row['p50_ms']:.1f} ms  "
+                  f"p99 {row['p99_ms']:.1f} ms  errors {row['errors']}", flush=True)
+    images = [("images", f"{i}.jpg", data) for i, (_, data) in enumerate(cifar_samples(7)[:64])]
+    body, ctype = multipart([*images, ("model", "", b"lenet")])
+    for c in (2, 8):
+        row = {"model": "lenet", "endpoint": "/classify_batch x64",
+               **run_load(f"{server.url}/classify_batch", body, ctype, c, 40 if quick else 150, images_per_request=64)}
+        row["ratio_to_raw_best"] = row["images_per_s"] / runtime.best(raw, "lenet")["images_per_s"]
+        row["raw_batch1_p50_ms"] = None
+        rows.append(row)
+        print(f"load lenet batch64 c={c}: {row['images_per_s']:,.0f} images/s errors {row['errors']}", flush=True)
+    return rows
+
+
+def batching_runs(home: Path, quick: bool) -> list[dict]:
+    _, image = cifar_samples(1)[3]
+    body, ctype = multipart([("image", "x.jpg", image), ("model", "", b"resnet18")])
+    rows = []
+    for size, latency in ((1, 5000), (8, 5000), (32, 5000), (64, 5000), (64, 200)):
+        with Server(home, max_batch_size=str(size), max_latency_ms=str(latency)) as server:
+            row = {"max_batch_size": size, "max_latency_ms": latency,
+                   **run_load(f"{server.url}/classify", body, ctype, 32, 200 if quick else 600)}
+        rows.append(row)
+        print(f"batching size={size} latency={latency}: {row['requests_per_s']:,.0f} req/s p99 "
+              f"{row['p99_ms']:.0f} ms errors {row['errors']}", flush=True)
+    return rows
+
+
+def memory_run(server: Server, quick: bool) -> dict:
+    _, image = cifar_samples(1)[0]
+    body, ctype = multipart([("image", "x.jpg", image), ("model", "", b"lenet")])
+    run_load(f"{server.url}/classify", body, ctype, 32, 1000)
+    after_1k = server.rss_mb()
+    run_load(f"{server.url}/classify", body, ctype, 32, 2000 if quick else 9000)
+    after_10k = server.rss_mb()
+    print(f"memory: {after_1k:.0f} MB after 1,000 requests, {after_10k:.0f} MB after 10,000", flush=True)
+    return {"rss_mb_after_1k": after_1k, "rss_mb_after_10k": after_10k, "growth": after_10k / after_1k - 1}
+
+
+def predict_runs(raw: list[dict], quick: bool) -> list[dict]:
+    if not TEST_ZIP.exists():
+        print(f"predict benchmark skipped: {TEST_ZIP} is not here", flush=True)
+        return []
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        with zipfile.ZipFile(TEST_ZIP) as archive:
+            names = [n for n in archive.namelist() if n.endswith(".jpg")][: 2000 if quick else None]
+            archive.extractall(folder, members=names)
+        for arch in ("resnet18", "lenet"):
+            out = Path(folder + "-out") / f"{arch}.csv"
+            out.parent.mkdir(exist_ok=True)
+            began = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "service.cli", "predict", folder, "--recursive", "--model",
+                            arch, "--batch-size", "64", "--out", str(out), "--quiet"], check=True, cwd=ROOT)
+            seconds = time.perf_counter() - began
+            raw64 = max((r for r in raw if r["model"] == arch and r["batch"] == 64), key=lambda r: r["images_per_s"])
+            rows.append({"model": arch, "images": len(names), "seconds": seconds,
+                         "images_per_s": len(names) / seconds, "raw_batch64_images_per_s": raw64["images_per_s"],
+                         "ratio_to_raw": len(names) / seconds / raw64["images_per_s"]})
+            print(f"predict {arch}: {rows[-1]['images_per_s']:,.0f} images/s "
+                  f"({rows[-1]['ratio_to_raw']:.2f} x raw batch 64)", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests and images: a smoke run")
+    args = parser.parse_args()
+    info = machine()
+    print(json.dumps(info), flush=True)
+    raw = runtime.run(seconds=1.0 if args.quick else 3.0)
+    write_csv("runtime.csv", raw)
+    with tempfile.TemporaryDirectory() as home:
+        env = {**os.environ, "BENTOML_HOME": home}
+        subprocess.run([sys.executable, "-m", "service.store"], env=env, cwd=ROOT, check=True, capture_output=True)
+        with Server(Path(home)) as server:
+            provider = httpx.get(f"{server.url}/models").json()["models"]["resnet18"]["provider"]
+            load = load_runs(server, raw, args.quick)
+            memory = memory_run(server, args.quick)
+        batching = batching_runs(Path(home), args.quick)
+    cli = predict_runs(raw, args.quick)
+    write_csv("load.csv", load)
+    write_csv("batching.csv", batching)
+    if cli:
+        write_csv("predict.csv", cli)
+    (RESULTS / "summary.json").write_text(json.dumps({"machine": info, "provider": provider, "memory": memory},
+                                                     indent=2) + "\n")
+    print("\n## Raw ONNX Runtime\n" + table(raw, ["model", "provider", "threads", "batch", "images_per_s", "p50_ms",
+                                                 "p99_ms"]))
+    print("\n## Service under load\n" + table(load, ["model", "endpoint", "concurrency", "requests", "errors",
+                                                    "requests_per_s", "images_per_s", "p50_ms", "p90_ms", "p95_ms",
+                                                    "p99_ms", "ratio_to_raw_best"]))
+    print("\n## Batching settings (ResNet-18, 32 clients)\n" + table(batching, [
+        "max_batch_size", "max_latency_ms", "requests_per_s", "p50_ms", "p99_ms", "errors"]))
+    if cli:
+        print("\n## cifar10 predict\n" + table(cli, ["model", "images", "images_per_s", "raw_batch64_images_per_s",
+                                                     "ratio_to_raw"]))
+    print(f"\n## Memory\n{json.dumps(memory)}\nprovider: {provider}; machine: {json.dumps(info)}")
+
+
+if __name__ == "__main__":
+    main()
