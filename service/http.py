@@ -24,16 +24,32 @@ class _TooLarge(Exception):
 
 
 class LimitsMiddleware:
-    """413 for bodies over `max_body_bytes` (declared or streamed); Retry-After on 429 and 503."""
+    """429 past `max_concurrency` POSTs in flight; 413 for bodies over `max_body_bytes`; Retry-After on 503.
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    The concurrency limit lives here rather than in BentoML's traffic settings, whose 429
+    is sent outside this middleware and so could not carry Retry-After.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_concurrency: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_concurrency = max_concurrency
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
+        if self.in_flight >= self.max_concurrency:
+            await _json(send, 429, "too many requests in flight; retry shortly", retry=True)
+            return
+        self.in_flight += 1
+        try:
+            await self._limited(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             await self._reject(send)
@@ -56,7 +72,7 @@ class LimitsMiddleware:
                 if message["type"] == "http.response.start":
                     await self._reject(send)
                 return
-            if message["type"] == "http.response.start" and message["status"] in (429, 503):
+            if message["type"] == "http.response.start" and message["status"] == 503:
                 message = {**message, "headers": [*message.get("headers", []), (b"retry-after", RETRY_AFTER_S)]}
             await send(message)
 
@@ -67,10 +83,16 @@ class LimitsMiddleware:
 
     async def _reject(self, send: Send) -> None:
         limit_mb = self.max_body_bytes / (1024 * 1024)
-        body = json.dumps({"error": f"request body is larger than the {limit_mb:g} MB limit; send a smaller image"})
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body.encode()})
+        await _json(send, 413, f"request body is larger than the {limit_mb:g} MB limit; send a smaller image")
+
+
+async def _json(send: Send, status: int, error: str, retry: bool = False) -> None:
+    body = json.dumps({"error": error}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if retry:
+        headers.append((b"retry-after", RETRY_AFTER_S))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

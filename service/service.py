@@ -54,7 +54,7 @@ def _shed() -> np.ndarray:
 @bentoml.service(
     name="cifar10-classifier",
     workers=SETTINGS.workers,
-    traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency},
+    traffic={"timeout": SETTINGS.timeout_s},
 )
 @bentoml.asgi_app(api_app(), path="/")
 class Classifier:
@@ -176,4 +176,5 @@ class Classifier:
                 for i in np.argsort(-probabilities, kind="stable")[:k]]
 
 
-Classifier.add_asgi_middleware(LimitsMiddleware, max_body_bytes=SETTINGS.max_body_bytes)
+Classifier.add_asgi_middleware(LimitsMiddleware, max_body_bytes=SETTINGS.max_body_bytes,
+                               max_concurrency=SETTINGS.max_concurrency)

@@ -25,7 +25,7 @@ class Settings:
     max_body_bytes: int = _int("CIFAR10_MAX_BODY_BYTES", 10 * 1024 * 1024)
     max_pixels: int = _int("CIFAR10_MAX_PIXELS", 40_000_000)
     max_batch_images: int = _int("CIFAR10_MAX_BATCH_IMAGES", 64)  # per /classify_batch request
-    max_concurrency: int = _int("CIFAR10_MAX_CONCURRENCY", 256)  # in-flight requests before 429
+    max_concurrency: int = _int("CIFAR10_MAX_CONCURRENCY", 256)  # POSTs in flight per worker before 429
     timeout_s: int = _int("CIFAR10_TIMEOUT_S", 60)  # then 504
     workers: int = _int("CIFAR10_WORKERS", 1)
     ort_threads: int = _int("CIFAR10_ORT_THREADS", 0)  # 0: one per core

@@ -173,8 +173,8 @@ def test_builtin_endpoints_still_work(server: str, samples) -> None:
         assert name in metrics
 
 
-def test_overload_is_answered_with_retry_after_and_the_server_recovers(samples, tmp_path) -> None:
-    """A server with tight limits sheds load with 429/503 + Retry-After, never a 500, and keeps serving."""
+def test_overload_is_answered_with_retry_after_and_the_server_recovers(server: str, samples) -> None:
+    """A second server with tight limits sheds load with 429/503 + Retry-After, never a 500, and recovers."""
     import os
 
     from tests.conftest import ROOT, free_port, start_server, stop_server
