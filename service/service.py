@@ -22,7 +22,7 @@ from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema
 from service.http import LimitsMiddleware, api_app
 from service.preprocess import ImageError, decode_rgb, normalize
 from service.runtime import OnnxModel, softmax
-from service.settings import SETTINGS
+from service.settings import CORES, SETTINGS
 from service.store import MODEL_FILE, STORE_NAMES
 
 DEFAULT_MODEL = "resnet18"
@@ -67,7 +67,8 @@ class Classifier:
         self.ready = False
         stored = {"resnet18": self.resnet18_model, "lenet": self.lenet_model}
         self.models = {
-            arch: OnnxModel(ref.path_of(MODEL_FILE), SETTINGS.providers, SETTINGS.ort_threads or None)
+            arch: OnnxModel(ref.path_of(MODEL_FILE), SETTINGS.providers,
+                            SETTINGS.ort_threads or max(1, CORES // SETTINGS.workers))
             for arch, ref in stored.items()
         }
         self.versions = {arch: str(ref.tag.version) for arch, ref in stored.items()}

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
+
+CORES = os.cpu_count() or 1
 
 
 def _int(name: str, default: int) -> int:
@@ -14,6 +17,14 @@ def _int(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise SystemExit(f"{name}={raw!r} is not a whole number") from None
+
+
+def _default_workers() -> int:
+    """One worker per core on CPU hosts (the HTTP stack is single-threaded per worker); one per GPU host.
+
+    Looks for the NVIDIA device nodes instead of initialising CUDA in the parent process.
+    """
+    return 1 if any(Path("/dev").glob("nvidia[0-9]*")) else CORES
 
 
 @dataclass(frozen=True)
@@ -27,8 +38,8 @@ class Settings:
     max_batch_images: int = _int("CIFAR10_MAX_BATCH_IMAGES", 64)  # per /classify_batch request
     max_concurrency: int = _int("CIFAR10_MAX_CONCURRENCY", 256)  # POSTs in flight per worker before 429
     timeout_s: int = _int("CIFAR10_TIMEOUT_S", 60)  # then 504
-    workers: int = _int("CIFAR10_WORKERS", 1)
-    ort_threads: int = _int("CIFAR10_ORT_THREADS", 0)  # 0: one per core
+    workers: int = _int("CIFAR10_WORKERS", 0) or _default_workers()
+    ort_threads: int = _int("CIFAR10_ORT_THREADS", 0)  # 0: the cores shared out among the workers
     providers: str = os.environ.get("CIFAR10_PROVIDERS", "auto")  # auto, cpu or cuda
 
 
