@@ -123,6 +123,22 @@ def batching_runs(home: Path, quick: bool) -> list[dict]:
     return rows
 
 
+def worker_runs(home: Path, quick: bool) -> list[dict]:
+    """1 worker x all cores against one worker per core x 1 ONNX Runtime thread."""
+    _, image = cifar_samples(1)[3]
+    rows = []
+    for workers in (1, os.cpu_count() or 1):
+        with Server(home, workers=str(workers)) as server:
+            for arch, c, n in (("resnet18", 1, 200), ("resnet18", 32, 640), ("lenet", 32, 4000)):
+                body, ctype = multipart([("image", "x.jpg", image), ("model", "", arch.encode())])
+                row = {"workers": workers, "model": arch,
+                       **run_load(f"{server.url}/classify", body, ctype, c, n // (4 if quick else 1))}
+                rows.append(row)
+                print(f"workers={workers} {arch} c={c}: {row['requests_per_s']:,.0f} req/s "
+                      f"p50 {row['p50_ms']:.1f} ms", flush=True)
+    return rows
+
+
 def memory_run(server: Server, quick: bool) -> dict:
     _, image = cifar_samples(1)[0]
     body, ctype = multipart([("image", "x.jpg", image), ("model", "", b"lenet")])
@@ -175,9 +191,11 @@ def main() -> None:
             load = load_runs(server, raw, args.quick)
             memory = memory_run(server, args.quick)
         batching = batching_runs(Path(home), args.quick)
+        workers = worker_runs(Path(home), args.quick)
     cli = predict_runs(raw, args.quick)
     write_csv("load.csv", load)
     write_csv("batching.csv", batching)
+    write_csv("workers.csv", workers)
     if cli:
         write_csv("predict.csv", cli)
     (RESULTS / "summary.json").write_text(json.dumps({"machine": info, "provider": provider, "memory": memory},
@@ -189,6 +207,8 @@ def main() -> None:
                                                     "p99_ms", "ratio_to_raw_best"]))
     print("\n## Batching settings (ResNet-18, 32 clients)\n" + table(batching, [
         "max_batch_size", "max_latency_ms", "requests_per_s", "p50_ms", "p99_ms", "errors"]))
+    print("\n## Workers (one ONNX Runtime thread per worker when several)\n" + table(workers, [
+        "workers", "model", "concurrency", "requests_per_s", "p50_ms", "p99_ms", "errors"]))
     if cli:
         print("\n## cifar10 predict\n" + table(cli, ["model", "images", "images_per_s", "raw_batch64_images_per_s",
                                                      "ratio_to_raw"]))

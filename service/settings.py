@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 CORES = os.cpu_count() or 1
 
@@ -19,14 +18,6 @@ def _int(name: str, default: int) -> int:
         raise SystemExit(f"{name}={raw!r} is not a whole number") from None
 
 
-def _default_workers() -> int:
-    """One worker per core on CPU hosts (the HTTP stack is single-threaded per worker); one per GPU host.
-
-    Looks for the NVIDIA device nodes instead of initialising CUDA in the parent process.
-    """
-    return 1 if any(Path("/dev").glob("nvidia[0-9]*")) else CORES
-
-
 @dataclass(frozen=True)
 class Settings:
     """Serving limits and tuning, from CIFAR10_* environment variables."""
@@ -38,7 +29,8 @@ class Settings:
     max_batch_images: int = _int("CIFAR10_MAX_BATCH_IMAGES", 64)  # per /classify_batch request
     max_concurrency: int = _int("CIFAR10_MAX_CONCURRENCY", 256)  # POSTs in flight per worker before 429
     timeout_s: int = _int("CIFAR10_TIMEOUT_S", 60)  # then 504
-    workers: int = _int("CIFAR10_WORKERS", 0) or _default_workers()
+    # 1 worker x all cores: best for ResNet-18 latency; LeNet-heavy CPU hosts: workers = cores (see README)
+    workers: int = _int("CIFAR10_WORKERS", 1)
     ort_threads: int = _int("CIFAR10_ORT_THREADS", 0)  # 0: the cores shared out among the workers
     providers: str = os.environ.get("CIFAR10_PROVIDERS", "auto")  # auto, cpu or cuda
 
