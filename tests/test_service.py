@@ -199,3 +199,37 @@ def test_overload_is_answered_with_retry_after_and_the_server_recovers(server: s
         assert classify(url, samples[0][1]).status_code == 200
     finally:
         stop_server(process)
+
+
+def batch_histogram(server: str, model: str) -> tuple[float, float]:
+    """(model calls so far, calls that held a single image) from the Prometheus histogram."""
+    calls = single = 0.0
+    for line in httpx.get(f"{server}/metrics").text.splitlines():
+        if f'model="{model}"' not in line:
+            continue
+        if line.startswith("cifar10_inference_batch_size_count"):
+            calls += float(line.split()[-1])
+        elif line.startswith("cifar10_inference_batch_size_bucket") and 'le="1.0"' in line:
+            single += float(line.split()[-1])
+    return calls, single
+
+
+def test_concurrent_requests_are_batched_and_match_unbatched_results(server: str, samples) -> None:
+    images = [data for _, data in samples[:8]]
+    alone = [classify(server, data, model="resnet18", top_k=10).json()["predictions"] for data in images]
+    calls_before, single_before = batch_histogram(server, "resnet18")
+
+    async def main() -> list[dict]:
+        async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+            responses = await asyncio.gather(*(
+                client.post("/classify", files={"image": ("x.jpg", images[i % 8])}, data={"top_k": "10"})
+                for i in range(32)))
+        return [r.json()["predictions"] for r in responses]
+
+    together = asyncio.run(main())
+    calls, single = batch_histogram(server, "resnet18")
+    assert (calls - calls_before) - (single - single_before) >= 1  # at least one call held several images
+    for i, predictions in enumerate(together):
+        expected = {p["label"]: p["probability"] for p in alone[i % 8]}
+        for p in predictions:
+            assert abs(p["probability"] - expected[p["label"]]) < 1e-5

@@ -1,0 +1,38 @@
+"""Execution-provider selection: CUDA only where a GPU is usable, and no CUDA noise on CPU hosts."""
+
+import subprocess
+import sys
+
+import pytest
+
+from service import runtime
+from service.errors import UserError
+from tests.conftest import ROOT
+
+
+def test_cpu_only_host_gets_the_cpu_provider(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "gpu_count", lambda: 0)
+    assert runtime.choose_providers("auto") == [runtime.CPU]
+    assert runtime.choose_providers("cpu") == [runtime.CPU]
+
+
+def test_a_usable_gpu_gets_cuda_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "gpu_count", lambda: 1)
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: [runtime.CUDA, runtime.CPU])
+    monkeypatch.setattr(runtime.ort, "preload_dlls", lambda: None, raising=False)
+    assert runtime.choose_providers("auto") == [runtime.CUDA, runtime.CPU]
+
+
+def test_unknown_provider_setting_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="auto, cpu or cuda"):
+        runtime.choose_providers("tpu")
+
+
+def test_loading_a_model_on_this_host_prints_no_cuda_errors() -> None:
+    script = ("from service.runtime import OnnxModel, gpu_count; from service.store import shipped_file;"
+              "m = OnnxModel(shipped_file('lenet')); print(gpu_count(), m.provider)")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    if result.stdout.split()[0] == "0":
+        assert result.stdout.split()[1] == runtime.CPU
+        assert "cuda" not in result.stderr.lower()
