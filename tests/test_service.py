@@ -173,14 +173,19 @@ def test_builtin_endpoints_still_work(server: str, samples) -> None:
         assert name in metrics
 
 
-def test_overload_is_answered_with_retry_after_and_the_server_recovers(server: str, samples) -> None:
+def test_overload_is_answered_with_retry_after_and_the_server_recovers(samples, tmp_path) -> None:
     """A second server with tight limits sheds load with 429/503 + Retry-After, never a 500, and recovers."""
     import os
+    import subprocess
+    import sys
 
     from tests.conftest import ROOT, free_port, start_server, stop_server
 
+    # Its own BENTOML_HOME: a server start resets the Prometheus files of any other server sharing one.
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "CIFAR10_MAX_CONCURRENCY": "8",
+           "CIFAR10_MAX_LATENCY_MS": "20"}
+    subprocess.run([sys.executable, "-m", "service.store"], env=env, cwd=ROOT, check=True, capture_output=True)
     port = free_port()
-    env = {**os.environ, "CIFAR10_MAX_CONCURRENCY": "8", "CIFAR10_MAX_LATENCY_MS": "20"}
     process = start_server(["service.service:Classifier"], env, ROOT, port)
     url = f"http://127.0.0.1:{port}"
     try:
