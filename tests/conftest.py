@@ -20,7 +20,9 @@ from PIL import Image
 from models.contract import CLASS_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_ZIP = ROOT.parent / "shared" / "data" / "cifar10-test.zip"
+# The real CIFAR-10 test images when present; tests fall back to generated ones without them.
+TEST_ZIP = Path(os.environ.get("CIFAR10_TEST_ZIP", ROOT.parent / "shared" / "data" / "cifar10-test.zip"))
+REAL_IMAGES = TEST_ZIP.exists()
 
 
 def generated_image(label: int, seed: int) -> bytes:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ROOT, free_port, start_server, stop_server
+from tests.conftest import REAL_IMAGES, ROOT, free_port, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,8 @@ def test_built_bento_serves_from_another_directory(bento, samples, tmp_path: Pat
             response = httpx.post(f"http://127.0.0.1:{port}/classify", files={"image": ("x.jpg", data)},
                                   data={"model": model}, timeout=60)
             assert response.status_code == 200, response.text
-            assert response.json()["predictions"][0]["label"] == label
+            if REAL_IMAGES:
+                assert response.json()["predictions"][0]["label"] == label
     finally:
         stop_server(process)
 

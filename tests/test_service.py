@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from models.contract import CLASS_NAMES
+from tests.conftest import REAL_IMAGES
 
 pytestmark = pytest.mark.server
 
@@ -47,7 +48,8 @@ def test_one_image_of_each_class_round_trips(server: str, samples, fmt: str) -> 
         assert response.status_code == 200, response.text
         check_schema(response.json(), "resnet18", 3)
         correct += response.json()["predictions"][0]["label"] == label
-    assert correct >= 8  # a 91% model on ten real images
+    if REAL_IMAGES:
+        assert correct >= 8  # a 91% model on ten real images
 
 
 @pytest.mark.parametrize("model", ["resnet18", "lenet"])
