@@ -26,7 +26,7 @@ import numpy as np
 
 from service.errors import UserError
 from service.preprocess import ImageError, decode_rgb, normalize
-from service.runtime import OnnxModel, softmax
+from service.runtime import OnnxModel, softmax, top_indices
 
 RETRY_STATUSES = (429, 503)
 MAX_RETRIES = 5
@@ -78,10 +78,6 @@ def _decode_many(paths: list[str]) -> list[np.ndarray | str]:
     return [_decode(p) for p in paths]
 
 
-def _top_k(probabilities: np.ndarray, names: tuple[str, ...], k: int) -> list[tuple[str, float]]:
-    return [(names[i], float(probabilities[i])) for i in np.argsort(-probabilities, kind="stable")[:k]]
-
-
 class LocalPredictor:
     """In-process ONNX Runtime; batches are decoded in worker processes, ahead of inference, in order.
 
@@ -110,11 +106,12 @@ class LocalPredictor:
         probabilities = {}
         if good:
             logits = self.model.logits(normalize(np.stack([decoded[i] for i in good]), self.model.table))
-            probabilities = dict(zip(good, softmax(logits.astype(np.float64)), strict=True))
+            probabilities = dict(zip(good, softmax(logits), strict=True))
         names = self.model.info.class_names
         for i, path in enumerate(paths):
             if i in probabilities:
-                yield Row(path, _top_k(probabilities[i], names, self.top_k))
+                row = probabilities[i]
+                yield Row(path, [(names[j], float(row[j])) for j in top_indices(row, self.top_k)])
             else:
                 yield Row(path, error=decoded[i])
 

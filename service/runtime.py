@@ -113,6 +113,13 @@ class OnnxModel:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64, so reported probabilities do not depend on float32 rounding."""
+    logits = logits.astype(np.float64)
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
+
+
+def top_indices(probabilities: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest probabilities, largest first (ties keep class order)."""
+    return np.argsort(-probabilities, kind="stable")[:k]
