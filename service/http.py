@@ -16,7 +16,7 @@ RETRY_AFTER_S = b"1"
 Model = Annotated[str, Form(description="resnet18 or lenet")]
 TopK = Annotated[int, Form(description="how many labels to return, 1-10")]
 Image = Annotated[UploadFile, File(description="an image file (JPEG, PNG, WebP, GIF, BMP, TIFF)")]
-Images = Annotated[list[UploadFile], File(description="up to 64 images, repeated field")]
+Images = Annotated[list[UploadFile], File(description="repeated field; at most CIFAR10_MAX_BATCH_IMAGES (64)")]
 
 
 class _TooLarge(Exception):

@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from service.errors import UserError
 from service.preprocess import normalization_table
+from service.settings import CORES, SETTINGS
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -80,11 +81,6 @@ def choose_providers(requested: str = "auto") -> list[str]:
     return [CPU]
 
 
-def default_threads() -> int:
-    """ONNX Runtime intra-op threads: one per core, unless CIFAR10_ORT_THREADS says otherwise."""
-    return int(os.environ.get("CIFAR10_ORT_THREADS", 0)) or (os.cpu_count() or 1)
-
-
 class OnnxModel:
     """An ONNX Runtime session plus the metadata and normalization table that belong to it."""
 
@@ -93,7 +89,7 @@ class OnnxModel:
         if not path.is_file():
             raise UserError(f"model file not found: {path}")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or default_threads()
+        options.intra_op_num_threads = threads or SETTINGS.ort_threads or CORES
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3

@@ -14,7 +14,7 @@ import onnx
 
 from models import get_model
 from service.runtime import ModelInfo
-from training.export import sha256_of
+from training.data import sha256_of
 
 
 def build_card(run_dir: Path, onnx_file: Path, evaluation: dict, machine: str, notes: str) -> dict:

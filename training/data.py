@@ -91,12 +91,19 @@ def _download(path: Path) -> None:
         raise DataError(f"could not download CIFAR-10 into {path}: {exc}") from None
 
 
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file's content, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _cache_key(path: Path, batches: Path | None, split: str) -> str:
     digest = hashlib.sha256(f"{CACHE_VERSION}:{split}:".encode())
     if path.is_file():
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+        digest.update(sha256_of(path).encode())
     else:
         # A folder's key is its listing (names, sizes, times): hashing every image would cost a decode's worth of I/O.
         root = batches or path

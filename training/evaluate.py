@@ -6,6 +6,7 @@ PyTorch eval mode on the very same input tensors, so the two can be compared.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -29,17 +30,10 @@ def _onnx_runner(spec: str) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndar
 
 
 def _checkpoint_runner(path: str) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, str]:
-    import torch
-
-    from training.export import load_checkpoint, model_from_checkpoint
+    from training.export import load_checkpoint, model_from_checkpoint, torch_logits
 
     model = model_from_checkpoint(load_checkpoint(path))
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return model(torch.from_numpy(batch)).numpy()
-
-    return run, normalization_table(MEAN, STD), f"{path} (PyTorch eval mode, CPU)"
+    return functools.partial(torch_logits, model), normalization_table(MEAN, STD), f"{path} (PyTorch eval mode, CPU)"
 
 
 def evaluate(data: str, model: str = "resnet18", split: str = "test", out: str | None = None) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 from importlib.metadata import PackageNotFoundError, version
@@ -18,18 +17,10 @@ from models import CLASS_NAMES, INPUT_SIZE, MEAN, STD, get_model
 from service.errors import UserError
 from service.preprocess import normalization_table, normalize
 from service.runtime import ModelInfo
-from training.data import load_split
+from training.data import load_split, sha256_of
 
 PARITY_ATOL = 1e-4
 PARITY_IMAGES = 256
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -39,24 +30,24 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise UserError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
-            raise TypeError(f"it holds a {type(state).__name__}, not a dict")
-        return state if "model" in state and "config" in state else _missing(path)
-    except UserError:
-        raise
     except Exception as exc:  # torch.load fails in many ways (pickle, zip, index errors) on a damaged file
         raise UserError(f"{path} is not a readable training checkpoint ({type(exc).__name__}); "
                         "pass RUN_DIR/best.pt or last.pt from `cifar10 train`") from None
-
-
-def _missing(path: Path) -> dict:
-    raise UserError(f"{path} is not a checkpoint written by `cifar10 train` (no model/config entries)")
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(f"{path} is not a checkpoint written by `cifar10 train` (no model/config entries)")
+    return state
 
 
 def model_from_checkpoint(state: dict) -> torch.nn.Module:
     model = get_model(state["config"]["arch"])
     model.load_state_dict(state["model"])
     return model.eval()
+
+
+def torch_logits(model: torch.nn.Module, batch: np.ndarray) -> np.ndarray:
+    """Eval-mode PyTorch logits for a normalized float32 NCHW batch."""
+    with torch.no_grad():
+        return model(torch.from_numpy(batch)).numpy()
 
 
 def parity_pixels(data: str | None) -> np.ndarray:
@@ -132,8 +123,7 @@ def _export_to(path: Path, model: torch.nn.Module, state: dict, checkpoint: Path
 def check_parity(model: torch.nn.Module, onnx_path: Path, pixels: np.ndarray) -> tuple[float, bool, int]:
     """Max abs logit difference and argmax agreement of ONNX Runtime (CPU) vs PyTorch eval mode."""
     batch = normalize(pixels, normalization_table(MEAN, STD))
-    with torch.no_grad():
-        expected = model(torch.from_numpy(batch)).numpy()
+    expected = torch_logits(model, batch)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: batch})[0]
     return float(np.abs(got - expected).max()), bool((got.argmax(1) == expected.argmax(1)).all()), len(batch)

@@ -6,10 +6,12 @@ curves.png into the run folder, atomically, so `--resume` can pick up any cut.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -168,15 +170,10 @@ def evaluate(model: nn.Module, data: Split, aug: Augmenter, device: torch.device
     return {"loss": loss_sum / len(data), "accuracy": float(correct.mean()), "per_class": per_class}
 
 
-def save_atomic(obj: object, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """`write` fills a temporary file beside `path`, which then replaces it: a cut never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
     os.replace(tmp, path)
 
 
@@ -198,10 +195,8 @@ def plot_curves(history: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -315,10 +310,11 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> dic
         }
         if metrics["val_acc"] > best_acc:
             best_acc = metrics["val_acc"]
-            save_atomic({"model": model.state_dict(), "epoch": epoch, "config": asdict(cfg), "history": history,
-                         "val_acc": best_acc}, best_path)
-        save_atomic(state, last_path)
-        write_text_atomic("".join(json.dumps(m) + "\n" for m in history), out / "metrics.jsonl")
+            best = {"model": model.state_dict(), "epoch": epoch, "config": asdict(cfg), "history": history,
+                    "val_acc": best_acc}
+            write_atomic(best_path, functools.partial(torch.save, best))
+        write_atomic(last_path, functools.partial(torch.save, state))
+        write_atomic(out / "metrics.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(m) + "\n" for m in history)))
         plot_curves(history, out / "curves.png")
     if last_epoch < cfg.epochs:
         if is_main:
@@ -346,6 +342,6 @@ def _finish(cfg: TrainConfig, device: torch.device, out: Path, history: list[dic
         result = evaluate(model, test, Augmenter(device), device, cfg.amp)
         summary.update(test_acc=result["accuracy"], test_per_class=result["per_class"])
         print(f"test accuracy of best.pt (epoch {best['epoch']}): {result['accuracy']:.4f}", flush=True)
-    write_text_atomic(json.dumps(summary, indent=2, default=float) + "\n", out / "summary.json")
+    write_atomic(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2, default=float) + "\n"))
     return summary
 
