@@ -8,7 +8,14 @@ import torch
 from PIL import Image
 
 from models.contract import MEAN, STD
-from service.preprocess import ImageError, decode_rgb, normalization_table, normalize
+from service.preprocess import (
+    ImageError,
+    decode_plain_jpeg,
+    decode_rgb,
+    decode_with_pillow,
+    normalization_table,
+    normalize,
+)
 from training.data import load_split
 from training.train import Augmenter
 
@@ -27,6 +34,34 @@ def test_service_input_is_bit_identical_to_training_input(tiny_data) -> None:
     training_input = Augmenter(torch.device("cpu")).normalize(torch.from_numpy(split.images)).numpy()
     assert service_input.dtype == training_input.dtype == np.float32
     assert np.array_equal(service_input.view(np.uint32), np.ascontiguousarray(training_input).view(np.uint32))
+
+
+def jpeg_variants() -> list[tuple[str, bytes]]:
+    """32x32 JPEGs in the encodings a client may produce: qualities, chroma subsampling, progressive, gray."""
+    pixels = np.random.default_rng(7).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    rgb = Image.fromarray(pixels)
+    variants = [(f"q{q}-ss{ss}", encode(rgb, "JPEG", quality=q, subsampling=ss)) for q in (30, 75, 95, 100)
+                for ss in (0, 1, 2)]
+    variants += [("progressive", encode(rgb, "JPEG", progressive=True)), ("gray", encode(rgb.convert("L"), "JPEG"))]
+    return variants
+
+
+def test_fast_jpeg_path_gives_pillows_pixels(samples) -> None:
+    for name, data in jpeg_variants() + samples:
+        fast = decode_plain_jpeg(data)
+        assert fast is not None, name
+        assert np.array_equal(fast, decode_with_pillow(data, 40_000_000)), name
+
+
+@pytest.mark.parametrize("kind", ["exif", "cmyk", "64x64", "png"])
+def test_fast_jpeg_path_leaves_the_rest_to_pillow(kind: str) -> None:
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = {"exif": encode(image, "JPEG", exif=exif), "cmyk": encode(image.convert("CMYK"), "JPEG"),
+            "64x64": encode(image.resize((64, 64)), "JPEG"), "png": encode(image, "PNG")}[kind]
+    assert decode_plain_jpeg(data) is None
+    assert decode_rgb(data).shape == (32, 32, 3)
 
 
 def test_augmenter_without_crop_shift_or_flip_is_plain_normalization() -> None:
