@@ -26,7 +26,7 @@ import numpy as np
 
 from service.errors import UserError
 from service.preprocess import ImageError, decode_rgb, normalize
-from service.runtime import OnnxModel, softmax, top_indices
+from service.runtime import OnnxModel, top_classes
 
 RETRY_STATUSES = (429, 503)
 MAX_RETRIES = 5
@@ -103,15 +103,15 @@ class LocalPredictor:
     def _infer(self, paths: list[str], future: Future) -> Iterator[Row]:
         decoded = future.result()
         good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-        probabilities = {}
+        best = {}
         if good:
             logits = self.model.logits(normalize(np.stack([decoded[i] for i in good]), self.model.table))
-            probabilities = dict(zip(good, softmax(logits), strict=True))
+            best = dict(zip(good, zip(*top_classes(logits, self.top_k), strict=True), strict=True))
         names = self.model.info.class_names
         for i, path in enumerate(paths):
-            if i in probabilities:
-                row = probabilities[i]
-                yield Row(path, [(names[j], float(row[j])) for j in top_indices(row, self.top_k)])
+            if i in best:
+                indices, probabilities = best[i]
+                yield Row(path, [(names[j], p) for j, p in zip(indices, probabilities, strict=True)])
             else:
                 yield Row(path, error=decoded[i])
 

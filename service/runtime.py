@@ -84,7 +84,9 @@ def choose_providers(requested: str = "auto") -> list[str]:
 class OnnxModel:
     """An ONNX Runtime session plus the metadata and normalization table that belong to it."""
 
-    def __init__(self, path: str | os.PathLike, providers: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, providers: str = "auto", threads: int | None = None,
+                 spin: bool = True) -> None:
+        """`spin=False` when other processes share the cores: idle ORT threads then sleep instead of spinning."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"model file not found: {path}")
@@ -93,6 +95,7 @@ class OnnxModel:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=choose_providers(providers))
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
@@ -116,6 +119,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def top_indices(probabilities: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest probabilities, largest first (ties keep class order)."""
-    return np.argsort(-probabilities, kind="stable")[:k]
+def top_classes(logits: np.ndarray, k: int) -> tuple[list[list[int]], list[list[float]]]:
+    """Per row of (N, classes) logits: the k most probable classes, largest first (ties keep class order),
+    and their softmax probabilities."""
+    probabilities = softmax(logits)
+    indices = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return indices.tolist(), np.take_along_axis(probabilities, indices, axis=1).tolist()

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import anyio
 import bentoml
 import numpy as np
 from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema
 
-from service.http import LimitsMiddleware, api_app
+from service.http import DirectRoutes, api_app
 from service.preprocess import ImageError, decode_rgb, normalize
-from service.runtime import OnnxModel, softmax, top_indices
+from service.runtime import OnnxModel, top_classes
 from service.settings import CORES, SETTINGS
 from service.store import MODEL_FILE, STORE_NAMES
 
@@ -51,10 +51,19 @@ def _shed() -> np.ndarray:
     raise Overloaded
 
 
+class DirectRouteService(bentoml.Service):
+    """A BentoML service whose classification routes skip BentoML's per-request middleware (service/http.py)."""
+
+    def to_asgi(self, is_main: bool = True) -> Callable:
+        return DirectRoutes(super().to_asgi(is_main), SETTINGS.max_body_bytes, SETTINGS.max_concurrency,
+                            SETTINGS.timeout_s)
+
+
 @bentoml.service(
     name="cifar10-classifier",
     workers=SETTINGS.workers,
     traffic={"timeout": SETTINGS.timeout_s},
+    service_class=DirectRouteService,
 )
 @bentoml.asgi_app(api_app(), path="/")
 class Classifier:
@@ -67,8 +76,8 @@ class Classifier:
         """Load both models and run one warm-up inference each; BentoML's /readyz turns 200 only after this."""
         stored = {"resnet18": self.resnet18_model, "lenet": self.lenet_model}
         self.models = {
-            arch: OnnxModel(ref.path_of(MODEL_FILE), SETTINGS.providers,
-                            SETTINGS.ort_threads or max(1, CORES // SETTINGS.workers))
+            arch: OnnxModel(ref.path_of(MODEL_FILE), SETTINGS.providers, SETTINGS.ort_threads or CORES,
+                            spin=SETTINGS.workers == 1)
             for arch, ref in stored.items()
         }
         self.versions = {arch: str(ref.tag.version) for arch, ref in stored.items()}
@@ -108,7 +117,7 @@ class Classifier:
         if status != 200:
             return status, logits
         return 200, {"model": model, "model_version": self.versions[model],
-                     "predictions": self._top_k(model, logits[0], top_k)}
+                     "predictions": self._top_k(model, logits, top_k)[0]}
 
     async def classify_batch(self, items: list[bytes], model: str, top_k: int) -> tuple[int, dict]:
         """Several images -> one result per image, in order; a bad image fails only its own entry."""
@@ -129,8 +138,8 @@ class Classifier:
             status, logits = await self._logits(model, np.stack(pixels))
             if status != 200:
                 return status, logits
-            for i, row in zip(good, logits, strict=True):
-                results[i] = {"predictions": self._top_k(model, row, top_k)}
+            for i, predictions in zip(good, self._top_k(model, logits, top_k), strict=True):
+                results[i] = {"predictions": predictions}
         return 200, {"model": model, "model_version": self.versions[model], "results": results}
 
     def describe(self) -> dict:
@@ -166,12 +175,8 @@ class Classifier:
             return 503, {"error": f"the server is overloaded (requests would wait over {SETTINGS.max_latency_ms} "
                                   "ms); retry shortly"}
 
-    def _top_k(self, model: str, logits: np.ndarray, k: int) -> list[dict]:
-        probabilities = softmax(logits[None])[0]
+    def _top_k(self, model: str, logits: np.ndarray, k: int) -> list[list[dict]]:
+        """Per row of logits: the top k labels with their indices and probabilities."""
         names = self.models[model].info.class_names
-        return [{"label": names[i], "index": int(i), "probability": float(probabilities[i])}
-                for i in top_indices(probabilities, k)]
-
-
-Classifier.add_asgi_middleware(LimitsMiddleware, max_body_bytes=SETTINGS.max_body_bytes,
-                               max_concurrency=SETTINGS.max_concurrency)
+        return [[{"label": names[i], "index": i, "probability": p} for i, p in zip(row_i, row_p, strict=True)]
+                for row_i, row_p in zip(*top_classes(logits, k), strict=True)]

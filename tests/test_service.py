@@ -110,8 +110,9 @@ def test_batch_limit(server: str, samples) -> None:
         ({"image": ("a.jpg", "SAMPLE")}, {"model": "vgg"}, 400, "unknown model"),
         ({"image": ("a.jpg", "SAMPLE")}, {"top_k": "0"}, 400, "top_k"),
         ({"image": ("a.jpg", "SAMPLE")}, {"top_k": "11"}, 400, "top_k"),
-        ({}, {"model": "lenet"}, 400, "image: Field required"),
-        ({}, {"image": "http://127.0.0.1:9/cat.jpg"}, 400, "Expected UploadFile"),  # never fetched as a URL
+        ({"image": ("a.jpg", "SAMPLE")}, {"top_k": "three"}, 400, "whole number"),
+        ({}, {"model": "lenet"}, 400, "image: missing"),
+        ({}, {"image": "http://127.0.0.1:9/cat.jpg"}, 400, "a text field"),  # never fetched as a URL
     ],
 )
 def test_bad_requests_get_a_4xx_json_error(server: str, samples, files, fields, status, words) -> None:
@@ -119,6 +120,15 @@ def test_bad_requests_get_a_4xx_json_error(server: str, samples, files, fields, 
     response = httpx.post(f"{server}/classify", files=files or None, data=fields, timeout=60)
     assert response.status_code == status, response.text
     assert words in response.json()["error"]
+
+
+def test_a_body_that_is_not_a_multipart_form_is_a_400(server: str, samples) -> None:
+    raw = httpx.post(f"{server}/classify", content=samples[0][1], headers={"content-type": "image/jpeg"})
+    assert raw.status_code == 400 and "multipart file field named image" in raw.json()["error"]
+    broken = httpx.post(f"{server}/classify", content=b"--x\r\n", headers={"content-type": "multipart/form-data"})
+    assert broken.status_code == 400 and "multipart" in broken.json()["error"]
+    empty = httpx.post(f"{server}/classify_batch", data={"model": "lenet"})
+    assert empty.status_code == 400 and "images: missing" in empty.json()["error"]
 
 
 def test_truncated_image_is_a_400(server: str) -> None:
@@ -171,7 +181,8 @@ def test_builtin_endpoints_still_work(server: str, samples) -> None:
     assert "/classify" in httpx.get(f"{server}/docs.json").json()["paths"]
     metrics = httpx.get(f"{server}/metrics").text
     for name in ("cifar10_inference_images_total", "cifar10_inference_batch_size_bucket",
-                 "cifar10_inference_seconds_bucket", 'model="lenet"'):
+                 "cifar10_inference_seconds_bucket", 'model="lenet"', "cifar10_http_request_seconds_bucket",
+                 'cifar10_http_requests_total{endpoint="/classify",status="200"}'):
         assert name in metrics
 
 

@@ -1,0 +1,74 @@
+"""The limits in front of the classification routes, driven in-process through ASGI."""
+
+import asyncio
+import json
+
+from service.http import Limits
+
+
+async def slow_echo(scope, receive, send) -> None:
+    """Reads the whole body, sleeps as long as the query string says, answers 200 (or 503 when asked)."""
+    while (await receive()).get("more_body"):
+        pass
+    await asyncio.sleep(float(scope["query_string"] or 0))
+    status = 503 if scope["path"] == "/shed" else 200
+    await send({"type": "http.response.start", "status": status, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+async def call(app, body: bytes = b"", delay: float = 0, chunk: int = 1024, path: str = "/classify",
+               headers: list | None = None) -> tuple[int, dict, dict]:
+    """One POST through `app`, the body sent in chunks; returns status, headers and JSON body."""
+    chunks = [body[i : i + chunk] for i in range(0, len(body), chunk)] or [b""]
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers or [],
+             "query_string": str(delay).encode()}
+    await app(scope, receive, send)
+    start = sent[0]
+    body_out = b"".join(m.get("body", b"") for m in sent[1:])
+    return start["status"], dict(start["headers"]), json.loads(body_out or b"{}")
+
+
+def limits(**overrides) -> Limits:
+    settings = {"max_body_bytes": 4096, "max_concurrency": 2, "timeout_s": 5.0} | overrides
+    return Limits(slow_echo, **settings)
+
+
+def test_a_body_over_the_limit_is_a_413_whether_declared_or_streamed() -> None:
+    app = limits()
+    status, _, body = asyncio.run(call(app, b"x" * 5000))  # no Content-Length: counted while read
+    assert status == 413 and "limit" in body["error"]
+    declared = [(b"content-length", b"5000")]
+    assert asyncio.run(call(app, b"x" * 5000, headers=declared))[0] == 413
+    assert asyncio.run(call(app, b"x" * 4000))[0] == 200
+
+
+def test_past_max_concurrency_is_a_429_with_retry_after() -> None:
+    app = limits()
+
+    async def main():
+        return await asyncio.gather(*(call(app, delay=0.2) for _ in range(3)))
+
+    results = asyncio.run(main())
+    assert sorted(status for status, _, _ in results) == [200, 200, 429]
+    refused = next(r for r in results if r[0] == 429)
+    assert refused[1][b"retry-after"] == b"1" and "retry" in refused[2]["error"]
+    assert app.in_flight == 0
+
+
+def test_a_request_past_the_timeout_is_a_504() -> None:
+    status, _, body = asyncio.run(call(limits(timeout_s=0.1), delay=1))
+    assert status == 504 and "0.1 s" in body["error"]
+
+
+def test_a_503_from_the_app_gets_retry_after() -> None:
+    status, headers, _ = asyncio.run(call(limits(), path="/shed"))
+    assert status == 503 and headers[b"retry-after"] == b"1"
