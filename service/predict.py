@@ -85,20 +85,30 @@ class LocalPredictor:
     decoded 32x32 JPEGs no faster than one core.
     """
 
-    def __init__(self, model_path: Path, top_k: int, workers: int) -> None:
-        self.model = OnnxModel(model_path)
-        self.top_k, self.workers = top_k, workers
+    def __init__(self, model: str, top_k: int, workers: int, chunks: Iterable[list[str]]) -> None:
+        """Start decoding the first batches, then load the model: resolving a store tag imports BentoML (~1 s)."""
+        from service.store import resolve
 
-    def __call__(self, chunks: Iterable[list[str]]) -> Iterator[Row]:
+        self.top_k, self.workers, self.chunks = top_k, workers, iter(chunks)
         # spawn: the children only decode, and must not inherit ONNX Runtime's threads through fork
-        with ProcessPoolExecutor(self.workers, mp_context=get_context("spawn")) as pool:
-            pending: deque[tuple[list[str], Future]] = deque()
-            for chunk in chunks:
-                pending.append((chunk, pool.submit(_decode_many, chunk)))
-                if len(pending) > self.workers:
-                    yield from self._infer(*pending.popleft())
-            while pending:
-                yield from self._infer(*pending.popleft())
+        self.pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+        self.pending: deque[tuple[list[str], Future]] = deque()
+        try:
+            for chunk in islice(self.chunks, workers + 1):
+                self.pending.append((chunk, self.pool.submit(_decode_many, chunk)))
+            # no spinning: the decoding processes need the cores between model calls
+            self.model = OnnxModel(resolve(model), spin=False)
+        except BaseException:
+            self.pool.shutdown(cancel_futures=True)
+            raise
+
+    def __iter__(self) -> Iterator[Row]:
+        with self.pool:
+            for chunk in self.chunks:
+                self.pending.append((chunk, self.pool.submit(_decode_many, chunk)))
+                yield from self._infer(*self.pending.popleft())
+            while self.pending:
+                yield from self._infer(*self.pending.popleft())
 
     def _infer(self, paths: list[str], future: Future) -> Iterator[Row]:
         decoded = future.result()
@@ -119,20 +129,21 @@ class LocalPredictor:
 class ServerPredictor:
     """POST /classify_batch to a running service with bounded concurrency and retries on 429/503."""
 
-    def __init__(self, url: str, model: str, top_k: int, workers: int) -> None:
+    def __init__(self, url: str, model: str, top_k: int, workers: int, chunks: Iterable[list[str]]) -> None:
         import httpx
 
         self.url, self.model, self.top_k, self.workers = url.rstrip("/"), model, top_k, workers
+        self.chunks = chunks
         self.client = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=workers))
         try:
             self.client.get(f"{self.url}/readyz").raise_for_status()
         except httpx.HTTPError as exc:
             raise UserError(f"cannot reach the server at {self.url} ({exc}); start it with `make serve`") from None
 
-    def __call__(self, chunks: Iterable[list[str]]) -> Iterator[Row]:
+    def __iter__(self) -> Iterator[Row]:
         with ThreadPoolExecutor(self.workers) as pool:
             pending: deque[Future] = deque()
-            for chunk in chunks:
+            for chunk in self.chunks:
                 pending.append(pool.submit(self._post, chunk))
                 if len(pending) >= self.workers:
                     yield from pending.popleft().result()
@@ -241,17 +252,17 @@ def predict(inputs: list[str], model: str = "resnet18", top_k: int = 3, batch_si
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     workers = workers or (4 if server else os.cpu_count() or 1)
     if server:
-        predictor = ServerPredictor(server, model, top_k, workers)
         batch_size = min(batch_size, 64)  # the server's per-request limit
+    chunks = batches(expand_inputs(inputs, recursive), batch_size)
+    if server:
+        predictor: Iterable[Row] = ServerPredictor(server, model, top_k, workers, chunks)
     else:
-        from service.store import resolve
-
-        predictor = LocalPredictor(resolve(model), top_k, workers)
+        predictor = LocalPredictor(model, top_k, workers, chunks)
     writer = Writer(out, force, fmt)
     progress = Progress(quiet)
     complete = False
     try:
-        for row in predictor(batches(expand_inputs(inputs, recursive), batch_size)):
+        for row in predictor:
             writer.write(row)
             progress.update(row)
         complete = True
