@@ -2,23 +2,24 @@
 
 The HTTP routes (service/http.py) hand each request's bytes to this class, which
 decodes and validates them on their own, so a bad image fails only its own
-request. The normalized float32 arrays then go through BentoML's adaptive
-batching dispatcher (the CorkDispatcher behind `batchable=True` APIs), called
-in-process: BentoML's own route from one API to a batchable one is an HTTP hop
-that measured 142 req/s with 13% failures here (see the README).
+request. The normalized float32 arrays then share model calls through one
+in-process Batcher per model (service/batching.py): BentoML's own route from one
+API to a batchable one is an HTTP hop that measured 142 req/s with 13% failures
+here (see the README).
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import anyio
 import bentoml
 import numpy as np
-from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema
 
+from service.batching import Batcher, Overloaded
 from service.http import DirectRoutes, api_app
 from service.preprocess import ImageError, decode_rgb, normalize
 from service.runtime import OnnxModel, top_classes
@@ -41,14 +42,6 @@ LATENCY = bentoml.metrics.Histogram(
     name="cifar10_inference_seconds", documentation="ONNX Runtime time per model call, by model",
     labelnames=["model"], buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
 )
-
-
-class Overloaded(Exception):
-    """The dispatcher shed this request: it could not be served within max_latency_ms."""
-
-
-def _shed() -> np.ndarray:
-    raise Overloaded
 
 
 class DirectRouteService(bentoml.Service):
@@ -83,10 +76,10 @@ class Classifier:
         self.versions = {arch: str(ref.tag.version) for arch, ref in stored.items()}
         for model in self.models.values():  # warm-up: the first run allocates and picks kernels
             model.logits(np.zeros((1, 3, 32, 32), np.float32))
-        one_at_a_time = NonBlockSema(1)  # both models share the cores: never run two calls at once
+        one_at_a_time = threading.Lock()  # both models share the cores: never run two calls at once
         self.batched = {
-            arch: CorkDispatcher(SETTINGS.max_latency_ms, SETTINGS.max_batch_size, shared_sema=one_at_a_time,
-                                 fallback=_shed, get_batch_size=len)(functools.partial(self._run_batches, arch))
+            arch: Batcher(arch, functools.partial(self._run, arch), SETTINGS.max_batch_size,
+                          SETTINGS.max_latency_ms / 1000, one_at_a_time)
             for arch in self.models
         }
 
@@ -97,12 +90,6 @@ class Classifier:
         BATCH_SIZES.labels(model=arch).observe(len(batch))
         INFERENCES.labels(model=arch).inc(len(batch))
         return logits
-
-    async def _run_batches(self, arch: str, parts: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """One model call for the requests the dispatcher released together; split back per request."""
-        batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        logits = await anyio.to_thread.run_sync(self._run, arch, batch)
-        return np.split(logits, np.cumsum([len(p) for p in parts[:-1]]))
 
     async def classify(self, data: bytes, model: str, top_k: int) -> tuple[int, dict]:
         """One image -> (HTTP status, body): the top_k labels with probabilities, or an error."""
@@ -168,7 +155,7 @@ class Classifier:
         return await anyio.to_thread.run_sync(decode_rgb, data, SETTINGS.max_pixels)
 
     async def _logits(self, model: str, pixels: np.ndarray) -> tuple[int, np.ndarray | dict]:
-        """Normalize and send through the model's batching dispatcher."""
+        """Normalize and send through the model's batcher."""
         try:
             return 200, await self.batched[model](normalize(pixels, self.models[model].table))
         except Overloaded:

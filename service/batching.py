@@ -1,0 +1,132 @@
+"""Dynamic batching: concurrent requests for one model share a model call.
+
+Greedy, like Triton's dynamic batcher without a queue delay: whenever the model is free,
+everything queued (up to `max_batch_size` images) goes into the next call. Each model has
+its own thread that loops over the queue, so under load the next batch starts the moment
+the last one ends instead of when the busy event loop gets round to it, and a lone
+request runs at once. BentoML's CorkDispatcher, used before, left ONNX Runtime idle 11%
+of the time at 32 ResNet-18 clients (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+logger = logging.getLogger("cifar10.batching")
+# A model call whose queued work is estimated below this waits this long for more work when under load.
+GATHER_S = 0.002
+
+
+class Overloaded(Exception):
+    """Shed: the request would wait, or has waited, longer than max_latency_s for the model."""
+
+
+@dataclass
+class _Pending:
+    inputs: np.ndarray
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+def _settle(results: list[tuple[asyncio.Future, np.ndarray | BaseException]]) -> None:
+    for future, result in results:
+        if future.done():  # cancelled: the request timed out or its client went away
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+
+def _hand_back(results: list[tuple[_Pending, np.ndarray | BaseException]]) -> None:
+    """Pass results to their event loops from the model thread: one wake-up per loop, not per request."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for pending, result in results:
+        by_loop.setdefault(pending.loop, []).append((pending.future, result))
+    for loop, settled in by_loop.items():
+        loop.call_soon_threadsafe(_settle, settled)
+
+
+class Batcher:
+    """Queue and model thread for one model; `await batcher(inputs)` returns that request's rows of the output."""
+
+    def __init__(self, name: str, run: Callable[[np.ndarray], np.ndarray], max_batch_size: int,
+                 max_latency_s: float, device_lock: threading.Lock) -> None:
+        """`run` is the blocking model call; `device_lock` is shared by the models that share the cores."""
+        self.run = run
+        self.max_batch_size = max_batch_size
+        self.max_latency_s = max_latency_s
+        self.device_lock = device_lock
+        self.queue: deque[_Pending] = deque()
+        self.queued_images = 0
+        self.seconds_per_image = 0.0  # running estimate, to shed at once what could not be served in time
+        self.last_batch = 0  # requests in the last call: more than one means requests are overlapping
+        self.ready = threading.Condition()
+        threading.Thread(target=self._serve, name=f"batcher-{name}", daemon=True).start()
+
+    async def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        pending = _Pending(inputs, loop.create_future(), loop)
+        with self.ready:
+            if (self.queued_images + len(inputs)) * self.seconds_per_image > self.max_latency_s:
+                raise Overloaded
+            self.queue.append(pending)
+            self.queued_images += len(inputs)
+            self.ready.notify()
+        return await pending.future
+
+    def _serve(self) -> None:
+        while True:
+            with self.ready:
+                self.ready.wait_for(lambda: self.queue)
+                cheap = self.queued_images * self.seconds_per_image < GATHER_S
+                busy = len(self.queue) > 1 or self.last_batch > 1
+                gather = cheap and busy and self.queued_images < self.max_batch_size
+            if gather:  # a call this cheap costs less than the thread hand-offs around it: let more arrive
+                time.sleep(GATHER_S)
+            with self.ready:
+                batch = self._take()
+            if batch:
+                self._call(batch)
+
+    def _take(self) -> list[_Pending]:
+        """Pop queued requests up to max_batch_size images; shed those that waited too long."""
+        batch: list[_Pending] = []
+        images = 0
+        now = time.monotonic()
+        while self.queue and (not batch or images + len(self.queue[0].inputs) <= self.max_batch_size):
+            pending = self.queue.popleft()
+            self.queued_images -= len(pending.inputs)
+            if pending.future.done():
+                continue
+            if now - pending.queued_at > self.max_latency_s:
+                _hand_back([(pending, Overloaded())])
+                continue
+            batch.append(pending)
+            images += len(pending.inputs)
+        return batch
+
+    def _call(self, batch: list[_Pending]) -> None:
+        inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])
+        self.last_batch = len(batch)
+        try:
+            with self.device_lock:
+                started = time.perf_counter()
+                outputs = self.run(inputs)
+                per_image = (time.perf_counter() - started) / len(inputs)
+        except Exception as exc:  # a failed call fails its own requests, never the thread
+            logger.exception("model call failed")
+            _hand_back([(pending, exc) for pending in batch])
+            return
+        self.seconds_per_image = 0.8 * (self.seconds_per_image or per_image) + 0.2 * per_image
+        ends = np.cumsum([len(p.inputs) for p in batch])
+        _hand_back([(p, outputs[end - len(p.inputs) : end]) for p, end in zip(batch, ends, strict=True)])
