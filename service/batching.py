@@ -26,7 +26,7 @@ GATHER_S = 0.002
 
 
 class Overloaded(Exception):
-    """Shed: the request would wait, or has waited, longer than max_latency_s for the model."""
+    """Shed: the request would wait, or has waited, longer than max_latency_s for its model call to start."""
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         pending = _Pending(inputs, loop.create_future(), loop)
         with self.ready:
-            if (self.queued_images + len(inputs)) * self.seconds_per_image > self.max_latency_s:
+            if self.queued_images * self.seconds_per_image > self.max_latency_s:  # its wait, not its own call
                 raise Overloaded
             self.queue.append(pending)
             self.queued_images += len(inputs)

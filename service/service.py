@@ -22,11 +22,14 @@ import numpy as np
 from service.batching import Batcher, Overloaded
 from service.http import DirectRoutes, api_app
 from service.preprocess import ImageError, decode_rgb, normalize
-from service.runtime import OnnxModel, top_classes
+from service.runtime import OnnxModel, choose_providers, top_classes
 from service.settings import CORES, SETTINGS
 from service.store import MODEL_FILE, STORE_NAMES
 
 DEFAULT_MODEL = "resnet18"
+# On a CPU host a worker's HTTP handling needs a core of its own (LeNet: ~1,000 req/s per worker);
+# on a GPU, one worker feeds the device and more would each hold a CUDA context.
+WORKERS = SETTINGS.workers or (1 if "CUDAExecutionProvider" in choose_providers(SETTINGS.providers) else CORES)
 INLINE_DECODE_BYTES = 64 * 1024  # larger uploads are decoded off the event loop
 
 INFERENCES = bentoml.metrics.Counter(
@@ -54,7 +57,7 @@ class DirectRouteService(bentoml.Service):
 
 @bentoml.service(
     name="cifar10-classifier",
-    workers=SETTINGS.workers,
+    workers=WORKERS,
     traffic={"timeout": SETTINGS.timeout_s},
     service_class=DirectRouteService,
 )
@@ -70,7 +73,7 @@ class Classifier:
         stored = {"resnet18": self.resnet18_model, "lenet": self.lenet_model}
         self.models = {
             arch: OnnxModel(ref.path_of(MODEL_FILE), SETTINGS.providers, SETTINGS.ort_threads or CORES,
-                            spin=SETTINGS.workers == 1)
+                            spin=WORKERS == 1)
             for arch, ref in stored.items()
         }
         self.versions = {arch: str(ref.tag.version) for arch, ref in stored.items()}
@@ -139,6 +142,7 @@ class Classifier:
                 for arch, m in self.models.items()
             },
             "batching": {"max_batch_size": SETTINGS.max_batch_size, "max_latency_ms": SETTINGS.max_latency_ms},
+            "workers": WORKERS,
         }
 
     def _check_options(self, model: str, top_k: int) -> tuple[int, dict] | None:

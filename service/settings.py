@@ -29,9 +29,8 @@ class Settings:
     max_batch_images: int = _int("CIFAR10_MAX_BATCH_IMAGES", 64)  # per /classify_batch request
     max_concurrency: int = _int("CIFAR10_MAX_CONCURRENCY", 256)  # POSTs in flight per worker before 429
     timeout_s: int = _int("CIFAR10_TIMEOUT_S", 60)  # then 504
-    # 1 worker x all cores: best for ResNet-18 latency; LeNet-heavy CPU hosts: workers = cores (see README)
-    workers: int = _int("CIFAR10_WORKERS", 1)
-    ort_threads: int = _int("CIFAR10_ORT_THREADS", 0)  # 0: the cores shared out among the workers
+    workers: int = _int("CIFAR10_WORKERS", 0)  # 0: one per core on CPU hosts, 1 with a GPU (BENCHMARKS.md)
+    ort_threads: int = _int("CIFAR10_ORT_THREADS", 0)  # 0: all cores in every worker
     providers: str = os.environ.get("CIFAR10_PROVIDERS", "auto")  # auto, cpu or cuda
 
 

@@ -73,3 +73,15 @@ def test_work_that_cannot_be_served_in_time_is_shed(lenet) -> None:
     results = asyncio.run(main())
     shed = [r for r in results if isinstance(r, Overloaded)]
     assert 0 < len(shed) < 8 and sum(len(r) for r in results if isinstance(r, np.ndarray)) == 8 - len(shed)
+
+
+def test_a_model_slower_than_max_latency_still_serves_a_lone_request(lenet) -> None:
+    """Shedding looks at the wait before a call, so an empty queue always admits (no starvation)."""
+    batcher = Batcher("lenet", Recorded(lenet, delay_s=0.05), max_batch_size=1, max_latency_s=0.02,
+                      device_lock=threading.Lock())
+
+    async def main() -> list[np.ndarray]:
+        return [await batcher(inputs(1, i)) for i in range(3)]
+
+    assert [r.shape for r in asyncio.run(main())] == [(1, 10)] * 3
+    assert batcher.seconds_per_image > batcher.max_latency_s
