@@ -259,7 +259,7 @@ def main() -> None:
                                                     "p99_ms", "ratio_to_raw_best"]))
     print("\n## Batching settings (ResNet-18, 32 clients)\n" + table(batching, [
         "max_batch_size", "max_latency_ms", "requests_per_s", "p50_ms", "p99_ms", "errors"]))
-    print("\n## Workers (one ONNX Runtime thread per worker when several)\n" + table(workers, [
+    print("\n## Workers (ONNX Runtime on all cores in each, not spinning when several)\n" + table(workers, [
         "workers", "model", "concurrency", "requests_per_s", "p50_ms", "p99_ms", "errors"]))
     print("\n## Targets (median of runs on fresh servers)\n" + table(target_summary(targets), [
         "measure", "median", "runs"]))
