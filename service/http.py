@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.settings import SETTINGS
 
 RETRY_AFTER_S = b"1"
+MAX_PARSED_FILES = 1000  # parsed before the batch limit is checked, so its error can name the count
 logger = logging.getLogger("cifar10.http")
 
 REQUESTS = bentoml.metrics.Counter(
@@ -209,7 +210,7 @@ async def classify(request: Request) -> JSONResponse:
 async def classify_batch(request: Request) -> JSONResponse:
     """Classify several images: one result per image, in order, each `predictions` or `error`."""
     try:
-        form = await _form(request, max_files=SETTINGS.max_batch_images + 1)  # one over: the service names the limit
+        form = await _form(request, max_files=MAX_PARSED_FILES)
         values = form.getlist("images")
         if not values:
             raise BadRequest("images: missing; send one or more files in fields named images")

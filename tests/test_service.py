@@ -94,9 +94,9 @@ def test_batch_keeps_order_and_isolates_bad_items(server: str, samples) -> None:
 
 
 def test_batch_limit(server: str, samples) -> None:
-    files = [("images", (f"{i}.jpg", samples[0][1])) for i in range(65)]
+    files = [("images", (f"{i}.jpg", samples[0][1])) for i in range(100)]
     response = httpx.post(f"{server}/classify_batch", files=files, timeout=60)
-    assert response.status_code == 400 and "limit is 64" in response.json()["error"]
+    assert response.status_code == 400 and "100 images in one request; the limit is 64" in response.json()["error"]
 
 
 @pytest.mark.parametrize(
