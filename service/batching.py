@@ -86,17 +86,24 @@ class Batcher:
 
     def _serve(self) -> None:
         while True:
-            with self.ready:
-                self.ready.wait_for(lambda: self.queue)
-                cheap = self.queued_images * self.seconds_per_image < GATHER_S
-                busy = len(self.queue) > 1 or self.last_batch > 1
-                gather = cheap and busy and self.queued_images < self.max_batch_size
-            if gather:  # a call this cheap costs less than the thread hand-offs around it: let more arrive
-                time.sleep(GATHER_S)
-            with self.ready:
-                batch = self._take()
-            if batch:
-                self._call(batch)
+            try:
+                self._serve_next()
+            except Exception:  # never let the thread die: every later request would time out
+                logger.exception("batcher failed; continuing")
+
+    def _serve_next(self) -> None:
+        """Wait for work, then run one batch."""
+        with self.ready:
+            self.ready.wait_for(lambda: self.queue)
+            cheap = self.queued_images * self.seconds_per_image < GATHER_S
+            busy = len(self.queue) > 1 or self.last_batch > 1
+            gather = cheap and busy and self.queued_images < self.max_batch_size
+        if gather:  # a call this cheap costs less than the thread hand-offs around it: let more arrive
+            time.sleep(GATHER_S)
+        with self.ready:
+            batch = self._take()
+        if batch:
+            self._call(batch)
 
     def _take(self) -> list[_Pending]:
         """Pop queued requests up to max_batch_size images; shed those that waited too long."""

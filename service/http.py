@@ -7,11 +7,11 @@ which cost about 2 ms of CPU per request and capped one worker at ~380 requests/
 body-size, concurrency and time limits with clear errors, and Prometheus request metrics.
 """
 
+import asyncio
 import json
 import logging
 import time
 
-import anyio
 import bentoml
 from fastapi import FastAPI
 from starlette.datastructures import FormData, UploadFile
@@ -92,13 +92,14 @@ class Limits:
                     message = {**message, "headers": [*message.get("headers", []), (b"retry-after", RETRY_AFTER_S)]}
             await send(message)
 
-        with anyio.move_on_after(self.timeout_s) as deadline:
-            try:
+        try:
+            async with asyncio.timeout(self.timeout_s):
                 await self.app(scope, counting_receive, annotating_send)
-            except _TooLarge:
-                await self._reject(send)
-        if deadline.cancelled_caught and not started:
-            await _json(send, 504, f"no answer within {self.timeout_s:g} s; retry later or send fewer images")
+        except _TooLarge:
+            await self._reject(send)
+        except TimeoutError:
+            if not started:
+                await _json(send, 504, f"no answer within {self.timeout_s:g} s; retry later or send fewer images")
 
     async def _reject(self, send: Send) -> None:
         limit_mb = self.max_body_bytes / (1024 * 1024)
