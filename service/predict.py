@@ -25,7 +25,8 @@ from typing import IO
 import numpy as np
 
 from service.errors import UserError
-from service.preprocess import ImageError, decode_rgb, normalize
+from service.file_decoding import decode_files
+from service.preprocess import normalize
 from service.runtime import OnnxModel, top_classes
 
 RETRY_STATUSES = (429, 503)
@@ -64,20 +65,6 @@ def batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def _decode(path: str) -> np.ndarray | str:
-    """Pixels, or the error text for this one file."""
-    try:
-        return decode_rgb(Path(path).read_bytes())
-    except ImageError as exc:
-        return str(exc)
-    except OSError as exc:
-        return f"cannot read file: {exc.strerror or exc}"
-
-
-def _decode_many(paths: list[str]) -> list[np.ndarray | str]:
-    return [_decode(p) for p in paths]
-
-
 class LocalPredictor:
     """In-process ONNX Runtime; batches are decoded in worker processes, ahead of inference, in order.
 
@@ -95,7 +82,7 @@ class LocalPredictor:
         self.pending: deque[tuple[list[str], Future]] = deque()
         try:
             for chunk in islice(self.chunks, workers + 1):
-                self.pending.append((chunk, self.pool.submit(_decode_many, chunk)))
+                self.pending.append((chunk, self.pool.submit(decode_files, chunk)))
             # no spinning: the decoding processes need the cores between model calls
             self.model = OnnxModel(resolve(model), spin=False)
         except BaseException:
@@ -105,7 +92,7 @@ class LocalPredictor:
     def __iter__(self) -> Iterator[Row]:
         with self.pool:
             for chunk in self.chunks:
-                self.pending.append((chunk, self.pool.submit(_decode_many, chunk)))
+                self.pending.append((chunk, self.pool.submit(decode_files, chunk)))
                 yield from self._infer(*self.pending.popleft())
             while self.pending:
                 yield from self._infer(*self.pending.popleft())

@@ -1,0 +1,27 @@
+"""Image files to pixels for `cifar10 predict`'s decoding processes.
+
+A module of its own so that those processes import only the preprocessing path, not
+ONNX Runtime or BentoML, and start in a fraction of the time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from service.preprocess import ImageError, decode_rgb
+
+
+def decode_file(path: str) -> np.ndarray | str:
+    """Pixels, or the error text for this one file."""
+    try:
+        return decode_rgb(Path(path).read_bytes())
+    except ImageError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"cannot read file: {exc.strerror or exc}"
+
+
+def decode_files(paths: list[str]) -> list[np.ndarray | str]:
+    return [decode_file(p) for p in paths]
