@@ -16,6 +16,7 @@ import bentoml
 from fastapi import FastAPI
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -133,9 +134,13 @@ class RequestMetrics:
 class DirectRoutes:
     """POSTs to DIRECT_ROUTES run through limits and metrics only; everything else goes to BentoML's app."""
 
-    def __init__(self, bentoml_app: ASGIApp, max_body_bytes: int, max_concurrency: int, timeout_s: float) -> None:
+    def __init__(self, bentoml_app: ASGIApp, max_body_bytes: int, max_concurrency: int, timeout_s: float,
+                 cors: dict | None = None) -> None:
+        """`cors`: CORSMiddleware options when BentoML's CORS is on (its preflights stay BentoML's)."""
         self.bentoml_app = bentoml_app
         self.direct = RequestMetrics(Limits(_direct_endpoint, max_body_bytes, max_concurrency, timeout_s))
+        if cors:
+            self.direct = CORSMiddleware(self.direct, **cors)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in DIRECT_ROUTES:

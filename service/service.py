@@ -51,8 +51,12 @@ class DirectRouteService(bentoml.Service):
     """A BentoML service whose classification routes skip BentoML's per-request middleware (service/http.py)."""
 
     def to_asgi(self, is_main: bool = True) -> Callable:
-        return DirectRoutes(super().to_asgi(is_main), SETTINGS.max_body_bytes, SETTINGS.max_concurrency,
-                            SETTINGS.timeout_s)
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        app = super().to_asgi(is_main)  # also loads this service's BentoML configuration
+        # BentoML's CORS settings (http.cors) apply to the direct routes too.
+        cors = BentoMLContainer.access_control_options.get() if BentoMLContainer.http.cors.enabled.get() else None
+        return DirectRoutes(app, SETTINGS.max_body_bytes, SETTINGS.max_concurrency, SETTINGS.timeout_s, cors)
 
 
 @bentoml.service(

@@ -251,3 +251,25 @@ def test_concurrent_requests_are_batched_and_match_unbatched_results(server: str
         expected = {p["label"]: p["probability"] for p in alone[i % 8]}
         for p in predictions:
             assert abs(p["probability"] - expected[p["label"]]) < 1e-5
+
+
+def test_bentoml_cors_settings_reach_the_classification_routes(samples, tmp_path) -> None:
+    """The classification routes bypass BentoML's middleware, so they apply its CORS settings themselves."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, free_port, start_server, stop_server
+
+    origin = "https://example.com"
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_CONFIG_OPTIONS":
+           f'services.http.cors.enabled=true services.http.cors.access_control_allow_origins=["{origin}"]'}
+    subprocess.run([sys.executable, "-m", "service.store"], env=env, cwd=ROOT, check=True, capture_output=True)
+    port = free_port()
+    process = start_server(["service.service:Classifier"], env, ROOT, port)
+    try:
+        response = httpx.post(f"http://127.0.0.1:{port}/classify", files={"image": ("x.jpg", samples[0][1])},
+                              data={"model": "lenet"}, headers={"origin": origin})
+        assert response.status_code == 200 and response.headers["access-control-allow-origin"] == origin
+    finally:
+        stop_server(process)
