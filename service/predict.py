@@ -73,7 +73,7 @@ class LocalPredictor:
     """
 
     def __init__(self, model: str, top_k: int, workers: int, chunks: Iterable[list[str]]) -> None:
-        """Start decoding the first batches, then load the model: resolving a store tag imports BentoML (~1 s)."""
+        """Start decoding the first batches, then load the model (a store lookup takes ~0.4 s)."""
         from service.store import resolve
 
         self.top_k, self.workers, self.chunks = top_k, workers, iter(chunks)
@@ -180,11 +180,13 @@ class Writer:
                 raise UserError(f"{out} exists; choose another --out or add --force to overwrite it")
             self.partial = target.with_name(target.name + ".partial")
             self.stream = self.partial.open("w", newline="")
+        self.rows = 0
         self.csv = csv.writer(self.stream) if self.fmt == "csv" else None
         if self.csv:
             self.csv.writerow(["path", "label", "probability", "top_labels", "top_probabilities", "error"])
 
     def write(self, row: Row) -> None:
+        self.rows += 1
         label, probability = row.top[0] if row.top else ("", None)
         if self.csv:
             self.csv.writerow([row.path, label, "" if probability is None else f"{probability:.6f}",
@@ -202,6 +204,8 @@ class Writer:
         self.stream.close()
         if complete:
             os.replace(self.partial, self.out)
+        elif not self.rows:  # failed before the first row: an empty partial file helps nobody
+            self.partial.unlink()
 
 
 class Progress:
@@ -238,17 +242,15 @@ def predict(inputs: list[str], model: str = "resnet18", top_k: int = 3, batch_si
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     workers = workers or (4 if server else os.cpu_count() or 1)
-    if server:
-        batch_size = min(batch_size, 64)  # the server's per-request limit
-    chunks = batches(expand_inputs(inputs, recursive), batch_size)
-    if server:
-        predictor: Iterable[Row] = ServerPredictor(server, model, top_k, workers, chunks)
-    else:
-        predictor = LocalPredictor(model, top_k, workers, chunks)
-    writer = Writer(out, force, fmt)
+    writer = Writer(out, force, fmt)  # refuses an existing --out before any work starts
     progress = Progress(quiet)
     complete = False
     try:
+        if server:
+            chunks = batches(expand_inputs(inputs, recursive), min(batch_size, 64))  # the server's limit
+            predictor: Iterable[Row] = ServerPredictor(server, model, top_k, workers, chunks)
+        else:
+            predictor = LocalPredictor(model, top_k, workers, batches(expand_inputs(inputs, recursive), batch_size))
         for row in predictor:
             writer.write(row)
             progress.update(row)

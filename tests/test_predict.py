@@ -90,6 +90,13 @@ def test_existing_output_is_kept_without_force(mixed_folder: Path, tmp_path: Pat
     assert out.read_text().startswith("path,label")
 
 
+def test_unknown_model_is_a_one_line_error_and_leaves_no_file(mixed_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.csv"
+    result = run_cli("predict", str(mixed_folder), "--model", "vgg16", "--out", str(out))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "no model" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unreachable_server_is_a_one_line_error(mixed_folder: Path) -> None:
     result = run_cli("predict", str(mixed_folder), "--server", f"http://127.0.0.1:{free_port()}")
     assert result.returncode != 0
