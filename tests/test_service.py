@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -11,7 +17,7 @@ import pytest
 from PIL import Image
 
 from models.contract import CLASS_NAMES
-from tests.conftest import REAL_IMAGES
+from tests.conftest import REAL_IMAGES, ROOT, free_port, start_server, stop_server
 
 pytestmark = pytest.mark.server
 
@@ -186,22 +192,23 @@ def test_builtin_endpoints_still_work(server: str, samples) -> None:
         assert name in metrics
 
 
-def test_overload_is_answered_with_retry_after_and_the_server_recovers(samples, tmp_path) -> None:
-    """A second server with tight limits sheds load with 429/503 + Retry-After, never a 500, and recovers."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT, free_port, start_server, stop_server
-
-    # Its own BENTOML_HOME: a server start resets the Prometheus files of any other server sharing one.
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "CIFAR10_MAX_CONCURRENCY": "8",
-           "CIFAR10_MAX_LATENCY_MS": "20"}
+@contextmanager
+def own_server(home: Path, **env: str) -> Iterator[str]:
+    """A second server with extra environment and its own BENTOML_HOME (a server start resets the
+    Prometheus files of any other server sharing one); yields its URL."""
+    env = {**os.environ, "BENTOML_HOME": str(home), **env}
     subprocess.run([sys.executable, "-m", "service.store"], env=env, cwd=ROOT, check=True, capture_output=True)
     port = free_port()
     process = start_server(["service.service:Classifier"], env, ROOT, port)
-    url = f"http://127.0.0.1:{port}"
     try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_server(process)
+
+
+def test_overload_is_answered_with_retry_after_and_the_server_recovers(samples, tmp_path) -> None:
+    """A second server with tight limits sheds load with 429/503 + Retry-After, never a 500, and recovers."""
+    with own_server(tmp_path / "home", CIFAR10_MAX_CONCURRENCY="8", CIFAR10_MAX_LATENCY_MS="20") as url:
         async def main() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
                 return await asyncio.gather(*(
@@ -215,8 +222,6 @@ def test_overload_is_answered_with_retry_after_and_the_server_recovers(samples, 
             if response.status_code != 200:
                 assert response.headers["retry-after"] == "1" and response.json()["error"]
         assert classify(url, samples[0][1]).status_code == 200
-    finally:
-        stop_server(process)
 
 
 def batch_histogram(server: str, model: str) -> tuple[float, float]:
@@ -255,21 +260,9 @@ def test_concurrent_requests_are_batched_and_match_unbatched_results(server: str
 
 def test_bentoml_cors_settings_reach_the_classification_routes(samples, tmp_path) -> None:
     """The classification routes bypass BentoML's middleware, so they apply its CORS settings themselves."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT, free_port, start_server, stop_server
-
     origin = "https://example.com"
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_CONFIG_OPTIONS":
-           f'services.http.cors.enabled=true services.http.cors.access_control_allow_origins=["{origin}"]'}
-    subprocess.run([sys.executable, "-m", "service.store"], env=env, cwd=ROOT, check=True, capture_output=True)
-    port = free_port()
-    process = start_server(["service.service:Classifier"], env, ROOT, port)
-    try:
-        response = httpx.post(f"http://127.0.0.1:{port}/classify", files={"image": ("x.jpg", samples[0][1])},
+    options = f'services.http.cors.enabled=true services.http.cors.access_control_allow_origins=["{origin}"]'
+    with own_server(tmp_path / "home", BENTOML_CONFIG_OPTIONS=options) as url:
+        response = httpx.post(f"{url}/classify", files={"image": ("x.jpg", samples[0][1])},
                               data={"model": "lenet"}, headers={"origin": origin})
         assert response.status_code == 200 and response.headers["access-control-allow-origin"] == origin
-    finally:
-        stop_server(process)
