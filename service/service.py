@@ -11,18 +11,21 @@ here (see the README).
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import anyio
 import bentoml
 import numpy as np
 
 from service.batching import Batcher, Overloaded
+from service.cores import SharedCores
 from service.http import DirectRoutes, api_app
 from service.preprocess import ImageError, decode_rgb, normalize
-from service.runtime import OnnxModel, choose_providers, top_classes
+from service.runtime import CPU, OnnxModel, choose_providers, top_classes
 from service.settings import CORES, SETTINGS
 from service.store import MODEL_FILE, STORE_NAMES
 
@@ -30,6 +33,10 @@ DEFAULT_MODEL = "resnet18"
 # On a CPU host a worker's HTTP handling needs a core of its own (LeNet: ~1,000 req/s per worker);
 # on a GPU, one worker feeds the device and more would each hold a CUDA context.
 WORKERS = SETTINGS.workers or (1 if "CUDAExecutionProvider" in choose_providers(SETTINGS.providers) else CORES)
+# ONNX Runtime threads for a model call while no other worker is in one, and while others are
+# (service/cores.py): all cores, or this worker's share of them.
+ALONE_THREADS = SETTINGS.ort_threads or CORES
+SHARED_THREADS = SETTINGS.ort_threads or max(1, CORES // WORKERS)
 INLINE_DECODE_BYTES = 64 * 1024  # larger uploads are decoded off the event loop
 
 INFERENCES = bentoml.metrics.Counter(
@@ -75,13 +82,17 @@ class Classifier:
     def __init__(self) -> None:
         """Load both models and run one warm-up inference each; BentoML's /readyz turns 200 only after this."""
         stored = {"resnet18": self.resnet18_model, "lenet": self.lenet_model}
-        self.models = {
-            arch: OnnxModel(ref.path_of(MODEL_FILE), SETTINGS.providers, SETTINGS.ort_threads or CORES,
-                            spin=WORKERS == 1)
-            for arch, ref in stored.items()
-        }
+        self.models = {arch: OnnxModel(ref.path_of(MODEL_FILE), SETTINGS.providers, ALONE_THREADS, spin=WORKERS == 1)
+                       for arch, ref in stored.items()}
+        self.shared: dict[str, OnnxModel] = {}
+        self.cores: SharedCores | None = None
+        worker = bentoml.server_context.worker_index  # 1, 2, ... under `bentoml serve`
+        if SHARED_THREADS < ALONE_THREADS and worker and self.models[DEFAULT_MODEL].provider == CPU:
+            self.shared = {arch: OnnxModel(ref.path_of(MODEL_FILE), SETTINGS.providers, SHARED_THREADS, spin=False)
+                           for arch, ref in stored.items()}
+            self.cores = SharedCores(WORKERS, worker - 1, key=str(os.getppid()))  # the parent: this server
         self.versions = {arch: str(ref.tag.version) for arch, ref in stored.items()}
-        for model in self.models.values():  # warm-up: the first run allocates and picks kernels
+        for model in [*self.models.values(), *self.shared.values()]:  # the first run allocates and picks kernels
             model.logits(np.zeros((1, 3, 32, 32), np.float32))
         one_at_a_time = threading.Lock()  # both models share the cores: never run two calls at once
         self.batched = {
@@ -92,7 +103,8 @@ class Classifier:
 
     def _run(self, arch: str, batch: np.ndarray) -> np.ndarray:
         started = time.perf_counter()
-        logits = self.models[arch].logits(batch)
+        with self.cores.call() if self.cores else nullcontext(True) as alone:
+            logits = (self.models if alone else self.shared)[arch].logits(batch)
         LATENCY.labels(model=arch).observe(time.perf_counter() - started)
         BATCH_SIZES.labels(model=arch).observe(len(batch))
         INFERENCES.labels(model=arch).inc(len(batch))
@@ -147,7 +159,13 @@ class Classifier:
             },
             "batching": {"max_batch_size": SETTINGS.max_batch_size, "max_latency_ms": SETTINGS.max_latency_ms},
             "workers": WORKERS,
+            "onnxruntime_threads": {"alone": ALONE_THREADS, "shared": SHARED_THREADS if self.shared else ALONE_THREADS},
         }
+
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        if self.cores:
+            self.cores.close()
 
     def _check_options(self, model: str, top_k: int) -> tuple[int, dict] | None:
         if model not in self.models:

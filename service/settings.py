@@ -30,7 +30,7 @@ class Settings:
     max_concurrency: int = _int("CIFAR10_MAX_CONCURRENCY", 256)  # POSTs in flight per worker before 429
     timeout_s: int = _int("CIFAR10_TIMEOUT_S", 60)  # then 504
     workers: int = _int("CIFAR10_WORKERS", 0)  # 0: one per core on CPU hosts, 1 with a GPU (BENCHMARKS.md)
-    ort_threads: int = _int("CIFAR10_ORT_THREADS", 0)  # 0: all cores in every worker
+    ort_threads: int = _int("CIFAR10_ORT_THREADS", 0)  # 0: all cores alone, a share beside other workers
     providers: str = os.environ.get("CIFAR10_PROVIDERS", "auto")  # auto, cpu or cuda
 
 
