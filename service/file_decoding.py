@@ -1,7 +1,7 @@
 """Image files to pixels for `cifar10 predict`'s decoding processes.
 
-A module of its own so that those processes import only the preprocessing path, not
-ONNX Runtime or BentoML, and start in a fraction of the time.
+A module of its own so that, where those processes are spawned (not Linux), they import
+only the preprocessing path, not ONNX Runtime or BentoML.
 """
 
 from __future__ import annotations

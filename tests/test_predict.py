@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from service.errors import UserError
+from service.predict import files_in
 from tests.conftest import free_port, run_cli
 
 
@@ -122,3 +124,16 @@ def test_evaluate_matches_counting_predict_output(tiny_data: Path, tmp_path: Pat
     assert report["images"] == len(rows)
     assert report["accuracy"] == pytest.approx(correct / len(rows))
     assert sum(map(sum, report["confusion_matrix"]["rows_true_cols_predicted"])) == len(rows)
+
+
+def test_folders_list_in_path_order_one_level_at_a_time(tmp_path: Path) -> None:
+    for name in ("b.jpg", "a/2.jpg", "a/1/x.jpg", "a b/3.jpg", "A.jpg", ".hidden.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "link").symlink_to(tmp_path / "a")  # not followed: the tree could loop
+    top = str(tmp_path)
+    expected = [".hidden.jpg", "A.jpg", "a/1/x.jpg", "a/2.jpg", "a b/3.jpg", "b.jpg"]
+    assert list(files_in(top, recursive=True)) == [f"{top}/{name}" for name in expected]
+    assert list(files_in(top, recursive=False)) == [f"{top}/{name}" for name in (".hidden.jpg", "A.jpg", "b.jpg")]
+    with pytest.raises(UserError, match="cannot list folder"):
+        list(files_in(str(tmp_path / "gone"), recursive=True))
