@@ -127,7 +127,7 @@ def batching_runs(home: Path, quick: bool) -> list[dict]:
 
 
 def worker_runs(home: Path, quick: bool) -> list[dict]:
-    """1 worker against one worker per core (each with all cores' ONNX Runtime threads, not spinning)."""
+    """1 worker against one worker per core (sharing the cores: service/cores.py)."""
     _, image = cifar_samples(1)[3]
     rows = []
     for workers in (1, os.cpu_count() or 1):
@@ -259,7 +259,7 @@ def main() -> None:
                                                     "p99_ms", "ratio_to_raw_best"]))
     print("\n## Batching settings (ResNet-18, 32 clients)\n" + table(batching, [
         "max_batch_size", "max_latency_ms", "requests_per_s", "p50_ms", "p99_ms", "errors"]))
-    print("\n## Workers (ONNX Runtime on all cores in each, not spinning when several)\n" + table(workers, [
+    print("\n## Workers (one: ONNX Runtime on all cores, spinning; several: sharing the cores)\n" + table(workers, [
         "workers", "model", "concurrency", "requests_per_s", "p50_ms", "p99_ms", "errors"]))
     print("\n## Targets (median of runs on fresh servers)\n" + table(target_summary(targets), [
         "measure", "median", "runs"]))
