@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,10 +21,10 @@ from pathlib import Path
 class SharedCores:
     """Which of a server's `workers` are in a model call; this process is worker `index` (0-based)."""
 
-    def __init__(self, workers: int, index: int, key: str) -> None:
-        """`key` names the server (its main process id): its workers share the file, other servers do not."""
-        self.path = Path(tempfile.gettempdir()) / f"cifar10-cores-{key}"
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+    def __init__(self, path: Path, workers: int, index: int) -> None:
+        """`path`: a file for this server's workers only (it is created if missing)."""
+        self.path = path
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             if os.fstat(fd).st_size < workers:
                 os.ftruncate(fd, workers)

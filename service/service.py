@@ -16,10 +16,12 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 
 import anyio
 import bentoml
 import numpy as np
+from bentoml._internal.configuration.containers import BentoMLContainer
 
 from service.batching import Batcher, Overloaded
 from service.cores import SharedCores
@@ -58,8 +60,6 @@ class DirectRouteService(bentoml.Service):
     """A BentoML service whose classification routes skip BentoML's per-request middleware (service/http.py)."""
 
     def to_asgi(self, is_main: bool = True) -> Callable:
-        from bentoml._internal.configuration.containers import BentoMLContainer
-
         app = super().to_asgi(is_main)  # also loads this service's BentoML configuration
         # BentoML's CORS settings (http.cors) apply to the direct routes too.
         cors = BentoMLContainer.access_control_options.get() if BentoMLContainer.http.cors.enabled.get() else None
@@ -90,7 +90,9 @@ class Classifier:
         if SHARED_THREADS < ALONE_THREADS and worker and self.models[DEFAULT_MODEL].provider == CPU:
             self.shared = {arch: OnnxModel(ref.path_of(MODEL_FILE), SETTINGS.providers, SHARED_THREADS, spin=False)
                            for arch, ref in stored.items()}
-            self.cores = SharedCores(WORKERS, worker - 1, key=str(os.getppid()))  # the parent: this server
+            # In BentoML's home, like its metrics files the workers share; their parent process is the server.
+            home = Path(BentoMLContainer.bentoml_home.get())
+            self.cores = SharedCores(home / f"cifar10-cores-{os.getppid()}", WORKERS, worker - 1)
         self.versions = {arch: str(ref.tag.version) for arch, ref in stored.items()}
         for model in [*self.models.values(), *self.shared.values()]:  # the first run allocates and picks kernels
             model.logits(np.zeros((1, 3, 32, 32), np.float32))
