@@ -126,7 +126,7 @@ def test_evaluate_matches_counting_predict_output(tiny_data: Path, tmp_path: Pat
     assert sum(map(sum, report["confusion_matrix"]["rows_true_cols_predicted"])) == len(rows)
 
 
-def test_folders_list_in_path_order_one_level_at_a_time(tmp_path: Path) -> None:
+def test_folders_list_in_path_order(tmp_path: Path) -> None:
     for name in ("b.jpg", "a/2.jpg", "a/1/x.jpg", "a b/3.jpg", "A.jpg", ".hidden.jpg"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
