@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.settings import SETTINGS
 
+DEFAULT_MODEL = "resnet18"  # for requests that name no model
 RETRY_AFTER_S = b"1"
 MAX_PARSED_FILES = 1000  # parsed before the batch limit is checked, so its error can name the count
 logger = logging.getLogger("cifar10.http")
@@ -180,7 +181,7 @@ async def _file(value: str | UploadFile | None, field: str) -> bytes:
 
 
 def _options(form: FormData) -> tuple[str, int]:
-    model = form.get("model", "resnet18")
+    model = form.get("model", DEFAULT_MODEL)
     top_k = form.get("top_k", "3")
     if not isinstance(model, str) or not isinstance(top_k, str):
         raise BadRequest("model and top_k are text fields, not files")
@@ -191,7 +192,7 @@ def _options(form: FormData) -> tuple[str, int]:
 
 
 FORM_FIELDS = {
-    "model": {"type": "string", "default": "resnet18", "description": "resnet18 or lenet"},
+    "model": {"type": "string", "default": DEFAULT_MODEL, "description": "resnet18 or lenet"},
     "top_k": {"type": "integer", "default": 3, "description": "how many labels to return, 1-10"},
 }
 

@@ -92,7 +92,7 @@ class LocalPredictor:
         """Start decoding the first batches, then load the model while they decode."""
         from service.store import resolve
 
-        self.top_k, self.workers, self.chunks = top_k, workers, iter(chunks)
+        self.top_k, self.chunks = top_k, iter(chunks)
         # Forked on Linux (started by the first submit, before ONNX Runtime has threads to lose):
         # spawned processes would first spend 0.3 s each importing.
         self.pool = ProcessPoolExecutor(workers, mp_context=get_context("fork" if sys.platform == "linux" else "spawn"))

@@ -25,13 +25,12 @@ from bentoml._internal.configuration.containers import BentoMLContainer
 
 from service.batching import Batcher, Overloaded
 from service.cores import SharedCores
-from service.http import DirectRoutes, api_app
+from service.http import DEFAULT_MODEL, DirectRoutes, api_app
 from service.preprocess import ImageError, decode_rgb, normalize
 from service.runtime import CPU, OnnxModel, choose_providers, top_classes
 from service.settings import CORES, SETTINGS
 from service.store import MODEL_FILE, STORE_NAMES
 
-DEFAULT_MODEL = "resnet18"
 # On a CPU host a worker's HTTP handling needs a core of its own (LeNet: ~1,000 req/s per worker);
 # on a GPU, one worker feeds the device and more would each hold a CUDA context.
 WORKERS = SETTINGS.workers or (1 if "CUDAExecutionProvider" in choose_providers(SETTINGS.providers) else CORES)
