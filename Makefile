@@ -20,17 +20,19 @@ $(VENV)/.all: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.serve
 
 register-shipped: $(VENV)/.serve
-	$(BIN)/python -m service.store
+	$(BIN)/python -m core.store
 
 serve: register-shipped
 	$(BIN)/bentoml serve service.service:Classifier --port $(PORT)
 
 test: $(VENV)/.all
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.all
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/ruff format --check .
 
 bento: register-shipped

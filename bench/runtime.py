@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 
-from service.runtime import OnnxModel
-from service.store import shipped_file
+from core.runtime import OnnxModel
+from core.store import shipped_file
 
 BATCH_SIZES = (1, 8, 32, 64, 128)
 

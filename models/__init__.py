@@ -1,6 +1,6 @@
-"""Networks and the input contract; importing this package needs no torch."""
+"""The networks (PyTorch); importing this package needs no torch."""
 
-from models.contract import CLASS_NAMES, INPUT_SIZE, MEAN, STD
+from core.contract import CLASS_NAMES
 
 ARCHS: tuple[str, ...] = ("lenet", "resnet18")
 
@@ -18,4 +18,4 @@ def get_model(name: str, num_classes: int = len(CLASS_NAMES)):
     raise ValueError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHS)}")
 
 
-__all__ = ["ARCHS", "CLASS_NAMES", "INPUT_SIZE", "MEAN", "STD", "get_model"]
+__all__ = ["ARCHS", "get_model"]

@@ -20,13 +20,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.errors import Overloaded
+
 logger = logging.getLogger("cifar10.batching")
 # A model call whose queued work is estimated below this waits this long for more work when under load.
 GATHER_S = 0.002
-
-
-class Overloaded(Exception):
-    """Shed: the request would wait, or has waited, longer than max_latency_s for its model call to start."""
 
 
 @dataclass
@@ -62,6 +60,10 @@ class Batcher:
     def __init__(self, name: str, run: Callable[[np.ndarray], np.ndarray], max_batch_size: int,
                  max_latency_s: float, device_lock: threading.Lock) -> None:
         """`run` is the blocking model call; `device_lock` is shared by the models that share the cores."""
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if max_latency_s <= 0:
+            raise ValueError(f"max_latency_s must be positive, got {max_latency_s}")
         self.run = run
         self.max_batch_size = max_batch_size
         self.max_latency_s = max_latency_s
@@ -78,7 +80,7 @@ class Batcher:
         pending = _Pending(inputs, loop.create_future(), loop)
         with self.ready:
             if self.queued_images * self.seconds_per_image > self.max_latency_s:  # its wait, not its own call
-                raise Overloaded
+                raise self._overloaded()
             self.queue.append(pending)
             self.queued_images += len(inputs)
             self.ready.notify()
@@ -116,11 +118,15 @@ class Batcher:
             if pending.future.done():
                 continue
             if now - pending.queued_at > self.max_latency_s:
-                _hand_back([(pending, Overloaded())])
+                _hand_back([(pending, self._overloaded())])
                 continue
             batch.append(pending)
             images += len(pending.inputs)
         return batch
+
+    def _overloaded(self) -> Overloaded:
+        return Overloaded(f"the server is overloaded (requests would wait over {self.max_latency_s * 1000:g} ms); "
+                          "retry shortly")
 
     def _call(self, batch: list[_Pending]) -> None:
         inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])

@@ -1,5 +1,23 @@
-"""The one base class for problems the user can fix (shown as one line, never a traceback)."""
+"""The errors of a classification request beyond a bad image (core.errors); service/http.py maps each to HTTP."""
+
+from core.errors import UserError
 
 
-class UserError(Exception):
-    """Bad input, a missing file or a wrong option: the message says what to do."""
+class BadRequest(UserError):
+    """A request the service cannot use: a bad option, a missing field, too many images (HTTP 400)."""
+
+
+class Overloaded(Exception):
+    """Shed: the request would wait, or has waited, longer than max_latency_ms for its model call (HTTP 503)."""
+
+
+class TooManyRequests(Exception):
+    """More requests in flight than max_concurrency (HTTP 429)."""
+
+
+class BodyTooLarge(Exception):
+    """A request body over max_body_bytes (HTTP 413)."""
+
+
+class TimedOut(Exception):
+    """No answer within timeout_s (HTTP 504)."""

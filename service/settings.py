@@ -1,37 +1,65 @@
-"""Runtime settings, read once from the environment; every default is documented in the README."""
+"""Serving settings: parsed and checked once, at start-up, from CIFAR10_* environment variables.
+
+Every setting is documented in the README; a bad value is one line naming the variable.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 
-CORES = os.cpu_count() or 1
+from core.errors import UserError
+from core.runtime import PROVIDER_CHOICES
 
 
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not a whole number") from None
+class SettingError(UserError):
+    """A CIFAR10_* variable with a value the service cannot use."""
+
+
+def _whole(low: int, high: int, meaning: str = "") -> dict:
+    return {"low": low, "high": high, "meaning": meaning}
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Serving limits and tuning, from CIFAR10_* environment variables."""
+    """Serving limits and tuning; each field is read from CIFAR10_<FIELD NAME IN CAPITALS>."""
 
-    max_batch_size: int = _int("CIFAR10_MAX_BATCH_SIZE", 64)  # images per model call
-    max_latency_ms: int = _int("CIFAR10_MAX_LATENCY_MS", 5000)  # queueing budget before 503
-    max_body_bytes: int = _int("CIFAR10_MAX_BODY_BYTES", 10 * 1024 * 1024)
-    max_pixels: int = _int("CIFAR10_MAX_PIXELS", 40_000_000)
-    max_batch_images: int = _int("CIFAR10_MAX_BATCH_IMAGES", 64)  # per /classify_batch request
-    max_concurrency: int = _int("CIFAR10_MAX_CONCURRENCY", 256)  # POSTs in flight per worker before 429
-    timeout_s: int = _int("CIFAR10_TIMEOUT_S", 60)  # then 504
-    workers: int = _int("CIFAR10_WORKERS", 0)  # 0: one per core on CPU hosts, 1 with a GPU (BENCHMARKS.md)
-    ort_threads: int = _int("CIFAR10_ORT_THREADS", 0)  # 0: all cores alone, a share beside other workers
-    providers: str = os.environ.get("CIFAR10_PROVIDERS", "auto")  # auto, cpu or cuda
+    max_batch_size: int = field(default=64, metadata=_whole(1, 4096))  # images per model call
+    max_latency_ms: int = field(default=5000, metadata=_whole(1, 600_000))  # queueing budget before 503
+    max_body_bytes: int = field(default=10 * 1024 * 1024, metadata=_whole(1024, 1 << 31))
+    max_pixels: int = field(default=40_000_000, metadata=_whole(1024, 1_000_000_000))
+    max_batch_images: int = field(default=64, metadata=_whole(1, 1000))  # per /classify_batch request
+    max_concurrency: int = field(default=256, metadata=_whole(1, 100_000))  # POSTs in flight per worker before 429
+    timeout_s: int = field(default=60, metadata=_whole(1, 3600))  # then 504
+    workers: int = field(default=0, metadata=_whole(0, 256, "0: one per core on a CPU host, 1 with a GPU"))
+    ort_threads: int = field(default=0, metadata=_whole(0, 1024, "0: all cores alone, a share beside other workers"))
+    providers: str = field(default="auto", metadata={"choices": PROVIDER_CHOICES})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        """Read and check every CIFAR10_* setting; raises SettingError naming the first bad one."""
+        values = {}
+        for spec in fields(cls):
+            variable = f"CIFAR10_{spec.name.upper()}"
+            raw = environ.get(variable, "").strip()
+            if raw:
+                values[spec.name] = _parse(variable, raw, spec.metadata)
+        return cls(**values)
 
 
-SETTINGS = Settings()
+def _parse(variable: str, raw: str, rules: Mapping) -> int | str:
+    if "choices" in rules:
+        if raw.lower() not in rules["choices"]:
+            raise SettingError(f"{variable}={raw!r}: use one of {', '.join(rules['choices'])}")
+        return raw.lower()
+    allowed = f"a whole number from {rules['low']} to {rules['high']}"
+    if rules["meaning"]:
+        allowed += f" ({rules['meaning']})"
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingError(f"{variable}={raw!r} is not a whole number; use {allowed}") from None
+    if not rules["low"] <= value <= rules["high"]:
+        raise SettingError(f"{variable}={raw!r} is out of range; use {allowed}")
+    return value

@@ -6,9 +6,10 @@ import threading
 import numpy as np
 import pytest
 
-from service.batching import Batcher, Overloaded
-from service.runtime import OnnxModel
-from service.store import shipped_file
+from core.runtime import OnnxModel
+from core.store import shipped_file
+from service.batching import Batcher
+from service.errors import Overloaded
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,15 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import REAL_IMAGES, ROOT, free_port, start_server, stop_server
+from harness.samples import REAL_IMAGES, ROOT
+from harness.server import free_port, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
 def bento(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict]:
     """`bentoml build` in a fresh BENTOML_HOME holding the shipped models."""
     env = {**os.environ, "BENTOML_HOME": str(tmp_path_factory.mktemp("bento-home"))}
-    subprocess.run([sys.executable, "-m", "service.store"], env=env, cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
     bentoml = str(Path(sys.executable).parent / "bentoml")
     result = subprocess.run([bentoml, "build", "--output", "tag"], env=env, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -30,10 +31,9 @@ def bento(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict]:
 def test_bento_holds_the_service_both_models_and_no_training_code(bento) -> None:
     _, path, _ = bento
     files = {str(p.relative_to(path / "src")) for p in (path / "src").rglob("*") if p.is_file()}
-    assert {"service/service.py", "service/preprocess.py", "models/contract.py"} <= files
-    assert not any(f.startswith(("tests/", "training/", "data/")) or f.endswith((".pt", ".onnx", ".zip"))
-                   for f in files)
-    assert not any(f.startswith(("models/lenet", "models/resnet")) for f in files)
+    assert {"service/service.py", "core/preprocess.py", "core/contract.py"} <= files
+    assert not any(f.startswith(("tests/", "training/", "cli/", "models/", "data/"))
+                   or f.endswith((".pt", ".onnx", ".zip")) for f in files)
     models = {m["tag"].split(":")[0] for s in yaml.safe_load((path / "bento.yaml").read_text())["services"]
               for m in s["models"]}
     assert models == {"cifar10-resnet18", "cifar10-lenet"}
@@ -68,8 +68,8 @@ def test_serving_code_runs_with_torch_unimportable(samples, tmp_path: Path) -> N
     image.write_bytes(samples[0][1])
     script = (
         "import sys; sys.modules['torch'] = None\n"
-        "import service.service, service.predict, service.store\n"
-        "from service.cli import main\n"
+        "import service.service, cli.predict, core.store\n"
+        "from cli.main import main\n"
         f"sys.exit(main(['predict', {str(image)!r}, '--model', 'lenet', '--format', 'jsonl']))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)

@@ -1,18 +1,21 @@
-"""The limits in front of the classification routes, driven in-process through ASGI."""
+"""The limits in front of the classification routes, driven in-process through ASGI, and the error answers."""
 
 import asyncio
 import json
 
-from service.http import Limits
+import pytest
+
+from core.errors import ImageError, ImageTooLarge, UnsupportedImage
+from service.errors import BadRequest, Overloaded, TimedOut, TooManyRequests
+from service.http import Limits, error_response
 
 
 async def slow_echo(scope, receive, send) -> None:
-    """Reads the whole body, sleeps as long as the query string says, answers 200 (or 503 when asked)."""
+    """Reads the whole body, sleeps as long as the query string says, answers 200."""
     while (await receive()).get("more_body"):
         pass
     await asyncio.sleep(float(scope["query_string"] or 0))
-    status = 503 if scope["path"] == "/shed" else 200
-    await send({"type": "http.response.start", "status": status, "headers": []})
+    await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"{}"})
 
 
@@ -69,6 +72,13 @@ def test_a_request_past_the_timeout_is_a_504() -> None:
     assert status == 504 and "0.1 s" in body["error"]
 
 
-def test_a_503_from_the_app_gets_retry_after() -> None:
-    status, headers, _ = asyncio.run(call(limits(), path="/shed"))
-    assert status == 503 and headers[b"retry-after"] == b"1"
+@pytest.mark.parametrize(("error", "status", "retry"), [
+    (ImageTooLarge("big"), 413, False), (UnsupportedImage("pdf"), 415, False), (ImageError("bad"), 400, False),
+    (BadRequest("option"), 400, False), (TooManyRequests("many"), 429, True), (Overloaded("busy"), 503, True),
+    (TimedOut("late"), 504, False), (RuntimeError("a bug"), 500, False),
+])
+def test_each_error_has_one_answer(error: Exception, status: int, retry: bool) -> None:
+    response = error_response(error)
+    assert response.status_code == status and ("retry-after" in response.headers) == retry
+    message = json.loads(response.body)["error"]
+    assert message == (str(error) if status != 500 else "internal server error; the server log has the details")

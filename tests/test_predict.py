@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from service.errors import UserError
-from service.predict import files_in
-from tests.conftest import free_port, run_cli
+from cli.predict import files_in
+from core.errors import UserError
+from harness.server import free_port
+from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_paths_from_stdin_and_stdout_output(mixed_folder: Path) -> None:
     import sys
 
     paths = "\n".join(str(p) for p in sorted(mixed_folder.glob("*.jpg"))) + "\n"
-    result = subprocess.run([sys.executable, "-m", "service.cli", "predict", "-", "--model", "lenet",
+    result = subprocess.run([sys.executable, "-m", "cli.main", "predict", "-", "--model", "lenet",
                              "--format", "jsonl"], input=paths, capture_output=True, text=True)
     assert result.returncode == 0
     assert len(result.stdout.splitlines()) == len(paths.split())

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from service import runtime
-from service.errors import UserError
-from tests.conftest import ROOT
+from core import runtime
+from core.errors import UserError
+from harness.samples import ROOT
 
 
 def test_cpu_only_host_gets_the_cpu_provider(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -29,7 +29,7 @@ def test_unknown_provider_setting_is_a_user_error() -> None:
 
 
 def test_loading_a_model_on_this_host_prints_no_cuda_errors() -> None:
-    script = ("from service.runtime import OnnxModel, gpu_count; from service.store import shipped_file;"
+    script = ("from core.runtime import OnnxModel, gpu_count; from core.store import shipped_file;"
               "m = OnnxModel(shipped_file('lenet')); print(gpu_count(), m.provider)")
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

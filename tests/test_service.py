@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.contract import CLASS_NAMES
-from tests.conftest import REAL_IMAGES, ROOT, free_port, start_server, stop_server
+from core.contract import CLASS_NAMES
+from harness.samples import REAL_IMAGES, ROOT
+from harness.server import free_port, start_server, stop_server
 
 pytestmark = pytest.mark.server
 
@@ -197,7 +198,7 @@ def own_server(home: Path, **env: str) -> Iterator[str]:
     """A second server with extra environment and its own BENTOML_HOME (a server start resets the
     Prometheus files of any other server sharing one); yields its URL."""
     env = {**os.environ, "BENTOML_HOME": str(home), **env}
-    subprocess.run([sys.executable, "-m", "service.store"], env=env, cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
     port = free_port()
     process = start_server(["service.service:Classifier"], env, ROOT, port)
     try:
@@ -207,8 +208,9 @@ def own_server(home: Path, **env: str) -> Iterator[str]:
 
 
 def test_overload_is_answered_with_retry_after_and_the_server_recovers(samples, tmp_path) -> None:
-    """A second server with tight limits sheds load with 429/503 + Retry-After, never a 500, and recovers."""
-    with own_server(tmp_path / "home", CIFAR10_MAX_CONCURRENCY="8", CIFAR10_MAX_LATENCY_MS="20") as url:
+    """A second server (one worker, tight limits) sheds load with 429/503 + Retry-After, never a 500, and recovers."""
+    with own_server(tmp_path / "home", CIFAR10_WORKERS="1", CIFAR10_MAX_CONCURRENCY="8",
+                    CIFAR10_MAX_LATENCY_MS="20") as url:
         async def main() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
                 return await asyncio.gather(*(

@@ -12,11 +12,12 @@ import zipfile
 import numpy as np
 import pytest
 
-from models.contract import CLASS_NAMES
-from service.preprocess import decode_rgb, normalize
-from service.runtime import OnnxModel
-from service.store import PRETRAINED, STORE_NAMES
-from tests.conftest import ROOT, TEST_ZIP, run_cli
+from core.contract import CLASS_NAMES
+from core.preprocess import decode_rgb, normalize
+from core.runtime import OnnxModel
+from core.store import PRETRAINED, STORE_NAMES
+from harness.samples import ROOT, TEST_ZIP
+from tests.conftest import run_cli
 
 ARCHS = ("resnet18", "lenet")
 
@@ -51,7 +52,7 @@ def test_accuracy_on_2000_test_images_holds_the_cards_figure(arch: str) -> None:
 
 def test_shipped_models_never_replace_a_users_model(tmp_path) -> None:
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home")}
-    store = [sys.executable, "-m", "service.store"]
+    store = [sys.executable, "-m", "core.store"]
     first = subprocess.run(store, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert first.count("registered") == 2
     mine = run_cli("register", str(PRETRAINED / "lenet.onnx"), "--name", STORE_NAMES["lenet"], env=env)

@@ -5,9 +5,8 @@ from pathlib import Path
 import bentoml
 import pytest
 
-from service.errors import UserError
-from service.store import MODEL_FILE, resolve, shipped_file, store_path
-from training.register import register
+from core.errors import UserError
+from core.store import MODEL_FILE, register, resolve, shipped_file, store_path
 
 
 @pytest.fixture(scope="module")

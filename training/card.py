@@ -12,9 +12,9 @@ from pathlib import Path
 
 import onnx
 
+from core.contract import ModelInfo
+from core.files import sha256_of
 from models import get_model
-from service.runtime import ModelInfo
-from training.data import sha256_of
 
 
 def build_card(run_dir: Path, onnx_file: Path, evaluation: dict, machine: str, notes: str) -> dict:

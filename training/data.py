@@ -7,10 +7,10 @@ CIFAR-10 root (`cifar-10-batches-py`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
-import tempfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from models.contract import CLASS_NAMES
-from service.errors import UserError
-from service.preprocess import ImageError, decode_rgb
+from core.contract import CLASS_NAMES
+from core.errors import ImageError, UserError
+from core.files import sha256_of, write_atomic
+from core.preprocess import decode_rgb
 
 CACHE_VERSION = "1"
 SPLITS = ("train", "test")
@@ -70,7 +71,7 @@ def load_split(source: str | os.PathLike, split: str, download: bool = False) ->
         result = _read_folder(path, split)
     else:
         raise DataError(f"{path} is neither a zip archive, a class-folder tree nor a {BATCHES_DIR} root")
-    _save_atomic(cached, result)
+    write_atomic(cached, functools.partial(_save, result))
     return result
 
 
@@ -89,15 +90,6 @@ def _download(path: Path) -> None:
         CIFAR10(str(path), train=False, download=True)
     except Exception as exc:  # the network or the install, said in one line
         raise DataError(f"could not download CIFAR-10 into {path}: {exc}") from None
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file's content, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _cache_key(path: Path, batches: Path | None, split: str) -> str:
@@ -176,13 +168,6 @@ def _read_batches(root: Path, split: str) -> Split:
     return Split(np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels))
 
 
-def _save_atomic(target: Path, split: Split) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=split.images, labels=split.labels)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _save(split: Split, path: Path) -> None:
+    with path.open("wb") as f:  # a file object: given a path, np.savez would append ".npz" to it
+        np.savez(f, images=split.images, labels=split.labels)

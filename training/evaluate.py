@@ -14,16 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from models.contract import CLASS_NAMES, MEAN, STD
-from service.preprocess import normalization_table, normalize
+from core.contract import CLASS_NAMES, MEAN, STD
+from core.preprocess import normalization_table, normalize
 from training.data import load_split
 
 BATCH = 256
 
 
 def _onnx_runner(spec: str) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, str]:
-    from service.runtime import OnnxModel
-    from service.store import resolve
+    from core.runtime import OnnxModel
+    from core.store import resolve
 
     model = OnnxModel(resolve(spec))
     return model.logits, model.table, f"{model.path} ({model.provider})"

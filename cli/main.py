@@ -1,6 +1,7 @@
 """The `cifar10` command: train, export, register, predict, evaluate.
 
-Each subcommand imports its heavy dependencies itself, so `predict` runs without torch.
+The top of the project: it drives training and the shared core. Each subcommand imports
+its heavy dependencies itself, so `predict` runs without torch.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from service.errors import UserError
+from core.errors import UserError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -31,7 +32,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from training.register import register
+    from core.store import register
 
     print(register(args.onnx_file, args.name))
     return 0
@@ -45,7 +46,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from service.predict import predict
+    from cli.predict import predict
 
     return predict(args.inputs, model=args.model, top_k=args.top_k, batch_size=args.batch_size, out=args.out,
                    fmt=args.format, workers=args.workers, server=args.server, recursive=args.recursive,

@@ -20,14 +20,18 @@ from dataclasses import dataclass, field
 from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
-from service.errors import UserError
-from service.file_decoding import decode_files
-from service.preprocess import normalize
-from service.runtime import OnnxModel, top_classes
+from cli.file_decoding import decode_files
+from core.errors import UserError
+from core.preprocess import normalize
+from core.runtime import OnnxModel, top_classes
+
+if TYPE_CHECKING:
+    import httpx
+    import tenacity
 
 RETRY_STATUSES = (429, 503)
 MAX_RETRIES = 5
@@ -90,7 +94,7 @@ class LocalPredictor:
 
     def __init__(self, model: str, top_k: int, workers: int, chunks: Iterable[list[str]]) -> None:
         """Start decoding the first batches, then load the model while they decode."""
-        from service.store import resolve
+        from core.store import resolve
 
         self.top_k, self.chunks = top_k, iter(chunks)
         # Forked on Linux (started by the first submit, before ONNX Runtime has threads to lose):
@@ -130,15 +134,25 @@ class LocalPredictor:
                 yield Row(path, error=decoded[i])
 
 
+def _retry_after_doubled(state: tenacity.RetryCallState) -> float:
+    """The server's Retry-After, doubled on every further attempt."""
+    return float(state.outcome.result().headers.get("retry-after", 0.5)) * 2 ** (state.attempt_number - 1)
+
+
 class ServerPredictor:
     """POST /classify_batch to a running service with bounded concurrency and retries on 429/503."""
 
     def __init__(self, url: str, model: str, top_k: int, workers: int, chunks: Iterable[list[str]]) -> None:
         import httpx
+        import tenacity
 
         self.url, self.model, self.top_k, self.workers = url.rstrip("/"), model, top_k, workers
         self.chunks = chunks
         self.client = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=workers))
+        self.retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_result(lambda response: response.status_code in RETRY_STATUSES),
+            wait=_retry_after_doubled, stop=tenacity.stop_after_attempt(MAX_RETRIES + 1),
+            retry_error_callback=lambda state: state.outcome.result())
         try:
             self.client.get(f"{self.url}/readyz").raise_for_status()
         except httpx.HTTPError as exc:
@@ -154,9 +168,19 @@ class ServerPredictor:
             while pending:
                 yield from pending.popleft().result()
 
-    def _post(self, paths: list[str]) -> list[Row]:
+    def _send(self, body: list, fields: dict) -> httpx.Response:
+        """POST one batch, retried on 429 and 503 (the last answer is returned as it is)."""
+        return self.retrying.copy()(self._send_once, body, fields)
+
+    def _send_once(self, body: list, fields: dict) -> httpx.Response:
         import httpx
 
+        try:
+            return self.client.post(f"{self.url}/classify_batch", files=body, data=fields)
+        except httpx.HTTPError as exc:
+            raise UserError(f"lost the server at {self.url} ({exc})") from None
+
+    def _post(self, paths: list[str]) -> list[Row]:
         rows: list[Row | None] = [None] * len(paths)
         files = []
         for i, path in enumerate(paths):
@@ -166,15 +190,7 @@ class ServerPredictor:
                 rows[i] = Row(path, error=f"cannot read file: {exc.strerror or exc}")
         if files:
             body = [("images", (Path(paths[i]).name, data)) for i, data in files]
-            fields = {"model": self.model, "top_k": str(self.top_k)}
-            for attempt in range(MAX_RETRIES + 1):
-                try:
-                    response = self.client.post(f"{self.url}/classify_batch", files=body, data=fields)
-                except httpx.HTTPError as exc:
-                    raise UserError(f"lost the server at {self.url} ({exc})") from None
-                if response.status_code not in RETRY_STATUSES or attempt == MAX_RETRIES:
-                    break
-                time.sleep(float(response.headers.get("retry-after", 0.5)) * 2**attempt)
+            response = self._send(body, {"model": self.model, "top_k": str(self.top_k)})
             if response.status_code != 200:
                 raise UserError(f"the server answered {response.status_code}: {response.text[:200]}")
             for (i, _), result in zip(files, response.json()["results"], strict=True):
@@ -226,28 +242,31 @@ class Writer:
 
 
 class Progress:
-    """A one-line counter on stderr, only when stderr is a terminal."""
+    """Counts images and errors; a progress bar (tqdm) on stderr when it is a terminal."""
 
     def __init__(self, quiet: bool) -> None:
-        self.enabled = not quiet and sys.stderr.isatty()
         self.started = time.perf_counter()
         self.images = self.errors = 0
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(unit=" images", file=sys.stderr, leave=False, dynamic_ncols=True)
 
     def update(self, row: Row) -> None:
         self.images += 1
         self.errors += bool(row.error)
-        if self.enabled and self.images % 256 == 0:
-            print(f"\r{self.images:,} images, {self.errors:,} errors, {self.rate():,.0f} images/s",
-                  end="", file=sys.stderr, flush=True)
-
-    def rate(self) -> float:
-        return self.images / max(time.perf_counter() - self.started, 1e-9)
+        if self.bar is not None:
+            self.bar.update()
+            if row.error:
+                self.bar.set_postfix(errors=self.errors, refresh=False)
 
     def summary(self, out: str) -> str:
-        if self.enabled:
-            print("\r", end="", file=sys.stderr)
+        if self.bar is not None:
+            self.bar.close()
+        rate = self.images / max(time.perf_counter() - self.started, 1e-9)
         where = "" if out == "-" else f" -> {out}"
-        return f"{self.images:,} images, {self.errors:,} errors, {self.rate():,.0f} images/s{where}"
+        return f"{self.images:,} images, {self.errors:,} errors, {rate:,.0f} images/s{where}"
 
 
 def predict(inputs: list[str], model: str = "resnet18", top_k: int = 3, batch_size: int = 64, out: str = "-",

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.preprocess import ImageError, decode_rgb
+from core.errors import ImageError
+from core.preprocess import decode_rgb
 
 
 def decode_file(path: str) -> np.ndarray | str:

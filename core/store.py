@@ -1,15 +1,18 @@
-"""Where models come from: the BentoML model store, the shipped ONNX files, or a path.
+"""Where models come from and go: the BentoML model store, the shipped ONNX files, or a path.
 
-`python -m service.store` registers the shipped models in the store when the
-store has none of that name (a model the user trained and registered stays).
+`python -m core.store` registers the shipped models in the store when the store has
+none of that name (a model the user trained and registered stays).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
-from service.errors import UserError
+from core.bentoml_internals import stored_file
+from core.errors import UserError
+from core.runtime import OnnxModel
 
 PRETRAINED = Path(__file__).resolve().parent.parent / "models" / "pretrained"
 STORE_NAMES = {"resnet18": "cifar10-resnet18", "lenet": "cifar10-lenet"}
@@ -22,26 +25,16 @@ def shipped_file(arch: str) -> Path:
 
 def store_path(tag: str) -> Path | None:
     """ONNX file of a model in the BentoML store, or None when the store has no such model."""
-    # `name:latest` and `name:version` straight from the layout BentoML writes
-    # ($BENTOML_HOME/models/NAME/{latest,VERSION/}): importing BentoML's store costs
-    # `cifar10 predict` 0.4 s of start-up. Anything else (a version prefix, a missing
-    # `latest` file) goes to BentoML's own lookup.
-    name, _, version = tag.lower().partition(":")
-    folder = Path(os.path.expanduser(os.path.expandvars(os.environ.get("BENTOML_HOME", "~/bentoml")))) / "models" / name
-    if not folder.is_dir():
-        return None
-    try:
-        if version in ("", "latest"):
-            version = (folder / "latest").read_text().strip()
-        if (folder / version / MODEL_FILE).is_file():
-            return folder / version / MODEL_FILE
-    except OSError:
-        pass
-    from bentoml._internal.configuration.containers import BentoMLContainer
+    name, _, version = tag.partition(":")
+    found = stored_file(name, version, MODEL_FILE)
+    if found is not None:
+        return found
+    # Anything else (a version prefix, a missing `latest` pointer) goes to BentoML's own lookup.
+    import bentoml
     from bentoml.exceptions import NotFound
 
     try:
-        return Path(BentoMLContainer.model_store.get().get(tag).path_of(MODEL_FILE))
+        return Path(bentoml.models.get(tag).path_of(MODEL_FILE))
     except NotFound:
         return None
 
@@ -62,10 +55,24 @@ def resolve(spec: str) -> Path:
     raise UserError(f"no model {spec!r}: use resnet18, lenet, a store tag (see `bentoml models list`) or FILE.onnx")
 
 
+def register(onnx_file: str | os.PathLike, name: str) -> str:
+    """Create model `name` in the store from `onnx_file`, labels and metadata from the file itself; returns the tag."""
+    import bentoml
+
+    path = Path(onnx_file)
+    info = OnnxModel(path, providers="cpu").info  # also proves the file loads and carries our metadata
+    metadata = {key: value for key, value in vars(info).items() if value is not None}
+    labels = {"arch": info.arch, "task": "cifar10-classification", "format": "onnx"}
+    try:
+        with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
+            shutil.copyfile(path, model.path_of(MODEL_FILE))
+    except ValueError as exc:  # an invalid model name
+        raise UserError(f"cannot register as {name!r}: {exc}") from None
+    return str(model.tag)
+
+
 def register_shipped() -> list[str]:
     """Register each shipped model whose name the store lacks; returns what it did, one line each."""
-    from training.register import register
-
     done = []
     for arch, name in STORE_NAMES.items():
         existing = store_path(f"{name}:latest")

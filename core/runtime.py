@@ -1,59 +1,26 @@
-"""ONNX Runtime set-up and the model metadata schema (torch-free).
+"""ONNX Runtime sessions for this project's models, and the softmax and top-k shared by every caller.
 
 CUDA is asked for only when a GPU is actually usable, so CPU hosts print no provider errors.
+Threads and providers are the caller's choice, passed in: this module reads no settings.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import os
-from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from service.errors import UserError
-from service.preprocess import normalization_table
-from service.settings import CORES, SETTINGS
+from core.contract import ModelInfo
+from core.errors import UserError
+from core.preprocess import normalization_table
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What travels inside the ONNX file's metadata_props: the input contract and provenance."""
-
-    arch: str
-    class_names: tuple[str, ...]
-    input_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    test_accuracy: float | None = None
-    val_accuracy: float | None = None
-    epochs: int | None = None
-    checkpoint_sha256: str = ""
-    export_date: str = ""
-    package_version: str = ""
-    parity_max_abs_diff: float | None = None
-    parity_images: int | None = None
-
-    def to_metadata(self) -> dict[str, str]:
-        return {key: json.dumps(value) for key, value in asdict(self).items()}
-
-    @classmethod
-    def from_metadata(cls, props: dict[str, str]) -> ModelInfo:
-        try:
-            values = {key: json.loads(props[key]) for key in cls.__dataclass_fields__ if key in props}
-            values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-            return cls(**values)
-        except (TypeError, ValueError) as exc:
-            raise UserError(
-                f"the ONNX file lacks this project's metadata ({exc}); export it with `cifar10 export`"
-            ) from None
+PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 
 
 @cache
@@ -71,7 +38,7 @@ def gpu_count() -> int:
 
 def choose_providers(requested: str = "auto") -> list[str]:
     """`auto`: CUDA when a GPU is usable and ONNX Runtime has the CUDA provider, else CPU; or `cpu`/`cuda`."""
-    if requested not in ("auto", "cpu", "cuda"):
+    if requested not in PROVIDER_CHOICES:
         raise UserError(f"unknown provider setting {requested!r}: use auto, cpu or cuda")
     wants_cuda = requested == "cuda" or (requested == "auto" and gpu_count() > 0)
     if wants_cuda and CUDA in ort.get_available_providers():
@@ -84,14 +51,14 @@ def choose_providers(requested: str = "auto") -> list[str]:
 class OnnxModel:
     """An ONNX Runtime session plus the metadata and normalization table that belong to it."""
 
-    def __init__(self, path: str | os.PathLike, providers: str = "auto", threads: int | None = None,
-                 spin: bool = True) -> None:
-        """`spin=False` when other processes share the cores: idle ORT threads then sleep instead of spinning."""
+    def __init__(self, path: str | os.PathLike, providers: str = "auto", threads: int = 0, spin: bool = True) -> None:
+        """`threads` 0: one per core. `spin=False` when other processes share the cores: idle ONNX Runtime
+        threads then sleep instead of spinning."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"model file not found: {path}")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or SETTINGS.ort_threads or CORES
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
@@ -105,6 +72,7 @@ class OnnxModel:
         self.table = normalization_table(self.info.mean, self.info.std)
         self.input_name = self.session.get_inputs()[0].name
         self.provider = self.session.get_providers()[0]
+        self.threads = options.intra_op_num_threads
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """float32 NCHW -> logits (N, classes)."""

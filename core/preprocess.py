@@ -1,7 +1,9 @@
 """Image decoding, validation and normalization: the one preprocessing path.
 
 The service, the batch CLI, evaluation and training's data loader all call these
-functions, so a CIFAR-10 image becomes the same tensor everywhere.
+functions, so a CIFAR-10 image becomes the same tensor everywhere. Decoding has two
+steps, so a caller can judge the cost from the header before paying it: `open_image`
+(header and limits) and `to_pixels` (the pixels).
 """
 
 from __future__ import annotations
@@ -13,27 +15,21 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from models.contract import INPUT_SIZE
-from service.errors import UserError
+from core.contract import INPUT_SIZE
+from core.errors import ImageError, ImageTooLarge, UnsupportedImage
 
-# Formats Pillow cannot decode but that users plausibly send: answered with 415.
+DEFAULT_MAX_PIXELS = 40_000_000
+# Formats Pillow cannot decode but that users plausibly send.
 _UNSUPPORTED_SIGNATURES = {
     b"%PDF": "PDF",
     b"<svg": "SVG",
     b"<?xml": "SVG/XML",
 }
-
-
-class ImageError(UserError):
-    """An input that is not a usable image; `status` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
+SUPPORTED = "send JPEG, PNG, WebP, GIF, BMP or TIFF"
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode `data` into a loaded Pillow image, checking its size before full decoding."""
+    """Read the header of `data` and check its size; the pixels are not decoded yet."""
     if not data:
         raise ImageError("empty file (0 bytes): send an image")
     try:
@@ -41,35 +37,37 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         raise _unidentified(data) from None
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"image is too large to decode safely ({exc})", status=413) from None
+        raise ImageTooLarge(f"image is too large to decode safely ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:  # a header Pillow recognised but could not read
         raise ImageError(f"corrupt or truncated image file ({exc})") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageError(
-            f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}",
-            status=413,
-        )
+        raise ImageTooLarge(f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
     if image.format == "JPEG":
         # Decode JPEGs at the smallest DCT scale that still covers the 32x32 output.
         image.draft("RGB", (INPUT_SIZE, INPUT_SIZE))
+    return image
+
+
+def to_pixels(image: Image.Image) -> np.ndarray:
+    """Decode an opened image: uint8 array of shape (32, 32, 3), oriented, converted and cropped."""
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"corrupt or truncated {image.format or 'image'} file ({exc})") from None
-    return image
+    return np.asarray(resize_center_crop(to_rgb(image)), dtype=np.uint8)
 
 
 def _unidentified(data: bytes) -> ImageError:
     head = data[:256].lstrip()
     for signature, kind in _UNSUPPORTED_SIGNATURES.items():
         if head.startswith(signature) or (kind.startswith("SVG") and b"<svg" in head):
-            return ImageError(f"{kind} is not a supported image type; send JPEG, PNG, WebP, GIF, BMP or TIFF", 415)
+            return UnsupportedImage(f"{kind} is not a supported image type; {SUPPORTED}")
     try:
         head.decode("utf-8")
     except UnicodeDecodeError:
         return ImageError("not an image, or a corrupt one: Pillow cannot identify it")
-    return ImageError("text is not a supported image type; send JPEG, PNG, WebP, GIF, BMP or TIFF", 415)
+    return UnsupportedImage(f"text is not a supported image type; {SUPPORTED}")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -102,18 +100,12 @@ def resize_center_crop(image: Image.Image, size: int = INPUT_SIZE) -> Image.Imag
     return image.crop((left, top, left + size, top + size))
 
 
-def decode_rgb(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes of any supported image -> uint8 array of shape (32, 32, 3)."""
     pixels = decode_plain_jpeg(data)
     if pixels is not None:
         return pixels
-    return decode_with_pillow(data, max_pixels)
-
-
-def decode_with_pillow(data: bytes, max_pixels: int) -> np.ndarray:
-    """The general path: any format, size, mode and EXIF orientation."""
-    image = resize_center_crop(to_rgb(open_image(data, max_pixels)))
-    return np.asarray(image, dtype=np.uint8)
+    return to_pixels(open_image(data, max_pixels))
 
 
 def decode_plain_jpeg(data: bytes) -> np.ndarray | None:

@@ -1,0 +1,50 @@
+"""The input contract shared by training, export and serving, and the ONNX metadata that carries it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from core.errors import UserError
+
+CLASS_NAMES: tuple[str, ...] = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)
+INPUT_SIZE = 32
+# ImageNet statistics: the service reads them back from the ONNX metadata.
+MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What travels inside the ONNX file's metadata_props: the input contract and provenance."""
+
+    arch: str
+    class_names: tuple[str, ...]
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    test_accuracy: float | None = None
+    val_accuracy: float | None = None
+    epochs: int | None = None
+    checkpoint_sha256: str = ""
+    export_date: str = ""
+    package_version: str = ""
+    parity_max_abs_diff: float | None = None
+    parity_images: int | None = None
+
+    def to_metadata(self) -> dict[str, str]:
+        return {key: json.dumps(value) for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_metadata(cls, props: dict[str, str]) -> ModelInfo:
+        try:
+            values = {key: json.loads(props[key]) for key in cls.__dataclass_fields__ if key in props}
+            values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise UserError(
+                f"the ONNX file lacks this project's metadata ({exc}); export it with `cifar10 export`"
+            ) from None

@@ -1,0 +1,1 @@
+"""What the tests and the benchmarks share: sample images and real `bentoml serve` processes."""

@@ -1,0 +1,45 @@
+"""Real `bentoml serve` processes on free localhost ports, started and stopped for tests and benchmarks."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: list[str], env: dict, cwd: Path, port: int, timeout: float = 120) -> subprocess.Popen:
+    """Start `bentoml serve ARGS` on `port` and wait until /readyz answers 200."""
+    log = open(Path(env.get("BENTOML_HOME", cwd)) / f"serve-{port}.log", "w")  # noqa: SIM115
+    process = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", *args, "--port", str(port),
+                                "--host", "127.0.0.1"], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited with {process.returncode}; see {log.name}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_server(process)
+    raise RuntimeError(f"bentoml serve was not ready in {timeout}s; see {log.name}")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -1,0 +1,168 @@
+"""Classification without HTTP: image bytes in, labels (or that image's error) out, one per input, in order.
+
+The shape of a `@bentoml.api(batchable=True)` method (list in, list out), so it could move
+behind BentoML's own API should BentoML's per-request overhead drop. Each image is decoded and
+validated on its own, so a bad one fails only itself; the normalized arrays then share model
+calls through one Batcher per model.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+from collections.abc import Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import anyio
+import numpy as np
+
+from core.errors import ImageError
+from core.preprocess import decode_plain_jpeg, normalize, open_image, to_pixels
+from core.runtime import CPU, OnnxModel, top_classes
+from service.batching import Batcher
+from service.cores import SharedCores
+from service.errors import BadRequest
+from service.metrics import BATCH_SIZES, INFERENCES, MODEL_SECONDS
+from service.settings import Settings
+
+DEFAULT_MODEL = "resnet18"  # for requests that name no model
+# Images over this many pixels (after JPEG's DCT scaling) are decoded off the event loop: a
+# 256x256 PNG takes ~0.3 ms, a 36-megapixel one 0.2 s, during which every connection would wait.
+INLINE_PIXELS = 256 * 256
+
+
+class Label(NamedTuple):
+    """One of an image's top-k classes (a NamedTuple: ~20x cheaper than a frozen dataclass to build and to turn
+    into JSON, on a path that runs three times per request)."""
+
+    label: str
+    index: int
+    probability: float
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """Where a served model comes from: its store tag (`name:version`) and ONNX file."""
+
+    store_tag: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A loaded model: ONNX Runtime on every core, and on this worker's share of them while others run calls."""
+
+    store_tag: str
+    alone: OnnxModel
+    shared: OnnxModel | None
+
+    @property
+    def version(self) -> str:
+        return self.store_tag.partition(":")[2]
+
+
+class Predictor:
+    """The served models, their batchers and the per-image pipeline of decode, normalize, batch, top-k."""
+
+    def __init__(self, files: Mapping[str, ModelFile], settings: Settings, workers: int = 1, worker: int = 0,
+                 cores_file: Path | None = None) -> None:
+        """Load every model and run one warm-up inference each. `worker` is this process's 1-based index among
+        `workers` (0: not under a server); with several CPU workers, `cores_file` is their shared-cores file."""
+        self.settings, self.workers = settings, workers
+        cores = os.cpu_count() or 1
+        alone = settings.ort_threads or cores
+        share = settings.ort_threads or max(1, cores // workers)
+        self.models = {arch: ServedModel(f.store_tag, OnnxModel(f.path, settings.providers, alone, workers == 1), None)
+                       for arch, f in files.items()}
+        self.cores: SharedCores | None = None
+        on_cpu = next(iter(self.models.values())).alone.provider == CPU
+        if share < alone and worker and cores_file and on_cpu:
+            self.models = {arch: ServedModel(m.store_tag, m.alone, OnnxModel(files[arch].path, settings.providers,
+                                                                               share, spin=False))
+                           for arch, m in self.models.items()}
+            self.cores = SharedCores(cores_file, workers, worker - 1)
+        for model in self.models.values():  # the first run allocates and picks kernels
+            for session in filter(None, (model.alone, model.shared)):
+                session.logits(np.zeros((1, 3, 32, 32), np.float32))
+        one_at_a_time = threading.Lock()  # the models share the cores: never run two calls at once
+        self.batchers = {
+            arch: Batcher(arch, functools.partial(self._run, arch), settings.max_batch_size,
+                          settings.max_latency_ms / 1000, one_at_a_time)
+            for arch in self.models
+        }
+
+    async def classify(self, images: list[bytes], model: str, top_k: int) -> list[list[Label] | ImageError]:
+        """The top_k labels of each image, or the ImageError that image gave.
+
+        Raises BadRequest for a bad option and Overloaded when the model's queue is too long.
+        """
+        self._check(model, top_k, len(images))
+        results: list[list[Label] | ImageError] = [[] for _ in images]
+        good, pixels = [], []
+        for i, data in enumerate(images):
+            try:
+                pixels.append(await self._decode(data))
+                good.append(i)
+            except ImageError as exc:
+                results[i] = exc
+        if good:
+            served = self.models[model].alone
+            logits = await self.batchers[model](normalize(np.stack(pixels), served.table))
+            names = served.info.class_names
+            for i, indices, probabilities in zip(good, *top_classes(logits, top_k), strict=True):
+                results[i] = [Label(names[j], j, p) for j, p in zip(indices, probabilities, strict=True)]
+        return results
+
+    def version(self, model: str) -> str:
+        return self.models[model].version
+
+    def describe(self) -> dict:
+        """The served models, their versions, input contract, accuracy and execution provider."""
+        first = next(iter(self.models.values()))
+        return {
+            "default": DEFAULT_MODEL,
+            "models": {arch: {"store_tag": m.store_tag, "version": m.version, "provider": m.alone.provider,
+                              **vars(m.alone.info)}
+                       for arch, m in self.models.items()},
+            "batching": {"max_batch_size": self.settings.max_batch_size,
+                         "max_latency_ms": self.settings.max_latency_ms},
+            "workers": self.workers,
+            "onnxruntime_threads": {"alone": first.alone.threads, "shared": (first.shared or first.alone).threads},
+        }
+
+    def close(self) -> None:
+        if self.cores:
+            self.cores.close()
+
+    def _check(self, model: str, top_k: int, images: int) -> None:
+        if model not in self.models:
+            raise BadRequest(f"unknown model {model!r}; choose one of: {', '.join(self.models)}")
+        classes = len(self.models[model].alone.info.class_names)
+        if not 1 <= top_k <= classes:
+            raise BadRequest(f"top_k must be between 1 and {classes}, got {top_k}")
+        if images > self.settings.max_batch_images:
+            raise BadRequest(f"{images} images in one request; the limit is {self.settings.max_batch_images}")
+
+    async def _decode(self, data: bytes) -> np.ndarray:
+        pixels = decode_plain_jpeg(data)
+        if pixels is not None:
+            return pixels
+        image = open_image(data, self.settings.max_pixels)  # the header only: cheap at any size
+        if image.width * image.height <= INLINE_PIXELS:
+            return to_pixels(image)
+        return await anyio.to_thread.run_sync(to_pixels, image)
+
+    def _run(self, arch: str, batch: np.ndarray) -> np.ndarray:
+        started = time.perf_counter()
+        model = self.models[arch]
+        with self.cores.call() if self.cores else nullcontext(True) as alone:
+            logits = (model.alone if alone else model.shared).logits(batch)
+        MODEL_SECONDS.labels(model=arch).observe(time.perf_counter() - started)
+        BATCH_SIZES.labels(model=arch).observe(len(batch))
+        INFERENCES.labels(model=arch).inc(len(batch))
+        return logits

@@ -1,0 +1,36 @@
+"""Each BentoML internal that core/bentoml_internals.py relies on is still where it was: on a BentoML
+upgrade, a failure here names what moved."""
+
+import inspect
+from pathlib import Path
+
+import bentoml
+from bentoml._internal.configuration.containers import BentoMLContainer
+
+from core.bentoml_internals import bentoml_home, cors_options, service_class, stored_file
+from core.store import MODEL_FILE, register, shipped_file
+
+
+def test_the_store_layout_is_read_as_bentoml_writes_it() -> None:
+    tag = register(shipped_file("lenet"), "layout-test")
+    model = bentoml.models.get(tag)
+    assert stored_file("layout-test", "latest", MODEL_FILE) == stored_file("layout-test", model.tag.version,
+                                                                           MODEL_FILE)
+    assert str(stored_file("layout-test", "", MODEL_FILE)) == model.path_of(MODEL_FILE)
+    assert stored_file("layout-test", "no-such-version", MODEL_FILE) is None
+
+
+def test_bentoml_home_is_bentomls() -> None:
+    assert bentoml_home().resolve() == Path(BentoMLContainer.bentoml_home.get()).resolve()
+
+
+def test_cors_settings_are_where_they_were() -> None:
+    assert isinstance(BentoMLContainer.http.cors.enabled.get(), bool)
+    assert isinstance(BentoMLContainer.access_control_options.get(), dict)
+    assert cors_options() is None  # off by default
+
+
+def test_service_class_and_to_asgi_are_where_they_were() -> None:
+    assert "service_class" in inspect.signature(bentoml.service).parameters
+    assert "is_main" in inspect.signature(bentoml.Service.to_asgi).parameters
+    assert issubclass(service_class(lambda app, cors: app), bentoml.Service)

@@ -1,0 +1,67 @@
+"""The Predictor in-process, with settings of the test's choosing: list in, list out, typed errors."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.errors import ImageError, UnsupportedImage
+from core.store import shipped_file
+from harness.samples import REAL_IMAGES
+from service import predictor as predictor_module
+from service.errors import BadRequest
+from service.predictor import Label, ModelFile, Predictor
+from service.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    files = {arch: ModelFile(f"cifar10-{arch}:shipped", shipped_file(arch)) for arch in ("resnet18", "lenet")}
+    return Predictor(files, Settings(max_batch_images=4), workers=1)
+
+
+def png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 140, 200)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_one_result_per_image_in_order_and_a_bad_image_fails_alone(predictor: Predictor, samples) -> None:
+    (label, first), (_, second) = samples[0], samples[-1]
+    results = asyncio.run(predictor.classify([first, b"%PDF-1.7", second, b""], "resnet18", 3))
+    assert [type(r) for r in results] == [list, UnsupportedImage, list, ImageError]
+    assert all(isinstance(x, Label) for x in results[0]) and len(results[0]) == 3
+    if REAL_IMAGES:
+        assert results[0][0].label == label
+
+
+def test_bad_options_and_the_settings_limit_raise_bad_request(predictor: Predictor, samples) -> None:
+    one = [samples[0][1]]
+    with pytest.raises(BadRequest, match="unknown model 'vgg'"):
+        asyncio.run(predictor.classify(one, "vgg", 3))
+    with pytest.raises(BadRequest, match="top_k must be between 1 and 10, got 11"):
+        asyncio.run(predictor.classify(one, "lenet", 11))
+    with pytest.raises(BadRequest, match="5 images in one request; the limit is 4"):  # Settings(max_batch_images=4)
+        asyncio.run(predictor.classify(one * 5, "lenet", 3))
+
+
+def test_large_images_are_decoded_off_the_event_loop(predictor: Predictor, monkeypatch) -> None:
+    """Judged by the header's pixel count, not the upload's size: this 6000x6000 PNG is a few KB."""
+    threads = []
+
+    def recording(image: Image.Image) -> np.ndarray:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return to_pixels(image)
+
+    to_pixels = predictor_module.to_pixels
+    monkeypatch.setattr(predictor_module, "to_pixels", recording)
+    huge, small = png(6000, 6000), png(64, 64)
+    assert len(huge) < 200_000
+    results = asyncio.run(predictor.classify([huge, small], "lenet", 1))
+    assert all(isinstance(r, list) for r in results)
+    assert threads == [False, True]  # the huge one in a worker thread, the small one inline
