@@ -13,11 +13,12 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from models import CLASS_NAMES, INPUT_SIZE, MEAN, STD, get_model
-from service.errors import UserError
-from service.preprocess import normalization_table, normalize
-from service.runtime import ModelInfo
-from training.data import load_split, sha256_of
+from core.contract import CLASS_NAMES, INPUT_SIZE, MEAN, STD, ModelInfo
+from core.errors import UserError
+from core.files import sha256_of, write_atomic
+from core.preprocess import normalization_table, normalize
+from models import get_model
+from training.data import load_split
 
 PARITY_ATOL = 1e-4
 PARITY_IMAGES = 256
@@ -82,16 +83,10 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str | No
     checkpoint, out = Path(checkpoint), Path(out)
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        _export_to(tmp, model, state, checkpoint, data)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(out, lambda tmp: _export_to(tmp, model, state, checkpoint, data))
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, sha256 {sha256_of(out)[:16]}…)")
     if register_as:
-        from training.register import register
+        from core.store import register
 
         print(register(out, register_as))
     return out
@@ -99,18 +94,24 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str | No
 
 def _export_to(path: Path, model: torch.nn.Module, state: dict, checkpoint: Path, data: str | None) -> None:
     exporter = _to_onnx(model, path)
-    diff, same_argmax, n = check_parity(model, path, parity_pixels(data))
-    print(f"parity on {n} images ({'real' if data else 'synthetic'}): max |logit diff| {diff:.2e}, "
-          f"argmax identical: {same_argmax} (exporter: {exporter})")
-    if diff > PARITY_ATOL or not same_argmax:
-        raise UserError(f"ONNX output differs from PyTorch (max diff {diff:.2e} > {PARITY_ATOL:g}); nothing written")
+    pixels = parity_pixels(data)
+    batch = normalize(pixels, normalization_table(MEAN, STD))
+    expected, got = torch_logits(model, batch), onnx_logits(path, batch)
+    diff = float(np.abs(got - expected).max())
+    flips = top_class_flips(expected, got)
+    print(f"parity on {len(batch)} images ({'real' if data else 'synthetic'}): max |logit diff| {diff:.2e}, "
+          f"argmax identical: {not flips}" + (f" ({flips} near-tied images flipped)" if flips else "")
+          + f" (exporter: {exporter})")
+    problem = parity_problem(expected, got)
+    if problem:
+        raise UserError(f"{problem}; nothing written")
     summary_file = checkpoint.parent / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     info = ModelInfo(
         arch=state["config"]["arch"], class_names=CLASS_NAMES, input_size=INPUT_SIZE, mean=MEAN, std=STD,
         test_accuracy=summary.get("test_acc"), val_accuracy=state.get("val_acc"), epochs=state.get("epoch"),
         checkpoint_sha256=sha256_of(checkpoint), export_date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        package_version=package_version(), parity_max_abs_diff=diff, parity_images=n,
+        package_version=package_version(), parity_max_abs_diff=diff, parity_images=len(batch),
     )
     proto = onnx.load(str(path))
     del proto.metadata_props[:]
@@ -120,13 +121,27 @@ def _export_to(path: Path, model: torch.nn.Module, state: dict, checkpoint: Path
     onnx.save(proto, str(path))
 
 
-def check_parity(model: torch.nn.Module, onnx_path: Path, pixels: np.ndarray) -> tuple[float, bool, int]:
-    """Max abs logit difference and argmax agreement of ONNX Runtime (CPU) vs PyTorch eval mode."""
-    batch = normalize(pixels, normalization_table(MEAN, STD))
-    expected = torch_logits(model, batch)
+def onnx_logits(onnx_path: Path, batch: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: batch})[0]
-    return float(np.abs(got - expected).max()), bool((got.argmax(1) == expected.argmax(1)).all()), len(batch)
+    return session.run(None, {session.get_inputs()[0].name: batch})[0]
+
+
+def top_class_flips(expected: np.ndarray, got: np.ndarray) -> int:
+    """Images whose top class differs between the two sets of logits."""
+    return int((expected.argmax(1) != got.argmax(1)).sum())
+
+
+def parity_problem(expected: np.ndarray, got: np.ndarray) -> str | None:
+    """Why ONNX Runtime's logits do not match PyTorch's, or None when they do.
+
+    The logits alone decide. With every logit within PARITY_ATOL, the top class can only change
+    where PyTorch's top two logits are within 2 x PARITY_ATOL of each other: a near-tie that
+    rounding may break either way, not a fault of the export.
+    """
+    diff = float(np.abs(got - expected).max())
+    if diff > PARITY_ATOL:
+        return f"ONNX output differs from PyTorch: max |logit diff| {diff:.2e} > {PARITY_ATOL:g}"
+    return None
 
 
 def package_version() -> str:
