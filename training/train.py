@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,9 +20,11 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from models import CLASS_NAMES, MEAN, STD, get_model
-from service.errors import UserError
-from service.preprocess import normalization_table
+from core.contract import CLASS_NAMES, MEAN, STD
+from core.errors import UserError
+from core.files import write_atomic
+from core.preprocess import normalization_table
+from models import get_model
 from training.data import DataError, Split, load_split
 
 # Per-architecture defaults: Nesterov SGD, warm-up then linear decay, label smoothing.
@@ -125,16 +126,15 @@ class Augmenter:
         return x
 
 
-def warmup_then_decay(total_steps: int, warmup: float = 0.15):
-    """Learning-rate factor: linear warm-up over the first 15% of steps, then linear decay to zero."""
+def warmup_then_decay(optimizer: torch.optim.Optimizer, total_steps: int,
+                      warmup: float = 0.15) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up over the first 15% of steps, then linear decay to zero at the last step."""
     warm = max(1, int(warmup * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
-
-    return factor
+    schedule = torch.optim.lr_scheduler
+    return schedule.SequentialLR(optimizer, [
+        schedule.LinearLR(optimizer, 1 / warm, 1.0, total_iters=max(1, warm - 1)),
+        schedule.LinearLR(optimizer, 1.0, 0.0, total_iters=max(1, total_steps - warm)),
+    ], milestones=[warm])
 
 
 def epoch_plan(n: int, epoch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -168,13 +168,6 @@ def evaluate(model: nn.Module, data: Split, aug: Augmenter, device: torch.device
         for i, name in enumerate(CLASS_NAMES)
     }
     return {"loss": loss_sum / len(data), "accuracy": float(correct.mean()), "per_class": per_class}
-
-
-def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """`write` fills a temporary file beside `path`, which then replaces it: a cut never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -237,7 +230,7 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> dic
     )
     local_batch = cfg.batch_size // world
     steps = max(1, len(train_data) // cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_decay(cfg.epochs * steps))
+    scheduler = warmup_then_decay(optimizer, cfg.epochs * steps)
     history: list[dict] = []
     best_acc, start_epoch = -1.0, 1
     if cfg.resume:
