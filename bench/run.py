@@ -24,9 +24,10 @@ import psutil
 
 from bench import runtime
 from bench.load import multipart, run_load
-from service.runtime import OnnxModel
-from service.store import shipped_file
-from tests.conftest import TEST_ZIP, cifar_samples, free_port, start_server, stop_server
+from core.runtime import OnnxModel
+from core.store import shipped_file
+from harness.samples import TEST_ZIP, cifar_samples
+from harness.server import free_port, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -48,12 +49,12 @@ def machine() -> dict:
 
 
 class Server:
-    """A `bentoml serve` of the shipped models with the given CIFAR10_* settings."""
+    """A `bentoml serve` of the shipped models with the given CIFAR10_* settings, from `checkout` (this one)."""
 
-    def __init__(self, home: Path, **settings: str) -> None:
+    def __init__(self, home: Path, checkout: Path = ROOT, **settings: str) -> None:
         self.port = free_port()
         env = {**os.environ, "BENTOML_HOME": str(home), **{f"CIFAR10_{k.upper()}": v for k, v in settings.items()}}
-        self.process = start_server(["service.service:Classifier"], env, ROOT, self.port)
+        self.process = start_server(["service.service:Classifier"], env, checkout, self.port)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def rss_mb(self) -> float:
@@ -142,30 +143,38 @@ def worker_runs(home: Path, quick: bool) -> list[dict]:
     return rows
 
 
-def target_runs(home: Path, quick: bool, repeats: int = 3) -> list[dict]:
-    """The issue's targets, each measured `repeats` times on a fresh server, the raw ceiling re-measured each time."""
+def target_loads(url: str, quick: bool) -> dict:
+    """The HTTP loads behind the targets, on a running server: ResNet-18 1 and 32 clients, LeNet 32 clients,
+    LeNet /classify_batch x64 at 8 clients."""
     _, image = cifar_samples(1)[3]
     bodies = {arch: multipart([("image", "x.jpg", image), ("model", "", arch.encode())])
               for arch in ("resnet18", "lenet")}
     batch_body = multipart([*[("images", f"{i}.jpg", d) for i, (_, d) in enumerate(cifar_samples(7)[:64])],
                             ("model", "", b"lenet")])
-    resnet = OnnxModel(shipped_file("resnet18"), threads=os.cpu_count())
+    return {
+        "resnet18 c=1": run_load(f"{url}/classify", *bodies["resnet18"], 1, 50 if quick else 200),
+        "resnet18 c=32": run_load(f"{url}/classify", *bodies["resnet18"], 32, 320 if quick else 960),
+        "lenet c=32": run_load(f"{url}/classify", *bodies["lenet"], 32, 1500 if quick else 6000),
+        "lenet batch64 c=8": run_load(f"{url}/classify_batch", *batch_body, 8, 80 if quick else 400,
+                                      images_per_request=64),
+    }
+
+
+def target_runs(home: Path, quick: bool, repeats: int = 3) -> list[dict]:
+    """The issue's targets, each measured `repeats` times on a fresh server, the raw ceiling re-measured each time."""
+    resnet = OnnxModel(shipped_file("resnet18"), threads=os.cpu_count() or 1)
     runs = []
     for _ in range(repeats):
         raw = {b: runtime.measure(resnet, b, seconds=2.0 if quick else 4.0) for b in (1, 8, 32)}
         with Server(home) as server:
-            url = f"{server.url}/classify"
-            one = run_load(url, *bodies["resnet18"], 1, 50 if quick else 200)
-            many = run_load(url, *bodies["resnet18"], 32, 320 if quick else 960)
-            lenet = run_load(url, *bodies["lenet"], 32, 1500 if quick else 6000)
-            batch = run_load(f"{server.url}/classify_batch", *batch_body, 8, 80 if quick else 400,
-                             images_per_request=64)
+            loads = target_loads(server.url, quick)
         best = max(r["images_per_s"] for r in raw.values())
+        lenet = loads["lenet c=32"]
         runs.append({
-            "resnet18 c=32 / raw best": many["images_per_s"] / best,
-            "resnet18 c=1 p50 ms (limit)": (one["p50_ms"], 1.5 * raw[1]["p50_ms"] + 5),
+            "resnet18 c=32 / raw best": loads["resnet18 c=32"]["images_per_s"] / best,
+            "resnet18 c=1 p50 ms (limit)": (loads["resnet18 c=1"]["p50_ms"], 1.5 * raw[1]["p50_ms"] + 5),
             "lenet c=32 req/s": lenet["requests_per_s"] if not lenet["errors"] else 0.0,
-            "lenet /classify_batch x64 images/s": batch["images_per_s"],
+            "lenet /classify_batch x64 images/s": loads["lenet batch64 c=8"]["images_per_s"],
         })
         print(f"targets run {len(runs)}: " + json.dumps(runs[-1]), flush=True)
     return runs
@@ -211,7 +220,7 @@ def predict_runs(raw: list[dict], quick: bool) -> list[dict]:
             times = []
             for _ in range(repeats):  # wall clock of the whole command, start-up included
                 began = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "service.cli", "predict", folder, "--recursive", "--model",
+                subprocess.run([sys.executable, "-m", "cli.main", "predict", folder, "--recursive", "--model",
                                 arch, "--batch-size", "64", "--out", str(out), "--quiet", "--force"],
                                check=True, cwd=ROOT)
                 times.append(time.perf_counter() - began)
@@ -235,7 +244,7 @@ def main() -> None:
     write_csv("runtime.csv", raw)
     with tempfile.TemporaryDirectory() as home:
         env = {**os.environ, "BENTOML_HOME": home}
-        subprocess.run([sys.executable, "-m", "service.store"], env=env, cwd=ROOT, check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
         with Server(Path(home)) as server:
             provider = httpx.get(f"{server.url}/models").json()["models"]["resnet18"]["provider"]
             load = load_runs(server, raw, args.quick)
