@@ -61,14 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", required=True, choices=("lenet", "resnet18"))
     p.add_argument("--data", required=True, help="zip, class-folder tree or cifar-10-batches-py root")
     p.add_argument("--out", required=True, help="run folder for checkpoints, metrics and curves")
-    p.add_argument("--epochs", type=int, help="default: the architecture's recipe")
+    p.add_argument("--epochs", type=int, help="default: the architecture's recipe; with --resume, more than the run's "
+                   "extends it")
     p.add_argument("--batch-size", type=int, help="global batch size; default: the recipe's")
     p.add_argument("--lr", type=float, help="peak learning rate; default: the recipe's")
     p.add_argument("--cutout", type=int, help="side of the square Cutout erases, 0 for none; default: the recipe's")
-    p.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
+    p.add_argument("--val-size", type=int, help="training images held out for validation (default 5000)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last.pt, with the run's own settings")
     p.add_argument("--stop-after", type=int, metavar="EPOCH", help="end after this epoch; finish later with --resume")
     p.add_argument("--download", action="store_true", help="fetch the official CIFAR-10 release into --data")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,6 +19,7 @@ from harness.samples import ROOT, TEST_ZIP
 from models import get_model
 from tests.conftest import run_cli
 from training.export import parity_problem
+from training.train import bf16_is_fast
 
 VOLATILE = ("seconds", "images_per_s")
 
@@ -57,6 +59,45 @@ def test_resume_matches_an_uninterrupted_run(trained: Path, tiny_data: Path, tmp
     straight = torch.load(trained / "last.pt", weights_only=True)["model"]
     resumed = torch.load(run / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_resume_keeps_the_runs_settings_and_says_when_it_is_finished(trained: Path, tiny_data: Path,
+                                                                      tmp_path: Path) -> None:
+    """The README's `--resume` without --epochs: the run's own 2 epochs, not the recipe's 60."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    base = ["train", "--arch", "lenet", "--data", str(tiny_data), "--out", str(run)]
+    finished = run_cli(*base, "--resume")
+    assert finished.returncode == 0, finished.stderr
+    assert "is finished (2 of 2 epochs): nothing to do" in finished.stdout and len(metrics(run)) == 2
+    changed = run_cli(*base, "--resume", "--lr", "0.2")
+    one_line_error(changed, "--resume keeps the run's settings: --lr 0.2 differs from its 0.05")
+    shorter = run_cli(*base, "--resume", "--epochs", "1")
+    one_line_error(shorter, "--epochs 1 is below the run's 2")
+    again = run_cli(*base)
+    one_line_error(again, "already holds a run; continue it with --resume")
+
+
+def test_resume_with_more_epochs_extends_the_run(trained: Path, tiny_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    result = run_cli("train", "--arch", "lenet", "--data", str(tiny_data), "--out", str(run), "--resume",
+                     "--epochs", "3")
+    assert result.returncode == 0, result.stderr
+    assert "extending the run from 2 to 3 epochs" in result.stdout, result.stdout
+    assert [m["epoch"] for m in metrics(run)] == [1, 2, 3] and metrics(run)[2]["lr"] == 0.0, result.stdout
+    assert torch.load(run / "last.pt", weights_only=True)["config"]["epochs"] == 3
+
+
+def test_training_says_what_it_trains_on(trained: Path, tiny_data: Path, tmp_path: Path) -> None:
+    result = run_cli("train", "--arch", "lenet", "--data", str(tiny_data), "--out", str(tmp_path / "r"),
+                     "--epochs", "1")
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("lenet: 270 training, 30 validation (--val-size 5000 capped at a tenth of them), "
+                            "50 test images; CPU")
+    assert ("bf16 autocast" in first) == bf16_is_fast(torch.device("cpu")) != ("fp32" in first)
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["val_images"] == 30
 
 
 def test_export_checks_parity_and_registers(trained: Path, tiny_data: Path, tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +36,10 @@ RECIPES: dict[str, dict[str, float]] = {
 PAD = 4  # random-crop padding, in pixels
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """Everything a run depends on; stored in every checkpoint."""
+    """Everything a run depends on; stored in every checkpoint. None: not given (the recipe's value, or on
+    --resume the run's own)."""
 
     arch: str
     data: str
@@ -49,8 +51,8 @@ class TrainConfig:
     cutout: int | None = None  # side of the square erased at random (Cutout), 0 for none
     momentum: float = 0.9
     label_smoothing: float = 0.1
-    val_size: int = 5000
-    seed: int = 0
+    val_size: int | None = None  # None: 5000
+    seed: int | None = None  # None: 0
     device: str = "auto"
     amp: bool | None = None  # bf16 autocast; None: on for CUDA and for CPUs with native bf16
     resume: bool = False
@@ -58,10 +60,27 @@ class TrainConfig:
     download: bool = False
     command: list[str] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        for key, value in RECIPES[self.arch].items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+    def filled(self) -> TrainConfig:
+        """The recipe's value and the defaults for every field not given (amp stays: the device decides)."""
+        defaults = {"val_size": 5000, "seed": 0, **RECIPES[self.arch]}
+        return replace(self, **{key: value for key, value in defaults.items() if getattr(self, key) is None})
+
+    def resumed(self, saved: TrainConfig) -> TrainConfig:
+        """The saved run's settings, continued as configured: a flag that would change them is refused, except
+        --epochs above the run's, which extends it."""
+        if saved.arch != self.arch:
+            raise TrainError(f"--resume: {self.out} holds a {saved.arch} run, not {self.arch}")
+        for key in ("batch_size", "lr", "cutout", "val_size", "seed"):
+            given, kept = getattr(self, key), getattr(saved, key)
+            if given is not None and given != kept:
+                flag = "--" + key.replace("_", "-")
+                raise TrainError(f"--resume keeps the run's settings: {flag} {given} differs from its {kept}; "
+                                 f"drop {flag}, or start a new run with another --out")
+        if self.epochs is not None and self.epochs < saved.epochs:
+            raise TrainError(f"--resume: --epochs {self.epochs} is below the run's {saved.epochs}; "
+                             "a run can be extended, not shortened")
+        return replace(saved, data=self.data, out=self.out, device=self.device, amp=self.amp, resume=True,
+                       stop_after=self.stop_after, download=self.download, epochs=self.epochs or saved.epochs)
 
 
 class TrainError(UserError):
@@ -192,37 +211,52 @@ def plot_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run the training described by `cfg`; returns the final summary (rank 0) or {}."""
+def train(given: TrainConfig) -> dict:
+    """Run the training described by `given` (continued from its run folder with --resume); returns the final
+    summary (rank 0) or {}."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    device = pick_device(given.device, int(os.environ.get("LOCAL_RANK", "0")))
+    last_path = Path(given.out) / "last.pt"
+    if given.resume:
+        if not last_path.exists():
+            raise TrainError(f"--resume: no {last_path} to resume from; start without --resume")
+        state = torch.load(last_path, map_location=device, weights_only=True)
+        cfg = given.resumed(TrainConfig(**state["config"]))
+    else:
+        if last_path.exists():
+            raise TrainError(f"{given.out} already holds a run; continue it with --resume, or choose another --out")
+        state, cfg = None, given.filled()
+    cfg = replace(cfg, amp=bf16_is_fast(device) if cfg.amp is None else cfg.amp)
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     if world > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if cfg.amp is None:
-        cfg.amp = bf16_is_fast(device)
     if cfg.batch_size % world:
         raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
     try:
-        return _train(cfg, device, rank, world)
+        return _train(cfg, state, device, rank, world)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> dict:
+def _train(cfg: TrainConfig, state: dict | None, device: torch.device, rank: int, world: int) -> dict:
+    """Train from scratch, or from `state` (last.pt) when resuming."""
     out = Path(cfg.out)
     is_main = rank == 0
     last_path, best_path = out / "last.pt", out / "best.pt"
+    if state is not None and state["epoch"] >= cfg.epochs:
+        if is_main:
+            print(f"{out} is finished ({state['epoch']} of {cfg.epochs} epochs): nothing to do; "
+                  "pass --epochs N to train it longer", flush=True)
+        return {}
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-    if cfg.resume and not last_path.exists():
-        raise TrainError(f"--resume: no {last_path} to resume from; start without --resume")
 
     train_data, val_data = split_validation(load_split(cfg.data, "train", cfg.download), cfg.val_size, cfg.seed)
+    test_data = _test_split(cfg.data, announce=is_main)
     torch.manual_seed(cfg.seed)
     model = get_model(cfg.arch).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
@@ -230,18 +264,22 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> dic
     )
     local_batch = cfg.batch_size // world
     steps = max(1, len(train_data) // cfg.batch_size)
-    scheduler = warmup_then_decay(optimizer, cfg.epochs * steps)
     history: list[dict] = []
     best_acc, start_epoch = -1.0, 1
-    if cfg.resume:
-        state = torch.load(last_path, map_location=device, weights_only=True)
-        if state["config"]["arch"] != cfg.arch:
-            raise TrainError(f"--resume: {last_path} holds a {state['config']['arch']} run, not {cfg.arch}")
+    if state is None:
+        scheduler = warmup_then_decay(optimizer, cfg.epochs * steps)
+    else:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         history, best_acc, start_epoch = state["history"], state["best_val_acc"], state["epoch"] + 1
+        scheduler = _resumed_schedule(optimizer, state, cfg.epochs, steps, announce=is_main)
+    if is_main:
+        capped = f" (--val-size {cfg.val_size} capped at a tenth of them)" if len(val_data) < cfg.val_size else ""
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+        print(f"{cfg.arch}: {len(train_data):,} training, {len(val_data):,} validation{capped}, "
+              f"{len(test_data) if test_data else 'no'} test images; {where} x {world}, "
+              f"{'bf16 autocast' if cfg.amp else 'fp32'}; epochs {start_epoch}-{cfg.epochs} of {steps} steps, "
+              f"batch {cfg.batch_size}", flush=True)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     aug = Augmenter(device, cfg.cutout)
@@ -313,10 +351,46 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> dic
         if is_main:
             print(f"stopped after epoch {last_epoch} of {cfg.epochs}; continue with --resume", flush=True)
         return {}
-    return _finish(cfg, device, out, history) if is_main else {}
+    return _finish(cfg, device, out, history, len(val_data), test_data) if is_main else {}
 
 
-def _finish(cfg: TrainConfig, device: torch.device, out: Path, history: list[dict]) -> dict:
+def _resumed_schedule(optimizer: torch.optim.Optimizer, state: dict, epochs: int, steps: int,
+                      announce: bool) -> torch.optim.lr_scheduler.LRScheduler:
+    """Load the optimizer's state and return the run's schedule where it stopped; extended to `epochs`, the
+    schedule of an `epochs` run at this step."""
+    planned = state["config"]["epochs"]
+    if epochs == planned:
+        scheduler = warmup_then_decay(optimizer, planned * steps)  # sets the rates: load the saved ones after it
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        return scheduler
+    optimizer.load_state_dict(state["optimizer"])
+    was = optimizer.param_groups[0]["lr"]
+    for group in optimizer.param_groups:  # the schedulers scale the current rate: start again from the peak
+        group["lr"] = group["initial_lr"]
+    scheduler = warmup_then_decay(optimizer, epochs * steps)
+    with warnings.catch_warnings():  # stepping ahead of optimizer.step() is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(state["epoch"] * steps):
+            scheduler.step()
+    if announce:
+        print(f"extending the run from {planned} to {epochs} epochs: the learning rate follows the {epochs}-epoch "
+              f"schedule from epoch {state['epoch'] + 1}, {scheduler.get_last_lr()[0]:.4g} (was {was:.4g})",
+              flush=True)
+    return scheduler
+
+
+def _test_split(data: str, announce: bool) -> Split | None:
+    try:
+        return load_split(data, "test")
+    except DataError as exc:  # no test split: say so and keep the run
+        if announce:
+            print(f"no test evaluation: {exc}", file=sys.stderr)
+        return None
+
+
+def _finish(cfg: TrainConfig, device: torch.device, out: Path, history: list[dict], val_images: int,
+            test: Split | None) -> dict:
     """Evaluate best.pt once on the test split and write summary.json."""
     best = torch.load(out / "best.pt", map_location=device, weights_only=True)
     model = get_model(cfg.arch).to(device, memory_format=torch.channels_last)
@@ -325,13 +399,9 @@ def _finish(cfg: TrainConfig, device: torch.device, out: Path, history: list[dic
         "arch": cfg.arch, "best_epoch": best["epoch"], "val_acc": best["val_acc"], "epochs": cfg.epochs,
         "train_seconds": round(sum(m["seconds"] for m in history), 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "config": asdict(cfg),
+        "config": asdict(cfg), "val_images": val_images,
     }
-    try:
-        test = load_split(cfg.data, "test")
-    except DataError as exc:  # no test split: say so and keep the run
-        print(f"no test evaluation: {exc}", file=sys.stderr)
-    else:
+    if test is not None:
         result = evaluate(model, test, Augmenter(device), device, cfg.amp)
         summary.update(test_acc=result["accuracy"], test_per_class=result["per_class"])
         print(f"test accuracy of best.pt (epoch {best['epoch']}): {result['accuracy']:.4f}", flush=True)
