@@ -35,8 +35,10 @@ lint: $(VENV)/.all
 	$(BIN)/lint-imports
 	$(BIN)/ruff format --check .
 
+# The last line printed is the plain tag (BentoML prints it as __tag__:NAME:VERSION).
 bento: register-shipped
-	$(BIN)/bentoml build --output tag
+	$(BIN)/bentoml build --output tag > $(VENV)/.bento-tag
+	@sed 's/^__tag__://' $(VENV)/.bento-tag
 
 bench: $(VENV)/.all
 	$(BIN)/python -m bench.run

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +17,21 @@ from harness.samples import REAL_IMAGES, ROOT
 from harness.server import free_port, start_server, stop_server
 
 
+def readme_deployment_command(start: str) -> list[str]:
+    """The README's deployment command that starts with `start`, as arguments (its comment dropped)."""
+    section = (ROOT / "README.md").read_text().split("## Deployment", 1)[1].split("```bash", 1)[1].split("```")[0]
+    return shlex.split(next(line for line in section.splitlines() if line.startswith(start)), comments=True)
+
+
 @pytest.fixture(scope="module")
 def bento(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict]:
-    """`bentoml build` in a fresh BENTOML_HOME holding the shipped models."""
+    """The README's `make bento`, in a fresh BENTOML_HOME: registers the shipped models and builds."""
     env = {**os.environ, "BENTOML_HOME": str(tmp_path_factory.mktemp("bento-home"))}
-    subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
-    bentoml = str(Path(sys.executable).parent / "bentoml")
-    result = subprocess.run([bentoml, "build", "--output", "tag"], env=env, cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(readme_deployment_command("make bento"), env=env, cwd=ROOT, capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stderr
-    tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    tag = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"cifar10-classifier:[a-z0-9]+", tag), result.stdout
     name, version = tag.split(":")
     return tag, Path(env["BENTOML_HOME"]) / "bentos" / name / version, env
 
@@ -47,10 +55,12 @@ def test_bento_requirements_name_onnxruntime_gpu_and_no_torch(bento) -> None:
     assert (path / "env" / "docker" / "Dockerfile").is_file()
 
 
-def test_built_bento_serves_from_another_directory(bento, samples, tmp_path: Path) -> None:
-    tag, _, env = bento
-    port = free_port()
-    process = start_server([tag], env, tmp_path, port)
+def test_readme_serve_command_serves_the_bento_from_another_directory(bento, samples, tmp_path: Path) -> None:
+    _, _, env = bento
+    command = readme_deployment_command(".venv/bin/bentoml serve")
+    assert command[:2] == [".venv/bin/bentoml", "serve"] and command[-2] == "--port"
+    port = free_port()  # instead of the README's fixed one
+    process = start_server(command[2:-2], env, tmp_path, port)
     try:
         label, data = samples[0]
         for model in ("resnet18", "lenet"):

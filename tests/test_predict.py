@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from PIL import Image
 
 from cli.predict import files_in
 from core.errors import UserError
+from harness.samples import ROOT
 from harness.server import free_port
 from tests.conftest import run_cli
 
@@ -138,3 +141,15 @@ def test_folders_list_in_path_order(tmp_path: Path) -> None:
     assert list(files_in(top, recursive=False)) == [f"{top}/{name}" for name in (".hidden.jpg", "A.jpg", "b.jpg")]
     with pytest.raises(UserError, match="cannot list folder"):
         list(files_in(str(tmp_path / "gone"), recursive=True))
+
+
+def test_evaluate_without_matplotlib_writes_the_json_and_names_the_install_command(tiny_data: Path,
+                                                                                   tmp_path: Path) -> None:
+    """As after `make serve` alone: the serving set has no matplotlib."""
+    script = ("import sys; sys.modules['matplotlib'] = None\nfrom cli.main import main\n"
+              f"sys.exit(main(['evaluate', '--data', {str(tiny_data)!r}, '--model', 'lenet', '--out', "
+              f"{str(tmp_path / 'eval')!r}]))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "eval" / "evaluation.json").is_file() and not (tmp_path / "eval" / "confusion.png").exists()
+    assert f"{sys.executable} -m pip install matplotlib" in result.stdout

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -74,8 +76,9 @@ def write_report(report: dict, confusion: np.ndarray, out: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        print("confusion-matrix PNG skipped: matplotlib is not installed (pip install -e '.[train]')")
+    except ImportError:  # not in the serving set: `make serve` alone installs no plotting
+        print(f"wrote {out / 'evaluation.json'}; confusion.png needs matplotlib, which this Python lacks: "
+              f"{shlex.quote(sys.executable)} -m pip install matplotlib")
         return
     fig, ax = plt.subplots(figsize=(7, 6))
     ax.imshow(confusion, cmap="Blues")
