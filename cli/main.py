@@ -32,9 +32,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from core.store import register
+    from core.store import register_and_compare
 
-    print(register(args.onnx_file, args.name))
+    print(register_and_compare(args.onnx_file, args.name))
     return 0
 
 

@@ -71,6 +71,31 @@ def register(onnx_file: str | os.PathLike, name: str) -> str:
     return str(model.tag)
 
 
+def register_and_compare(onnx_file: str | os.PathLike, name: str) -> str:
+    """Register, then say what changed for the service: the new version's test accuracy beside the previous
+    latest's, a warning when it is worse, and how a running service picks it up."""
+    previous = store_path(f"{name}:latest")
+    tag = register(onnx_file, name)
+    version = tag.partition(":")[2]
+    accuracy = OnnxModel(onnx_file, providers="cpu").info.test_accuracy
+    lines = [f"registered {tag} ({_percent(accuracy)} test accuracy)"]
+    if previous is not None:
+        before = OnnxModel(previous, providers="cpu").info.test_accuracy
+        lines.append(f"the latest before it: {name}:{previous.parent.name} ({_percent(before)})")
+        if accuracy is not None and before is not None and accuracy < before:
+            lines.append(f"warning: {name}:{version} is less accurate than {name}:{previous.parent.name} "
+                         "and is now the latest")
+    arch = next((arch for arch, stored in STORE_NAMES.items() if stored == name), None)
+    if arch:
+        lines.append(f"a running service serves it after a restart; to serve another version, set "
+                     f"CIFAR10_{arch.upper()}_VERSION (e.g. {version})")
+    return "\n".join(lines)
+
+
+def _percent(accuracy: float | None) -> str:
+    return "unknown" if accuracy is None else f"{accuracy:.2%}"
+
+
 def register_shipped() -> list[str]:
     """Register each shipped model whose name the store lacks; returns what it did, one line each."""
     done = []

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import bentoml
+from bentoml.exceptions import NotFound
 
 from core.bentoml_internals import bentoml_home, service_class
 from core.errors import UserError
@@ -31,6 +32,19 @@ WORKERS = SETTINGS.workers or (1 if CUDA in choose_providers(SETTINGS.providers)
 HTTP = HttpApi(SETTINGS)
 
 
+def served_model(arch: str) -> bentoml.models.BentoModel:
+    """The model to serve for `arch`: the store's latest, or the version its CIFAR10_<ARCH>_VERSION pins."""
+    version = getattr(SETTINGS, f"{arch}_version")
+    tag = f"{STORE_NAMES[arch]}:{version}"
+    if version != "latest":
+        try:
+            bentoml.models.get(tag)
+        except NotFound:
+            sys.exit(f"error: CIFAR10_{arch.upper()}_VERSION={version}: the model store has no {tag}; "
+                     f"`.venv/bin/bentoml models list {STORE_NAMES[arch]}` lists its versions")
+    return bentoml.models.BentoModel(tag)
+
+
 @bentoml.service(
     name="cifar10-classifier",
     workers=WORKERS,
@@ -41,8 +55,8 @@ HTTP = HttpApi(SETTINGS)
 class Classifier:
     """ResNet-18 and LeNet-5 CIFAR-10 classifiers in ONNX Runtime."""
 
-    resnet18_model = bentoml.models.BentoModel(f"{STORE_NAMES['resnet18']}:latest")
-    lenet_model = bentoml.models.BentoModel(f"{STORE_NAMES['lenet']}:latest")
+    resnet18_model = served_model("resnet18")
+    lenet_model = served_model("lenet")
 
     def __init__(self) -> None:
         """Load both models and run one warm-up inference each; BentoML's /readyz turns 200 only after this."""

@@ -6,11 +6,14 @@ Every setting is documented in the README; a bad value is one line naming the va
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from core.errors import UserError
 from core.runtime import PROVIDER_CHOICES
+
+VERSION = r"[a-z0-9]+"  # BentoML's version strings; `latest` matches too
 
 
 class SettingError(UserError):
@@ -35,6 +38,9 @@ class Settings:
     workers: int = field(default=0, metadata=_whole(0, 256, "0: one per core on a CPU host, 1 with a GPU"))
     ort_threads: int = field(default=0, metadata=_whole(0, 1024, "0: all cores alone, a share beside other workers"))
     providers: str = field(default="auto", metadata={"choices": PROVIDER_CHOICES})
+    # The store version served for each model: `latest` or a version (`bentoml models list`).
+    resnet18_version: str = field(default="latest", metadata={"pattern": VERSION})
+    lenet_version: str = field(default="latest", metadata={"pattern": VERSION})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -49,6 +55,10 @@ class Settings:
 
 
 def _parse(variable: str, raw: str, rules: Mapping) -> int | str:
+    if "pattern" in rules:
+        if not re.fullmatch(rules["pattern"], raw.lower()):
+            raise SettingError(f"{variable}={raw!r}: use latest or a version from `bentoml models list`")
+        return raw.lower()
     if "choices" in rules:
         if raw.lower() not in rules["choices"]:
             raise SettingError(f"{variable}={raw!r}: use one of {', '.join(rules['choices'])}")

@@ -10,14 +10,18 @@ import sys
 import zipfile
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
 
 from core.runtime import OnnxModel
+from core.store import PRETRAINED
 from harness.samples import ROOT, TEST_ZIP
+from harness.server import free_port, start_server, stop_server
 from models import get_model
 from tests.conftest import run_cli
+from training.evaluate import evaluate
 from training.export import parity_problem
 from training.train import bf16_is_fast
 
@@ -110,7 +114,7 @@ def test_export_checks_parity_and_registers(trained: Path, tiny_data: Path, tmp_
     assert diff <= 1e-4
     info = OnnxModel(onnx_file, providers="cpu").info
     assert info.arch == "lenet" and info.parity_max_abs_diff == pytest.approx(diff, rel=0.01)
-    assert info.test_accuracy == json.loads((trained / "summary.json").read_text())["test_acc"]
+    assert info.test_accuracy == evaluate(str(tiny_data), model=str(onnx_file))["accuracy"]  # what /models shows
 
     import bentoml
 
@@ -227,3 +231,34 @@ def test_parity_names_the_real_reason() -> None:
     near_tie_flipped = expected + np.array([[1e-6, 0, 0], [0, 0, 0]], np.float32)
     assert parity_problem(expected, near_tie_flipped) is None
     assert "max |logit diff| 1.00e-03 > 0.0001" in parity_problem(expected, expected + np.float32(1e-3))
+
+
+def test_a_worse_model_is_flagged_at_registration_and_the_served_version_can_be_pinned(
+        trained: Path, tiny_data: Path, tmp_path: Path, samples) -> None:
+    env = {"BENTOML_HOME": str(tmp_path / "home")}
+    shipped = run_cli("register", str(PRETRAINED / "lenet.onnx"), "--name", "cifar10-lenet", env=env)
+    assert shipped.returncode == 0, shipped.stderr
+    good = shipped.stdout.split()[1].split(":")[1]
+    worse = run_cli("export", str(trained / "best.pt"), "--out", str(tmp_path / "m.onnx"), "--data",
+                    str(tiny_data), "--register", "cifar10-lenet", env=env)
+    assert worse.returncode == 0, worse.stderr
+    new = worse.stdout.split("registered cifar10-lenet:")[1].split()[0]
+    assert f"the latest before it: cifar10-lenet:{good} (" in worse.stdout
+    assert f"warning: cifar10-lenet:{new} is less accurate than cifar10-lenet:{good}" in worse.stdout
+    assert "a running service serves it after a restart; to serve another version, set CIFAR10_LENET_VERSION" \
+        in worse.stdout
+    server_env = {**os.environ, **env}
+    subprocess.run([sys.executable, "-m", "core.store"], env=server_env, cwd=ROOT, check=True, capture_output=True)
+    port = free_port()
+    process = start_server(["service.service:Classifier"], {**server_env, "CIFAR10_LENET_VERSION": good}, ROOT, port)
+    try:
+        described = httpx.get(f"http://127.0.0.1:{port}/models").json()["models"]["lenet"]
+        assert described["version"] == good and described["test_accuracy"] > 0.7
+    finally:
+        stop_server(process)
+    missing = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "serve", "service.service:Classifier"],
+                             env={**server_env, "CIFAR10_LENET_VERSION": "nosuchversion"}, cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    lines = (missing.stdout + missing.stderr).strip().splitlines()
+    assert missing.returncode != 0 and len(lines) == 1 and "the model store has no cifar10-lenet:nosuchversion" \
+        in lines[0]

@@ -38,17 +38,23 @@ def _checkpoint_runner(path: str) -> tuple[Callable[[np.ndarray], np.ndarray], n
     return functools.partial(torch_logits, model), normalization_table(MEAN, STD), f"{path} (PyTorch eval mode, CPU)"
 
 
+def predicted_classes(run: Callable[[np.ndarray], np.ndarray], table: np.ndarray,
+                      images: np.ndarray) -> tuple[np.ndarray, float]:
+    """The top class of every uint8 NHWC image through `run`, and the seconds spent in `run`."""
+    predictions, seconds = [], 0.0
+    for start in range(0, len(images), BATCH):
+        batch = normalize(images[start : start + BATCH], table)
+        began = time.perf_counter()
+        predictions.append(run(batch).argmax(1))
+        seconds += time.perf_counter() - began
+    return np.concatenate(predictions), seconds
+
+
 def evaluate(data: str, model: str = "resnet18", split: str = "test", out: str | None = None) -> dict:
     """Overall and per-class accuracy, confusion matrix and images/s; written to `out` when given."""
     run, table, description = (_checkpoint_runner if model.endswith(".pt") else _onnx_runner)(model)
     labelled = load_split(data, split)
-    predictions, seconds = [], 0.0
-    for start in range(0, len(labelled), BATCH):
-        batch = normalize(labelled.images[start : start + BATCH], table)
-        began = time.perf_counter()
-        predictions.append(run(batch).argmax(1))
-        seconds += time.perf_counter() - began
-    predicted = np.concatenate(predictions)
+    predicted, seconds = predicted_classes(run, table, labelled.images)
     confusion = np.zeros((len(CLASS_NAMES), len(CLASS_NAMES)), dtype=np.int64)
     np.add.at(confusion, (labelled.labels, predicted), 1)
     per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from core.files import sha256_of, write_atomic
 from core.preprocess import normalization_table, normalize
 from models import get_model
 from training.data import load_split
+from training.evaluate import predicted_classes
 
 PARITY_ATOL = 1e-4
 PARITY_IMAGES = 256
@@ -86,9 +88,9 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str | No
     write_atomic(out, lambda tmp: _export_to(tmp, model, state, checkpoint, data))
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, sha256 {sha256_of(out)[:16]}…)")
     if register_as:
-        from core.store import register
+        from core.store import register_and_compare
 
-        print(register(out, register_as))
+        print(register_and_compare(out, register_as))
     return out
 
 
@@ -96,7 +98,8 @@ def _export_to(path: Path, model: torch.nn.Module, state: dict, checkpoint: Path
     exporter = _to_onnx(model, path)
     pixels = parity_pixels(data)
     batch = normalize(pixels, normalization_table(MEAN, STD))
-    expected, got = torch_logits(model, batch), onnx_logits(path, batch)
+    onnx_run = onnx_runner(path)
+    expected, got = torch_logits(model, batch), onnx_run(batch)
     diff = float(np.abs(got - expected).max())
     flips = top_class_flips(expected, got)
     print(f"parity on {len(batch)} images ({'real' if data else 'synthetic'}): max |logit diff| {diff:.2e}, "
@@ -107,9 +110,11 @@ def _export_to(path: Path, model: torch.nn.Module, state: dict, checkpoint: Path
         raise UserError(f"{problem}; nothing written")
     summary_file = checkpoint.parent / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    test_accuracy = onnx_test_accuracy(onnx_run, data)
     info = ModelInfo(
         arch=state["config"]["arch"], class_names=CLASS_NAMES, input_size=INPUT_SIZE, mean=MEAN, std=STD,
-        test_accuracy=summary.get("test_acc"), val_accuracy=state.get("val_acc"), epochs=state.get("epoch"),
+        test_accuracy=summary.get("test_acc") if test_accuracy is None else test_accuracy,
+        val_accuracy=state.get("val_acc"), epochs=state.get("epoch"),
         checkpoint_sha256=sha256_of(checkpoint), export_date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         package_version=package_version(), parity_max_abs_diff=diff, parity_images=len(batch),
     )
@@ -121,9 +126,26 @@ def _export_to(path: Path, model: torch.nn.Module, state: dict, checkpoint: Path
     onnx.save(proto, str(path))
 
 
-def onnx_logits(onnx_path: Path, batch: np.ndarray) -> np.ndarray:
+def onnx_runner(onnx_path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """Logits of a normalized float32 NCHW batch from ONNX Runtime on the CPU."""
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: batch})[0]
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch})[0]
+
+
+def onnx_test_accuracy(run: Callable[[np.ndarray], np.ndarray], data: str | None) -> float | None:
+    """The exported file's own accuracy on the test split of `data`, through the service's preprocessing: the
+    figure `cifar10 evaluate` reproduces and `/models` reports. None without a test split."""
+    try:
+        test = load_split(data, "test") if data else None
+    except UserError:
+        return None
+    if test is None:
+        return None
+    predicted, _ = predicted_classes(run, normalization_table(MEAN, STD), test.images)
+    accuracy = float((predicted == test.labels).mean())
+    print(f"test accuracy of the ONNX file on {len(test):,} test images: {accuracy:.4f}")
+    return accuracy
 
 
 def top_class_flips(expected: np.ndarray, got: np.ndarray) -> int:
