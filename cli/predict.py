@@ -56,11 +56,22 @@ def files_in(folder: str, recursive: bool) -> Iterator[str]:
             entries = sorted(listing, key=lambda entry: entry.name)
     except OSError as exc:
         raise UserError(f"cannot list folder {folder}: {exc.strerror or exc}") from None
+    skipped = 0
     for entry in entries:
-        if recursive and entry.is_dir(follow_symlinks=False):
-            yield from files_in(entry.path, recursive)
+        if entry.is_dir(follow_symlinks=False):
+            if recursive:
+                yield from files_in(entry.path, recursive)
+            else:
+                skipped += 1
         elif entry.is_file():
             yield entry.path
+    if skipped:
+        print(f"cifar10 predict: skipped {plural(skipped, 'sub-folder')} of {folder}; add --recursive to include them",
+              file=sys.stderr)
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def expand_inputs(inputs: list[str], recursive: bool, stdin: IO[str] = sys.stdin) -> Iterator[str]:
@@ -215,10 +226,10 @@ class Writer:
             self.stream = self.partial.open("w", newline="")
         self.rows = 0
         self.csv = csv.writer(self.stream) if self.fmt == "csv" else None
-        if self.csv:
-            self.csv.writerow(["path", "label", "probability", "top_labels", "top_probabilities", "error"])
 
     def write(self, row: Row) -> None:
+        if self.csv and not self.rows:  # with the first row: a run that fails before any writes nothing
+            self.csv.writerow(["path", "label", "probability", "top_labels", "top_probabilities", "error"])
         self.rows += 1
         label, probability = row.top[0] if row.top else ("", None)
         if self.csv:
@@ -266,7 +277,7 @@ class Progress:
             self.bar.close()
         rate = self.images / max(time.perf_counter() - self.started, 1e-9)
         where = "" if out == "-" else f" -> {out}"
-        return f"{self.images:,} images, {self.errors:,} errors, {rate:,.0f} images/s{where}"
+        return f"{plural(self.images, 'image')}, {plural(self.errors, 'error')}, {rate:,.0f} images/s{where}"
 
 
 def predict(inputs: list[str], model: str = "resnet18", top_k: int = 3, batch_size: int = 64, out: str = "-",

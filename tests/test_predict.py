@@ -64,9 +64,6 @@ def test_csv_and_jsonl_agree(mixed_folder: Path, tmp_path: Path) -> None:
 
 
 def test_paths_from_stdin_and_stdout_output(mixed_folder: Path) -> None:
-    import subprocess
-    import sys
-
     paths = "\n".join(str(p) for p in sorted(mixed_folder.glob("*.jpg"))) + "\n"
     result = subprocess.run([sys.executable, "-m", "cli.main", "predict", "-", "--model", "lenet",
                              "--format", "jsonl"], input=paths, capture_output=True, text=True)
@@ -153,3 +150,20 @@ def test_evaluate_without_matplotlib_writes_the_json_and_names_the_install_comma
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "eval" / "evaluation.json").is_file() and not (tmp_path / "eval" / "confusion.png").exists()
     assert f"{sys.executable} -m pip install matplotlib" in result.stdout
+
+
+def test_sub_folders_skipped_without_recursive_are_named(tmp_path: Path, samples) -> None:
+    (tmp_path / "photos" / "holiday").mkdir(parents=True)
+    (tmp_path / "photos" / "a.jpg").write_bytes(samples[0][1])
+    (tmp_path / "photos" / "holiday" / "b.jpg").write_bytes(samples[1][1])
+    flat = run_cli("predict", str(tmp_path / "photos"), "--model", "lenet")
+    assert flat.returncode == 0 and len(flat.stdout.splitlines()) == 2  # header + a.jpg
+    assert f"skipped 1 sub-folder of {tmp_path / 'photos'}; add --recursive to include them" in flat.stderr
+    assert "1 image, 0 errors" in flat.stderr
+    deep = run_cli("predict", str(tmp_path / "photos"), "--model", "lenet", "--recursive")
+    assert len(deep.stdout.splitlines()) == 3 and "skipped" not in deep.stderr
+
+
+def test_a_run_that_fails_before_any_work_prints_no_csv_header(tmp_path: Path) -> None:
+    result = run_cli("predict", str(tmp_path / "nothing-*.jpg"))
+    assert result.returncode == 2 and result.stdout == ""
