@@ -197,12 +197,13 @@ def target_summary(runs: list[dict]) -> list[dict]:
 def memory_run(server: Server, quick: bool) -> dict:
     _, image = cifar_samples(1)[0]
     body, ctype = multipart([("image", "x.jpg", image), ("model", "", b"lenet")])
-    run_load(f"{server.url}/classify", body, ctype, 32, 1000)
-    after_1k = server.rss_mb()
-    run_load(f"{server.url}/classify", body, ctype, 32, 2000 if quick else 9000)
-    after_10k = server.rss_mb()
-    print(f"memory: {after_1k:.0f} MB after 1,000 requests, {after_10k:.0f} MB after 10,000", flush=True)
-    return {"rss_mb_after_1k": after_1k, "rss_mb_after_10k": after_10k, "growth": after_10k / after_1k - 1}
+    first, more = 1000, 2000 if quick else 9000
+    run_load(f"{server.url}/classify", body, ctype, 32, first)
+    before = server.rss_mb()
+    run_load(f"{server.url}/classify", body, ctype, 32, more)
+    after = server.rss_mb()
+    print(f"memory: {before:.0f} MB after {first:,} requests, {after:.0f} MB after {first + more:,}", flush=True)
+    return {"requests": [first, first + more], "rss_mb": [before, after], "growth": after / before - 1}
 
 
 def predict_runs(raw: list[dict], quick: bool) -> list[dict]:

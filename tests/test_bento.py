@@ -26,7 +26,9 @@ def readme_deployment_command(start: str) -> list[str]:
 @pytest.fixture(scope="module")
 def bento(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict]:
     """The README's `make bento`, in a fresh BENTOML_HOME: registers the shipped models and builds."""
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path_factory.mktemp("bento-home"))}
+    # As from a user's shell: under `make test`, the inherited MAKELEVEL makes make name its directory last.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MAKE")},
+           "BENTOML_HOME": str(tmp_path_factory.mktemp("bento-home"))}
     result = subprocess.run(readme_deployment_command("make bento"), env=env, cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 from PIL import Image
 
 from core.contract import CLASS_NAMES
-from harness.samples import REAL_IMAGES, ROOT
+from harness.samples import REAL_IMAGES, ROOT, TEST_ZIP
 from harness.server import free_port, start_server, stop_server
 
 pytestmark = pytest.mark.server
@@ -169,6 +171,20 @@ def test_a_bad_image_among_concurrent_good_ones_fails_alone(server: str, samples
     statuses = asyncio.run(main())
     assert sorted(set(statuses)) == [200, 400]
     assert statuses.count(400) == sum(1 for i in range(32) if i % 7 == 3)
+
+
+def test_the_readmes_classify_example_is_what_the_service_answers(server: str) -> None:
+    if not REAL_IMAGES:
+        pytest.skip(f"the README's example is test/cat/0000.jpg of {TEST_ZIP}, which is not here")
+    readme = (ROOT / "README.md").read_text().split("## HTTP API", 1)[1]
+    example = json.loads(readme.split("```json", 1)[1].split("```", 1)[0])
+    with zipfile.ZipFile(TEST_ZIP) as archive:
+        answer = classify(server, archive.read("test/cat/0000.jpg"), "cat.jpg").json()
+    assert answer["model"] == example["model"]
+    assert [(p["label"], p["index"]) for p in answer["predictions"]] == \
+        [(p["label"], p["index"]) for p in example["predictions"]]
+    assert [round(p["probability"], 3) for p in answer["predictions"]] == \
+        [p["probability"] for p in example["predictions"]]
 
 
 def test_models_endpoint_describes_the_served_models(server: str) -> None:
