@@ -1,22 +1,34 @@
-"""Every use of BentoML beyond its documented API, in one place (written against BentoML 1.4.40).
+"""Every use of BentoML and uvicorn beyond their documented APIs, in one place (written against
+BentoML 1.4.40 and uvicorn 0.54).
 
-On a BentoML upgrade, re-check each item below; tests/test_bentoml_internals.py fails loudly
+On an upgrade of either, re-check each item below; tests/test_bentoml_internals.py fails loudly
 when one of them has moved:
 - the model store's layout: `$BENTOML_HOME/models/NAME/latest` holds the newest version,
   `NAME/VERSION/` its files (read directly: importing BentoML's store costs `predict` 0.4 s);
 - `BentoMLContainer.http.cors` and `.access_control_options`: the CORS settings;
 - the undocumented `service_class=` argument of `@bentoml.service`, and `Service.to_asgi(is_main)`,
-  through which the classification routes are put ahead of BentoML's per-request middleware.
+  through which the classification routes are put ahead of BentoML's per-request middleware;
+- `bentoml._internal.utils.circus.create_standalone_arbiter(check_delay=10)`: how often `bentoml
+  serve`'s process manager looks for dead workers to start again; looked up when the server starts,
+  after it imports the service;
+- uvicorn's `protocols.http.auto.AutoHTTPProtocol` (what its default `http="auto"` resolves to when
+  BentoML's worker builds its uvicorn.Config, after importing the service) and the hooks of its
+  httptools protocol (`connection_made`, `on_headers_complete`, `on_response_complete`,
+  `connection_lost`, `shutdown`, `cycle`, `loop`), for a time limit on request heads that uvicorn
+  lacks, and for a last moment to send a request when a worker shuts down.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ASGIApp = Callable[..., Any]
+LAST_CALL_S = 0.5  # at shutdown, how long a connection without a request may still send one
 
 
 def bentoml_home() -> Path:
@@ -55,3 +67,83 @@ def service_class(wrap: Callable[[ASGIApp, dict | None], ASGIApp]) -> type:
             return wrap(app, cors_options())
 
     return WrappedService
+
+
+def limit_request_head_time(seconds: float) -> None:
+    """Answer 408 and close a connection whose request line and headers take longer than `seconds` to arrive.
+
+    uvicorn has no such limit (its keep-alive timer stops at a connection's first byte), so a client
+    sending a header byte a second would hold its connection for ever. Call before uvicorn starts.
+    """
+    from uvicorn.protocols.http import auto
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    if not issubclass(auto.AutoHTTPProtocol, HttpToolsProtocol):  # h11 without httptools: left as it is
+        return
+    body = json.dumps({"error": f"the request headers did not arrive within {seconds:g} s"}).encode()
+    answer = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+              b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    class HeadTimeLimit(HttpToolsProtocol):
+        head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            self._start_head_timer()
+
+        def on_headers_complete(self) -> None:
+            self._stop_head_timer()
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._start_head_timer()  # for the next request on this connection
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_head_timer()
+            super().connection_lost(exc)
+
+        def shutdown(self) -> None:
+            """uvicorn's graceful shutdown closes a connection without a request in progress at once, cutting a
+            request that is on its way; give such a connection a last moment to send one instead."""
+            if self.cycle is None or self.cycle.response_complete:
+                self._start_head_timer(LAST_CALL_S)
+            else:
+                super().shutdown()
+
+        def _start_head_timer(self, limit: float = seconds) -> None:
+            self._stop_head_timer()
+            if not self.transport.is_closing():
+                self.head_timer = self.loop.call_later(limit, self._head_too_slow)
+
+        def _stop_head_timer(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
+
+        def _head_too_slow(self) -> None:
+            self.head_timer = None
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.write(answer)
+                self.transport.close()
+
+    auto.AutoHTTPProtocol = HeadTimeLimit
+
+
+def restart_dead_workers_within(seconds: float) -> None:
+    """Have `bentoml serve`'s process manager look for dead workers every `seconds` (BentoML's own 10 s put a
+    killed worker's replacement 8-9 s away). Call while the service module is imported, before the server starts.
+
+    BentoML chose 10 s because its older runner health checks conflicted at 1 s; this service has no runners.
+    """
+    from bentoml._internal.utils import circus
+
+    create = circus.create_standalone_arbiter
+    if getattr(create, "check_delay", None) == seconds:  # imported twice (the server, then each worker)
+        return
+
+    def create_standalone_arbiter(watchers: list, **kwargs: Any) -> Any:
+        return create(watchers, **{"check_delay": seconds, **kwargs})
+
+    create_standalone_arbiter.check_delay = seconds
+    circus.create_standalone_arbiter = create_standalone_arbiter

@@ -11,7 +11,9 @@ import shutil
 from pathlib import Path
 
 from core.bentoml_internals import stored_file
+from core.contract import CLASS_NAMES, INPUT_SIZE
 from core.errors import UserError
+from core.files import sha256_of
 from core.runtime import OnnxModel
 
 PRETRAINED = Path(__file__).resolve().parent.parent / "models" / "pretrained"
@@ -61,7 +63,8 @@ def register(onnx_file: str | os.PathLike, name: str) -> str:
 
     path = Path(onnx_file)
     info = OnnxModel(path, providers="cpu").info  # also proves the file loads and carries our metadata
-    metadata = {key: value for key, value in vars(info).items() if value is not None}
+    # The file's sha256 too: the service checks the stored file against it before it serves (verify_stored).
+    metadata = {**{key: value for key, value in vars(info).items() if value is not None}, "sha256": sha256_of(path)}
     labels = {"arch": info.arch, "task": "cifar10-classification", "format": "onnx"}
     try:
         with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
@@ -69,6 +72,19 @@ def register(onnx_file: str | os.PathLike, name: str) -> str:
     except ValueError as exc:  # an invalid model name
         raise UserError(f"cannot register as {name!r}: {exc}") from None
     return str(model.tag)
+
+
+def verify_stored(path: Path, metadata: dict, tag: str) -> None:
+    """Refuse a stored model whose file differs from the one registered, or whose input contract is not this
+    service's (class names, input size); models registered before sha256 was recorded are checked on the contract."""
+    recorded = metadata.get("sha256")
+    if recorded and sha256_of(path) != recorded:
+        raise UserError(f"{tag}: {path} is not the file that was registered (sha256 differs): it is corrupt or "
+                        f"was changed; register the model again")
+    classes, size = tuple(metadata.get("class_names", ())), metadata.get("input_size")
+    if classes != CLASS_NAMES or size != INPUT_SIZE:
+        raise UserError(f"{tag} does not fit this service: classes {list(classes)}, input size {size}; it expects "
+                        f"the {len(CLASS_NAMES)} CIFAR-10 classes at {INPUT_SIZE}x{INPUT_SIZE}")
 
 
 def register_and_compare(onnx_file: str | os.PathLike, name: str) -> str:

@@ -21,3 +21,11 @@ class BodyTooLarge(Exception):
 
 class TimedOut(Exception):
     """No answer within timeout_s (HTTP 504)."""
+
+
+class SlowRequest(Exception):
+    """A request body that did not arrive within body_timeout_s (HTTP 408)."""
+
+
+class ShuttingDown(Exception):
+    """A request that arrived while the worker drains (HTTP 503, Connection: close)."""

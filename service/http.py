@@ -11,6 +11,7 @@ body-size, concurrency and time limits with clear errors, and Prometheus request
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -23,7 +24,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import ImageError, ImageTooLarge, UnsupportedImage
-from service.errors import BadRequest, BodyTooLarge, Overloaded, TimedOut, TooManyRequests
+from service.drain import Drain
+from service.errors import (
+    BadRequest,
+    BodyTooLarge,
+    Overloaded,
+    ShuttingDown,
+    SlowRequest,
+    TimedOut,
+    TooManyRequests,
+)
 from service.metrics import REQUEST_SECONDS, REQUESTS
 from service.predictor import DEFAULT_MODEL, Label, Predictor
 from service.settings import Settings
@@ -35,7 +45,8 @@ logger = logging.getLogger("cifar10.http")
 # Most specific first: the first match gives the status.
 STATUSES: tuple[tuple[type[Exception], int], ...] = (
     (ImageTooLarge, 413), (UnsupportedImage, 415), (ImageError, 400), (BadRequest, 400),
-    (BodyTooLarge, 413), (TooManyRequests, 429), (Overloaded, 503), (TimedOut, 504),
+    (BodyTooLarge, 413), (SlowRequest, 408), (TooManyRequests, 429), (Overloaded, 503), (ShuttingDown, 503),
+    (TimedOut, 504),
 )
 ANSWERED = tuple(kind for kind, _ in STATUSES)
 
@@ -48,48 +59,70 @@ def error_response(exc: Exception) -> JSONResponse:
     """The answer to any error: `{"error": message}` with its status, and Retry-After when retrying helps."""
     status = status_of(exc)
     message = str(exc) if status != 500 else "internal server error; the server log has the details"
-    headers = {"retry-after": RETRY_AFTER_S} if status in (429, 503) else None
+    headers = {"retry-after": RETRY_AFTER_S} if status in (429, 503) else {}
+    if isinstance(exc, (SlowRequest, ShuttingDown)):  # the rest of the body, or this worker, is gone
+        headers["connection"] = "close"
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 class Limits:
-    """413 for bodies over `max_body_bytes`; 429 past `max_concurrency` in flight; 504 after `timeout_s`."""
+    """413 for bodies over `max_body_bytes`, 408 for bodies slower than `body_timeout_s`, 429 past
+    `max_concurrency` in flight, 504 after `timeout_s`.
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, max_concurrency: int, timeout_s: float) -> None:
+    The body is read whole before a request counts as in flight, so clients that send slowly hold
+    a connection, never a place among the requests being served.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_concurrency: int, timeout_s: float,
+                 body_timeout_s: float = 30) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
+        self.body_timeout_s = body_timeout_s
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            body = await self._body(scope, receive)
+        except (BodyTooLarge, SlowRequest) as exc:
+            await error_response(exc)(scope, receive, send)
+            return
         if self.in_flight >= self.max_concurrency:
             await error_response(TooManyRequests("too many requests in flight; retry shortly"))(scope, receive, send)
             return
         self.in_flight += 1
         try:
-            await self._limited(scope, receive, send)
+            await self._limited(scope, _replay(body, receive), send)
         finally:
             self.in_flight -= 1
 
-    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
-        limit_mb = self.max_body_bytes / (1024 * 1024)
-        too_large = BodyTooLarge(f"request body is larger than the {limit_mb:g} MB limit; send a smaller image")
+    async def _body(self, scope: Scope, receive: Receive) -> bytes:
+        too_large = BodyTooLarge(f"request body is larger than the {self.max_body_bytes / 2**20:g} MB limit; "
+                                 "send a smaller image")
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await error_response(too_large)(scope, receive, send)
-            return
-        received = 0
-        started = False
+            raise too_large
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":  # the client went away
+                        break
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > self.max_body_bytes:
+                        raise too_large
+                    if not message.get("more_body"):
+                        break
+        except TimeoutError:
+            raise SlowRequest(f"the request body did not arrive within {self.body_timeout_s:g} s; "
+                              "send it faster or send a smaller image") from None
+        return b"".join(chunks)
 
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise too_large
-            return message
+    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
 
         async def noting_send(message: Message) -> None:
             nonlocal started
@@ -98,13 +131,21 @@ class Limits:
 
         try:
             async with asyncio.timeout(self.timeout_s):
-                await self.app(scope, counting_receive, noting_send)
-        except BodyTooLarge as exc:
-            await error_response(exc)(scope, receive, send)
+                await self.app(scope, receive, noting_send)
         except TimeoutError:
             if not started:
                 timed_out = TimedOut(f"no answer within {self.timeout_s:g} s; retry later or send fewer images")
                 await error_response(timed_out)(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives the body already read, then whatever the connection says next (a disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
 
 
 class RequestMetrics:
@@ -169,6 +210,7 @@ class HttpApi:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.predictor: Predictor | None = None
+        self.drain = Drain(settings.drain_s)
         self.routes = {"/classify": self.classify, "/classify_batch": self.classify_batch}
         self.app = self._app()
 
@@ -178,8 +220,8 @@ class HttpApi:
     def direct(self, bentoml_app: ASGIApp, cors: dict | None) -> DirectRoutes:
         """BentoML's app with the classification routes put ahead of its middleware."""
         limited = Limits(self._endpoint, self.settings.max_body_bytes, self.settings.max_concurrency,
-                         self.settings.timeout_s)
-        return DirectRoutes(bentoml_app, self.routes, RequestMetrics(limited), cors)
+                         self.settings.timeout_s, self.settings.body_timeout_s)
+        return DirectRoutes(bentoml_app, self.routes, RequestMetrics(limited), self.drain, cors)
 
     async def classify(self, request: Request) -> Response:
         """Classify one image: the top_k CIFAR-10 labels with softmax probabilities."""
@@ -249,20 +291,63 @@ def _multipart_body(files: dict) -> dict:
 
 
 class DirectRoutes:
-    """POSTs to `routes` run through `direct` (limits and metrics); everything else goes to BentoML's app."""
+    """The worker's outermost ASGI app: counts requests in flight for the drain, refuses new ones while it
+    drains, and runs POSTs to `routes` through `direct` (limits and metrics); everything else goes to BentoML."""
 
-    def __init__(self, bentoml_app: ASGIApp, routes: dict, direct: ASGIApp, cors: dict | None = None) -> None:
+    def __init__(self, bentoml_app: ASGIApp, routes: dict, direct: ASGIApp, drain: Drain,
+                 cors: dict | None = None) -> None:
         """`cors`: CORSMiddleware options when BentoML's CORS is on (its preflights stay BentoML's)."""
         self.bentoml_app = bentoml_app
         self.paths = set(routes)
         self.direct = CORSMiddleware(direct, **cors) if cors else direct
+        self.drain = drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+        if scope["type"] != "http":
             await self.bentoml_app(scope, receive, send)
             return
+        drain = self.drain
+        counted = scope["method"] == "POST"  # the drain's summary counts requests, not probes and scrapes
+        drain.in_flight += 1
+        drain.received += counted
+        drain.last_request = time.monotonic()
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and drain.draining:  # no next request on this connection
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                drain.answered += counted
+            await send(message)
+
         try:
-            await self.direct(scope, receive, send)
-        except Exception as exc:  # a bug, not bad input: log it and answer in JSON like every other error
-            logger.exception("%s failed", scope["path"])
-            await error_response(exc)(scope, receive, send)
+            await self._route(scope, receive, closing_send)
+        finally:
+            drain.in_flight -= 1
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.drain.draining and scope["path"] not in STILL_SERVED_WHILE_DRAINING:
+            await _refuse(scope, receive, send)
+        elif scope["method"] != "POST" or scope["path"] not in self.paths:
+            await self.bentoml_app(scope, receive, send)
+        else:
+            try:
+                await self.direct(scope, receive, send)
+            except Exception as exc:  # a bug, not bad input: log it and answer in JSON like every other error
+                logger.exception("%s failed", scope["path"])
+                await error_response(exc)(scope, receive, send)
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send) -> None:
+    """503 for a request that arrived while the worker drains. Its body is read first: closing a connection
+    with unread data makes the kernel send a reset, which can destroy the answer before the client reads it."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(1):
+            while (await receive()).get("more_body"):
+                pass
+    await error_response(ShuttingDown("this server is shutting down; retry, another replica will answer"))(
+        scope, receive, send)
+
+
+# While draining: liveness, readiness (503 then, from the service's __is_ready__) and metrics.
+STILL_SERVED_WHILE_DRAINING = {"/livez", "/readyz", "/metrics"}

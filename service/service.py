@@ -14,10 +14,15 @@ from pathlib import Path
 import bentoml
 from bentoml.exceptions import NotFound
 
-from core.bentoml_internals import bentoml_home, service_class
+from core.bentoml_internals import (
+    bentoml_home,
+    limit_request_head_time,
+    restart_dead_workers_within,
+    service_class,
+)
 from core.errors import UserError
 from core.runtime import CUDA, choose_providers
-from core.store import MODEL_FILE, STORE_NAMES
+from core.store import MODEL_FILE, STORE_NAMES, verify_stored
 from service.http import HttpApi
 from service.predictor import ModelFile, Predictor
 from service.settings import Settings
@@ -30,18 +35,26 @@ except UserError as exc:  # one line, before BentoML sees any setting
 # on a GPU, one worker feeds the device and more would each hold a CUDA context.
 WORKERS = SETTINGS.workers or (1 if CUDA in choose_providers(SETTINGS.providers) else os.cpu_count() or 1)
 HTTP = HttpApi(SETTINGS)
+limit_request_head_time(SETTINGS.header_timeout_s)
+restart_dead_workers_within(1.0)
 
 
 def served_model(arch: str) -> bentoml.models.BentoModel:
-    """The model to serve for `arch`: the store's latest, or the version its CIFAR10_<ARCH>_VERSION pins."""
+    """The model to serve for `arch`: the store's latest, or the version its CIFAR10_<ARCH>_VERSION pins; checked
+    against its recorded sha256 and this service's input contract before anything is served."""
     version = getattr(SETTINGS, f"{arch}_version")
     tag = f"{STORE_NAMES[arch]}:{version}"
-    if version != "latest":
-        try:
-            bentoml.models.get(tag)
-        except NotFound:
-            sys.exit(f"error: CIFAR10_{arch.upper()}_VERSION={version}: the model store has no {tag}; "
-                     f"`.venv/bin/bentoml models list {STORE_NAMES[arch]}` lists its versions")
+    try:
+        stored = bentoml.models.get(tag)
+        verify_stored(Path(stored.path_of(MODEL_FILE)), stored.info.metadata, str(stored.tag))
+    except NotFound:
+        if version == "latest":
+            sys.exit(f"error: the model store has no {STORE_NAMES[arch]}; register the shipped models with "
+                     "`.venv/bin/python -m core.store` (make serve does)")
+        sys.exit(f"error: CIFAR10_{arch.upper()}_VERSION={version}: the model store has no {tag}; "
+                 f"`.venv/bin/bentoml models list {STORE_NAMES[arch]}` lists its versions")
+    except UserError as exc:
+        sys.exit(f"error: {exc}")
     return bentoml.models.BentoModel(tag)
 
 
@@ -59,14 +72,24 @@ class Classifier:
     lenet_model = served_model("lenet")
 
     def __init__(self) -> None:
-        """Load both models and run one warm-up inference each; BentoML's /readyz turns 200 only after this."""
+        """Load both models and run one warm-up inference each; BentoML's /readyz turns 200 only after this.
+
+        BentoML runs this in the worker's event loop, at start-up."""
         stored = {"resnet18": self.resnet18_model, "lenet": self.lenet_model}
         files = {arch: ModelFile(str(ref.tag), Path(ref.path_of(MODEL_FILE))) for arch, ref in stored.items()}
         # The workers' shared-cores file sits in BentoML's home, like their metrics files; their parent is the server.
         cores_file = bentoml_home() / f"cifar10-cores-{os.getppid()}"
         self.predictor = Predictor(files, SETTINGS, WORKERS, bentoml.server_context.worker_index or 0, cores_file)
         HTTP.attach(self.predictor)
+        HTTP.drain.install()  # after uvicorn's own signal handlers, which it calls when the drain ends
+
+    def __is_ready__(self) -> bool:
+        """BentoML's /readyz answers 503 while this worker drains."""
+        return not HTTP.drain.draining
 
     @bentoml.on_shutdown
     def close(self) -> None:
+        """Runs once uvicorn has answered every request (not when the grace period ran out)."""
         self.predictor.close()
+        if HTTP.drain.draining:
+            print(HTTP.drain.summary(), file=sys.stderr, flush=True)

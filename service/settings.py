@@ -38,6 +38,10 @@ class Settings:
     workers: int = field(default=0, metadata=_whole(0, 256, "0: one per core on a CPU host, 1 with a GPU"))
     ort_threads: int = field(default=0, metadata=_whole(0, 1024, "0: all cores alone, a share beside other workers"))
     providers: str = field(default="auto", metadata={"choices": PROVIDER_CHOICES})
+    # On SIGTERM: how long requests in flight may take to finish (Kubernetes waits 30 s by default).
+    drain_s: int = field(default=20, metadata=_whole(0, 3600))
+    header_timeout_s: int = field(default=10, metadata=_whole(1, 600))  # request line and headers, then 408
+    body_timeout_s: int = field(default=30, metadata=_whole(1, 3600))  # the whole body, then 408
     # The store version served for each model: `latest` or a version (`bentoml models list`).
     resnet18_version: str = field(default="latest", metadata={"pattern": VERSION})
     lenet_version: str = field(default="latest", metadata={"pattern": VERSION})

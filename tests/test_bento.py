@@ -84,6 +84,8 @@ def test_serving_code_runs_with_torch_unimportable(samples, tmp_path: Path) -> N
         "from cli.main import main\n"
         f"sys.exit(main(['predict', {str(image)!r}, '--model', 'lenet', '--format', 'jsonl']))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home")}  # the service checks its models at import
+    subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert '"label": ' in result.stdout and "torch" not in result.stderr

@@ -34,3 +34,20 @@ def test_service_class_and_to_asgi_are_where_they_were() -> None:
     assert "service_class" in inspect.signature(bentoml.service).parameters
     assert "is_main" in inspect.signature(bentoml.Service.to_asgi).parameters
     assert issubclass(service_class(lambda app, cors: app), bentoml.Service)
+
+
+def test_the_process_managers_check_delay_is_where_it_was() -> None:
+    from bentoml._internal.utils import circus
+
+    assert "check_delay" in inspect.getsource(circus.create_standalone_arbiter)
+
+
+def test_uvicorns_protocol_hooks_are_where_they_were() -> None:
+    from uvicorn.config import HTTP_PROTOCOLS
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    assert HTTP_PROTOCOLS["auto"] == "uvicorn.protocols.http.auto:AutoHTTPProtocol"
+    for hook in ("connection_made", "on_headers_complete", "on_response_complete", "connection_lost", "shutdown"):
+        assert callable(getattr(HttpToolsProtocol, hook)), hook
+    source = inspect.getsource(HttpToolsProtocol.__init__)
+    assert "self.cycle" in source and "self.loop" in source

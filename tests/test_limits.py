@@ -20,13 +20,15 @@ async def slow_echo(scope, receive, send) -> None:
 
 
 async def call(app, body: bytes = b"", delay: float = 0, chunk: int = 1024, path: str = "/classify",
-               headers: list | None = None) -> tuple[int, dict, dict]:
-    """One POST through `app`, the body sent in chunks; returns status, headers and JSON body."""
+               headers: list | None = None, pause: float = 0) -> tuple[int, dict, dict]:
+    """One POST through `app`, the body sent in chunks `pause` seconds apart; returns status, headers and JSON."""
     chunks = [body[i : i + chunk] for i in range(0, len(body), chunk)] or [b""]
     messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
     sent = []
 
     async def receive():
+        if messages and pause and messages[0]["body"] is not chunks[0]:
+            await asyncio.sleep(pause)
         return messages.pop(0) if messages else {"type": "http.disconnect"}
 
     async def send(message):
@@ -82,3 +84,21 @@ def test_each_error_has_one_answer(error: Exception, status: int, retry: bool) -
     assert response.status_code == status and ("retry-after" in response.headers) == retry
     message = json.loads(response.body)["error"]
     assert message == (str(error) if status != 500 else "internal server error; the server log has the details")
+
+
+def test_a_body_slower_than_its_time_limit_is_a_408_that_closes_the_connection() -> None:
+    status, headers, body = asyncio.run(call(limits(body_timeout_s=0.2), b"x" * 3000, pause=0.15))
+    assert status == 408 and headers[b"connection"] == b"close" and "did not arrive within 0.2 s" in body["error"]
+
+
+def test_a_client_still_sending_its_body_holds_no_place_among_the_requests_served() -> None:
+    app = limits(max_concurrency=1)
+
+    async def main():
+        slow = asyncio.create_task(call(app, b"x" * 3000, pause=0.1))  # 0.2 s to send its body
+        await asyncio.sleep(0.05)
+        quick = await call(app, b"y")
+        return quick, await slow
+
+    (quick_status, _, _), (slow_status, _, _) = asyncio.run(main())
+    assert quick_status == slow_status == 200
