@@ -17,6 +17,7 @@ send one, so a request already on its way is answered rather than cut).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 import time
@@ -60,17 +61,25 @@ class Drain:
     async def _drain(self, sig: int) -> None:
         started = time.monotonic()
         handoff = started + max(0.0, self.grace_s - CLOSE_S)  # uvicorn's close gets the last second of the grace
-        while time.monotonic() < handoff:
-            if not self.in_flight and time.monotonic() - self.last_request >= QUIET_S:
-                break
-            await asyncio.sleep(0.01)
-        print(f"cifar10 drain: stopping after {time.monotonic() - started:.2f} s with {self.in_flight} requests in "
-              "flight", file=sys.stderr, flush=True)
-        self.previous[signal.SIGTERM](signal.SIGTERM, None)  # uvicorn: close the listener, finish, exit
-        # Past the grace period uvicorn must not wait any longer (a Ctrl-C to a stopping uvicorn forces it).
-        self.loop.call_at(self.loop.time() + started + self.grace_s - time.monotonic(),
-                          self.previous[signal.SIGINT], signal.SIGINT, None)
+        try:
+            while time.monotonic() < handoff:
+                if not self.in_flight and time.monotonic() - self.last_request >= QUIET_S:
+                    break
+                await asyncio.sleep(0.01)
+            say(f"cifar10 drain: stopping after {time.monotonic() - started:.2f} s with {self.in_flight} requests "
+                "in flight")
+        finally:  # whatever happened above, the worker must stop
+            self.previous[signal.SIGTERM](signal.SIGTERM, None)  # uvicorn: close the listener, finish, exit
+            # Past the grace period uvicorn must not wait any longer (a Ctrl-C to a stopping uvicorn forces it).
+            self.loop.call_at(self.loop.time() + started + self.grace_s - time.monotonic(),
+                              self.previous[signal.SIGINT], signal.SIGINT, None)
 
     def summary(self) -> str:
         """What the drain did, for the log at the end of the worker's shutdown."""
         return f"cifar10 drain: {self.received} POST requests received, {self.answered} answered"
+
+
+def say(line: str) -> None:
+    """One line on stderr, which may be a pipe nobody reads any more (a server whose parent is gone)."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from harness.samples import ROOT
+from harness.server import serve_expecting_exit
 from service.settings import SettingError, Settings
 
 
@@ -38,7 +37,6 @@ def test_a_bad_value_names_the_variable_and_the_allowed_values(variable: str, va
 def test_bentoml_serve_with_a_bad_setting_prints_one_line_and_exits(variable: str, value: str,
                                                                      tmp_path: Path) -> None:
     env = {**os.environ, "BENTOML_HOME": str(tmp_path), variable: value}
-    result = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "serve", "service.service:Classifier",
-                             "--port", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = serve_expecting_exit(["service.service:Classifier"], env, ROOT)
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith(f"error: {variable}={value!r}"), lines

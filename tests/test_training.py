@@ -18,7 +18,7 @@ import torch
 from core.runtime import OnnxModel
 from core.store import PRETRAINED
 from harness.samples import ROOT, TEST_ZIP
-from harness.server import free_port, start_server, stop_server
+from harness.server import free_port, serve_expecting_exit, start_server, stop_server
 from models import get_model
 from tests.conftest import run_cli
 from training.evaluate import evaluate
@@ -256,9 +256,8 @@ def test_a_worse_model_is_flagged_at_registration_and_the_served_version_can_be_
         assert described["version"] == good and described["test_accuracy"] > 0.7
     finally:
         stop_server(process)
-    missing = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "serve", "service.service:Classifier"],
-                             env={**server_env, "CIFAR10_LENET_VERSION": "nosuchversion"}, cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
+    missing = serve_expecting_exit(["service.service:Classifier"],
+                                   {**server_env, "CIFAR10_LENET_VERSION": "nosuchversion"}, ROOT)
     lines = (missing.stdout + missing.stderr).strip().splitlines()
     assert missing.returncode != 0 and len(lines) == 1 and "the model store has no cifar10-lenet:nosuchversion" \
         in lines[0]
