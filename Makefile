@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 3000
 
-.PHONY: serve test lint bento bench register-shipped clean
+.PHONY: serve test lint bento bench soak register-shipped clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bento: register-shipped
 
 bench: $(VENV)/.all
 	$(BIN)/python -m bench.run
+
+# 10 minutes at 70% of capacity with 10% bad input and one SIGTERM-restart: bench/soak/soak.{csv,png}
+soak: $(VENV)/.all
+	$(BIN)/python -m bench.soak
 
 clean:
 	rm -rf $(VENV) build *.egg-info

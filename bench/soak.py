@@ -1,0 +1,189 @@
+"""`make soak`: 10 minutes at ~70% of measured capacity with 10% bad input, one SIGTERM-restart in the middle.
+
+Open-loop load (requests start on a fixed schedule, whether or not earlier ones have finished)
+from a client that routes like a load balancer during a rolling update: it stops sending new
+requests, then the server gets SIGTERM while its requests are still in flight, a new server
+starts on the same port, and sending resumes once it is ready. Writes per-minute requests/s,
+p50/p99 latency, answers by status and server memory to bench/soak/soak.csv and soak.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+from harness.load import run_clients
+from harness.samples import ROOT, cifar_samples
+from harness.server import free_port, start_server
+
+OUT = ROOT / "bench" / "soak"
+BAD = [b"plain text, not an image", b"%PDF-1.7\n", b"\xff\xd8\xff\xe0 truncated"]  # 415, 415, 400
+
+
+def server_rss_mb(process: subprocess.Popen) -> float:
+    tree = psutil.Process(process.pid)
+    return sum(p.memory_info().rss for p in [tree, *tree.children(recursive=True)]) / 2**20
+
+
+class Soak:
+    def __init__(self, minutes: float, load: float, model: str) -> None:
+        self.minutes, self.load, self.model = minutes, load, model
+        self.home = tempfile.mkdtemp(prefix="soak-")
+        self.env = {**os.environ, "BENTOML_HOME": self.home}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.images = [data for _, data in cifar_samples(5)]
+        self.records: list[tuple[float, float, str]] = []  # (start offset s, latency s, status or error)
+        self.rss: list[tuple[float, float]] = []
+        self.routing = asyncio.Event()
+        self.restart: dict[str, float] = {}
+
+    def start(self) -> subprocess.Popen:
+        return start_server(["service.service:Classifier"], self.env, ROOT, self.port)
+
+    async def send(self, client: httpx.AsyncClient, i: int, began: float) -> None:
+        bad = i % 10 == 9
+        data = BAD[i // 10 % len(BAD)] if bad else self.images[i % len(self.images)]
+        started = time.perf_counter()
+        try:
+            response = await client.post(f"{self.url}/classify", files={"image": ("x.jpg", data)},
+                                         data={"model": self.model})
+            outcome = str(response.status_code)
+        except httpx.HTTPError as exc:
+            outcome = type(exc).__name__
+        self.records.append((started - began, time.perf_counter() - started, outcome))
+
+    async def run(self) -> None:
+        subprocess.run([sys.executable, "-m", "core.store"], env=self.env, cwd=ROOT, check=True, capture_output=True)
+        self.process = self.start()
+        until = time.monotonic() + 10
+        outcomes, _ = await run_clients(f"{self.url}/classify", self.images[0], 32, lambda: time.monotonic() > until,
+                                        model=self.model)
+        capacity = outcomes[200] / 10
+        rate = self.load * capacity
+        print(f"capacity {capacity:,.0f} req/s (32 clients, closed loop); soak at {rate:,.0f} req/s", flush=True)
+        self.routing.set()
+        seconds = self.minutes * 60
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            began = time.perf_counter()
+            watcher = asyncio.create_task(self.watch(began, seconds))
+            tasks, i = set(), 0
+            while time.perf_counter() - began < seconds:
+                if not self.routing.is_set():  # a restart is under way; a failed one ends the run
+                    await asyncio.wait([asyncio.create_task(self.routing.wait()), watcher],
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    if watcher.done():
+                        watcher.result()
+                task = asyncio.create_task(self.send(client, i, began))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                i += 1
+                await asyncio.sleep(max(0.0, i / rate - (time.perf_counter() - began - self.paused())))
+            await asyncio.gather(*tasks)
+            await watcher
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(60)
+
+    def paused(self) -> float:
+        return self.restart.get("resumed", 0.0) - self.restart.get("paused", 0.0)
+
+    async def watch(self, began: float, seconds: float) -> None:
+        """Samples memory each second; restarts the server half-way."""
+        while (now := time.perf_counter() - began) < seconds:
+            if "paused" not in self.restart and now >= seconds / 2:
+                await self.rolling_restart(began)
+            self.rss.append((now, server_rss_mb(self.process)))
+            await asyncio.sleep(1)
+
+    async def rolling_restart(self, began: float) -> None:
+        self.routing.clear()  # the load balancer takes the server out first
+        self.restart["paused"] = time.perf_counter() - began
+        self.process.send_signal(signal.SIGTERM)  # its requests are still in flight
+        await asyncio.to_thread(self.process.wait, 60)
+        self.restart["exited"] = time.perf_counter() - began
+        self.process = await asyncio.to_thread(self.start)
+        self.restart["resumed"] = time.perf_counter() - began
+        self.routing.set()
+        print(f"restart: SIGTERM at {self.restart['paused']:.0f} s, exited after "
+              f"{self.restart['exited'] - self.restart['paused']:.2f} s, ready again after "
+              f"{self.restart['resumed'] - self.restart['paused']:.1f} s", flush=True)
+
+    def minutes_table(self) -> list[dict]:
+        rows = []
+        for minute in range(int(np.ceil(self.minutes))):
+            mine = [r for r in self.records if minute * 60 <= r[0] < (minute + 1) * 60]
+            good = np.array([r[1] for r in mine if r[2] == "200"]) * 1000
+            statuses = Counter(r[2] for r in mine)
+            rss = [m for t, m in self.rss if minute * 60 <= t < (minute + 1) * 60]
+            rows.append({
+                "minute": minute + 1, "requests": len(mine), "requests_per_s": len(mine) / 60,
+                "p50_ms": float(np.percentile(good, 50)) if len(good) else float("nan"),
+                "p99_ms": float(np.percentile(good, 99)) if len(good) else float("nan"),
+                "ok": statuses["200"], "4xx": sum(v for k, v in statuses.items() if k.startswith("4")),
+                "5xx": sum(v for k, v in statuses.items() if k.startswith("5")),
+                "failed": sum(v for k, v in statuses.items() if not k[0].isdigit()),
+                "rss_mb": max(rss) if rss else float("nan"),
+            })
+        return rows
+
+
+def plot(rows: list[dict], restart: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    minutes = [r["minute"] for r in rows]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    panels = ((axes[0, 0], ["requests_per_s"], "requests/s"), (axes[0, 1], ["p50_ms", "p99_ms"], "latency of 200s, ms"),
+              (axes[1, 0], ["4xx", "5xx", "failed"], "answers per minute"), (axes[1, 1], ["rss_mb"], "server RSS, MB"))
+    for ax, keys, title in panels:
+        for key in keys:
+            ax.plot(minutes, [r[key] for r in rows], marker="o", label=key)
+        ax.axvline(restart["paused"] / 60 + 1, color="grey", linestyle=":", label="SIGTERM + restart")
+        ax.set(title=title, xlabel="minute")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10)
+    parser.add_argument("--load", type=float, default=0.7, help="fraction of the measured capacity")
+    parser.add_argument("--model", default="resnet18")
+    args = parser.parse_args()
+    soak = Soak(args.minutes, args.load, args.model)
+    asyncio.run(soak.run())
+    rows = soak.minutes_table()
+    OUT.mkdir(parents=True, exist_ok=True)
+    with (OUT / "soak.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, soak.restart, OUT / "soak.png")
+    for row in rows:
+        print(" | ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    second, last = rows[1], rows[-1]
+    print(f"5xx: {sum(r['5xx'] for r in rows)}; failed: {sum(r['failed'] for r in rows)}; RSS minute 2 -> "
+          f"{last['minute']}: {last['rss_mb'] / second['rss_mb'] - 1:+.1%}; p99 last minute / minute 2: "
+          f"{last['p99_ms'] / second['p99_ms']:.2f}; wrote {OUT / 'soak.csv'} and {OUT / 'soak.png'}")
+
+
+if __name__ == "__main__":
+    main()
