@@ -1,5 +1,5 @@
 """The HTTP surface: the public routes (FastAPI, mounted on the BentoML service), the direct path to
-them, and the one mapping from errors to HTTP answers.
+them, the page at / (BentoML's Swagger UI moves to /docs), and the one mapping from errors to HTTP answers.
 
 The classification routes are the hot path. `DirectRoutes` hands them to the public app
 ahead of BentoML's per-request middleware (tracing, access log, HTTP metrics, timeout),
@@ -14,13 +14,15 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 
 from fastapi import FastAPI
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import ImageError, ImageTooLarge, UnsupportedImage
@@ -39,6 +41,7 @@ from service.predictor import DEFAULT_MODEL, Label, Predictor
 from service.settings import Settings
 
 RETRY_AFTER_S = "1"
+PAGE = Path(__file__).resolve().parent / "page"  # the page at / for people to try the service (plain HTML)
 MAX_PARSED_FILES = 1000  # parsed before the batch limit is checked, so its error can name the count
 logger = logging.getLogger("cifar10.http")
 
@@ -276,6 +279,7 @@ class HttpApi:
             app.add_api_route(path, self.routes[path], methods=["POST"], responses=errors,
                               openapi_extra=_multipart_body(files))
         app.add_api_route("/models", self.models, methods=["GET"])
+        app.mount("/page", StaticFiles(directory=PAGE), name="page")  # the page's script and style sheet
         return app
 
 
@@ -328,6 +332,10 @@ class DirectRoutes:
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.drain.draining and scope["path"] not in STILL_SERVED_WHILE_DRAINING:
             await _refuse(scope, receive, send)
+        elif scope["method"] == "GET" and scope["path"] == "/":
+            await FileResponse(PAGE / "index.html")(scope, receive, send)
+        elif scope["method"] == "GET" and scope["path"] == "/docs":  # BentoML's Swagger UI, which it serves at /
+            await self.bentoml_app({**scope, "path": "/", "raw_path": b"/"}, receive, send)
         elif scope["method"] != "POST" or scope["path"] not in self.paths:
             await self.bentoml_app(scope, receive, send)
         else:

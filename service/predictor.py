@@ -131,6 +131,8 @@ class Predictor:
                        for arch, m in self.models.items()},
             "batching": {"max_batch_size": self.settings.max_batch_size,
                          "max_latency_ms": self.settings.max_latency_ms},
+            "limits": {"max_batch_images": self.settings.max_batch_images,
+                       "max_body_bytes": self.settings.max_body_bytes, "max_pixels": self.settings.max_pixels},
             "workers": self.workers,
             "onnxruntime_threads": {"alone": first.alone.threads, "shared": (first.shared or first.alone).threads},
         }

@@ -200,7 +200,8 @@ def test_builtin_endpoints_still_work(server: str, samples) -> None:
     classify(server, samples[0][1], model="lenet")
     assert httpx.get(f"{server}/livez").status_code == 200
     assert httpx.get(f"{server}/readyz").status_code == 200
-    assert "swagger" in httpx.get(f"{server}/").text.lower()
+    assert "swagger" in httpx.get(f"{server}/docs").text.lower()  # moved from / for the page
+    assert "<title>CIFAR-10 classifier</title>" in httpx.get(f"{server}/").text
     assert "/classify" in httpx.get(f"{server}/docs.json").json()["paths"]
     metrics = httpx.get(f"{server}/metrics").text
     for name in ("cifar10_inference_images_total", "cifar10_inference_batch_size_bucket",

@@ -1,0 +1,117 @@
+"""The page at / in a real headless Chromium against a real `bentoml serve` (skipped, with the reason, where no
+Chromium is installed; .ci/run installs Debian's)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.samples import REAL_IMAGES, ROOT, TEST_ZIP
+
+pytestmark = pytest.mark.server
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SCREENSHOT = ROOT / "docs" / "page.png"  # rewritten when CIFAR10_UPDATE_SCREENSHOT=1
+CLASSES = ("cat", "ship", "truck")  # the first test image of each, which both shipped models get right
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    if CHROMIUM is None:
+        pytest.skip("no Chromium here: apt-get install chromium (.ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # Headless, and nothing that reaches beyond this machine (its network is closed).
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server: str) -> Iterator:
+    page = browser.new_page(viewport={"width": 1000, "height": 900})
+    problems: list[str] = []
+    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.goto(server)
+    page.wait_for_selector("#model option")
+    yield page
+    assert problems == []  # no console errors, whatever the test did
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    if not REAL_IMAGES:
+        pytest.skip(f"the page tests use real test images from {TEST_ZIP}, which is not here")
+    folder = tmp_path_factory.mktemp("upload")
+    paths = []
+    with zipfile.ZipFile(TEST_ZIP) as archive:
+        for label in CLASSES:
+            paths.append(folder / f"{label}.jpg")
+            paths[-1].write_bytes(archive.read(f"test/{label}/0000.jpg"))
+    return paths
+
+
+def top_labels(page) -> dict[str, str]:
+    """Each result's file name and its top-1 label, once every result has arrived."""
+    page.wait_for_function("document.querySelectorAll('.result[aria-busy=true]').length === 0")
+    return {node.query_selector(".name").inner_text(): (node.query_selector(".bars .label") or node).inner_text()
+            for node in page.query_selector_all(".result")}
+
+
+def test_three_images_show_their_classes_and_a_pdf_shows_the_apis_error(page, images, tmp_path: Path) -> None:
+    pdf = tmp_path / "notes.pdf"
+    pdf.write_bytes(b"%PDF-1.7\n1 0 obj\n<<>>\nendobj\n")
+    page.set_input_files("#files", [*images, pdf])
+    labels = top_labels(page)
+    assert {name: labels[name] for name in (f"{c}.jpg" for c in CLASSES)} == {f"{c}.jpg": c for c in CLASSES}
+    error = page.locator(".result", has_text="notes.pdf").locator(".error").inner_text()
+    assert error == "PDF is not a supported image type; send JPEG, PNG, WebP, GIF, BMP or TIFF"
+    assert "test accuracy 91.31%" in page.inner_text("#model-info")
+    shot = tmp_path / "page.png"
+    page.screenshot(path=shot, full_page=True)
+    if os.environ.get("CIFAR10_UPDATE_SCREENSHOT") == "1":
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        shutil.copyfile(shot, SCREENSHOT)
+
+
+def test_switching_to_lenet_classifies_again_with_lenet(page, images) -> None:
+    page.set_input_files("#files", images[0])
+    top_labels(page)
+    assert "resnet18" in page.inner_text(".result .bars")
+    page.select_option("#model", "lenet")
+    top_labels(page)
+    assert "lenet" in page.inner_text(".result .bars") and "resnet18" not in page.inner_text(".result .bars")
+    assert "test accuracy 73.15%" in page.inner_text("#model-info")
+
+
+def test_the_page_works_from_the_keyboard(page, images) -> None:
+    page.keyboard.press("Tab")  # the docs link, then the model list, then the file chooser
+    while page.evaluate("document.activeElement.id") != "model":
+        page.keyboard.press("Tab")
+    page.keyboard.press("ArrowDown")  # resnet18 -> lenet, without a mouse
+    assert page.input_value("#model") == "lenet"
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "files"
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    chooser.value.set_files(images[1])
+    assert top_labels(page) == {"ship.jpg": "ship"}
+
+
+def test_a_phone_width_screen_has_no_horizontal_scroll(browser, server: str, images) -> None:
+    page = browser.new_page(viewport={"width": 360, "height": 740}, is_mobile=True)
+    page.goto(server)
+    page.wait_for_selector("#model option")
+    page.set_input_files("#files", images)
+    top_labels(page)
+    assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+    page.close()
