@@ -1,4 +1,4 @@
-"""The `cifar10` command: train, export, register, predict, evaluate.
+"""The `cifar10` command: train, export, quantize, register, predict, evaluate.
 
 The top of the project: it drives training and the shared core. Each subcommand imports
 its heavy dependencies itself, so `predict` runs without torch.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from core.contract import PRECISIONS
 from core.errors import UserError
 
 
@@ -31,6 +32,15 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from training.quantize import quantize
+
+    agreement = {} if args.min_agreement is None else {"min_agreement": args.min_agreement}
+    quantize(args.model, args.out, args.data, images=args.images, seed=args.seed, register_as=args.register,
+             **agreement)
+    return 0
+
+
 def _register(args: argparse.Namespace) -> int:
     from core.store import register_and_compare
 
@@ -41,7 +51,7 @@ def _register(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate
 
-    evaluate(args.data, model=args.model, split=args.split, out=args.out)
+    evaluate(args.data, model=args.model, split=args.split, out=args.out, precision=args.precision)
     return 0
 
 
@@ -50,7 +60,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     return predict(args.inputs, model=args.model, top_k=args.top_k, batch_size=args.batch_size, out=args.out,
                    fmt=args.format, workers=args.workers, server=args.server, recursive=args.recursive,
-                   force=args.force, quiet=args.quiet)
+                   force=args.force, quiet=args.quiet, precision=args.precision)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--register", metavar="NAME", help="also store the ONNX file in the BentoML model store")
     p.set_defaults(func=_export)
 
+    p = sub.add_parser("quantize", help="int8 copy of an fp32 ONNX file, calibrated on training images")
+    p.add_argument("model", metavar="MODEL.onnx", help="an fp32 file from `cifar10 export`")
+    p.add_argument("--data", required=True, help="the training data (its train split calibrates and checks)")
+    p.add_argument("--out", required=True, help="FILE.onnx to write")
+    p.add_argument("--images", type=int, default=512, help="calibration images, drawn from the train split")
+    p.add_argument("--seed", type=int, default=0, help="for drawing the calibration images")
+    p.add_argument("--min-agreement", type=float,
+                   help="top-1 agreement with fp32 on held-out training images below which nothing is written "
+                   "(default 0.99)")
+    p.add_argument("--register", metavar="NAME", help="also store it in the BentoML model store")
+    p.set_defaults(func=_quantize)
+
     p = sub.add_parser("register", help="store an ONNX file in the BentoML model store")
     p.add_argument("onnx_file")
     p.add_argument("--name", required=True, help="model name, e.g. cifar10-resnet18")
@@ -92,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="label image files: CSV or JSONL, one row per input, in order")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, globs, or - for paths on stdin")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders (and ** in globs)")
-    p.add_argument("--model", default="resnet18", help="resnet18, lenet, a store tag or FILE.onnx")
+    p.add_argument("--model", default="resnet18", help="resnet18, resnet18-int8, lenet, a store tag or FILE.onnx")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="resnet18 in int8 or fp32; auto: int8 on a CPU host, fp32 with a GPU")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", default="-", help="FILE.csv, FILE.jsonl or - for stdout (default)")
@@ -107,7 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix on a labelled split")
     p.add_argument("--data", required=True, help="zip, class-folder tree or cifar-10-batches-py root")
     p.add_argument("--split", default="test", choices=("train", "test"))
-    p.add_argument("--model", default="resnet18", help="resnet18, lenet, a store tag, FILE.onnx or a .pt checkpoint")
+    p.add_argument("--model", default="resnet18",
+                   help="resnet18, resnet18-int8, lenet, a store tag, FILE.onnx or a .pt checkpoint")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="resnet18 in int8 or fp32; auto: int8 on a CPU host, fp32 with a GPU")
     p.add_argument("--out", help="folder for evaluation.json and confusion.png")
     p.set_defaults(func=_evaluate)
     return parser

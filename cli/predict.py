@@ -103,7 +103,7 @@ class LocalPredictor:
     decoded 32x32 JPEGs no faster than one core.
     """
 
-    def __init__(self, model: str, top_k: int, workers: int, chunks: Iterable[list[str]]) -> None:
+    def __init__(self, model: str, precision: str, top_k: int, workers: int, chunks: Iterable[list[str]]) -> None:
         """Start decoding the first batches, then load the model while they decode."""
         from core.store import resolve
 
@@ -116,7 +116,7 @@ class LocalPredictor:
             for chunk in islice(self.chunks, workers + 1):
                 self.pending.append((chunk, self.pool.submit(decode_files, chunk)))
             # no spinning: the decoding processes need the cores between model calls
-            self.model = OnnxModel(resolve(model), spin=False)
+            self.model = OnnxModel(resolve(model, precision), spin=False)
         except BaseException:
             self.pool.shutdown(cancel_futures=True)
             raise
@@ -282,7 +282,7 @@ class Progress:
 
 def predict(inputs: list[str], model: str = "resnet18", top_k: int = 3, batch_size: int = 64, out: str = "-",
             fmt: str | None = None, workers: int | None = None, server: str | None = None, recursive: bool = False,
-            force: bool = False, quiet: bool = False) -> int:
+            force: bool = False, quiet: bool = False, precision: str = "auto") -> int:
     """Run the whole command; returns the exit status."""
     if not 1 <= top_k <= 10:
         raise UserError(f"--top-k must be between 1 and 10, got {top_k}")
@@ -297,7 +297,8 @@ def predict(inputs: list[str], model: str = "resnet18", top_k: int = 3, batch_si
             chunks = batches(expand_inputs(inputs, recursive), min(batch_size, 64))  # the server's limit
             predictor: Iterable[Row] = ServerPredictor(server, model, top_k, workers, chunks)
         else:
-            predictor = LocalPredictor(model, top_k, workers, batches(expand_inputs(inputs, recursive), batch_size))
+            chunks = batches(expand_inputs(inputs, recursive), batch_size)
+            predictor = LocalPredictor(model, precision, top_k, workers, chunks)
         for row in predictor:
             writer.write(row)
             progress.update(row)

@@ -15,6 +15,7 @@ INPUT_SIZE = 32
 # ImageNet statistics: the service reads them back from the ONNX metadata.
 MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+PRECISIONS = ("auto", "fp32", "int8")  # what a user may ask of ResNet-18; auto: int8 on a CPU host
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,15 @@ class ModelInfo:
     checkpoint_sha256: str = ""
     export_date: str = ""
     package_version: str = ""
-    parity_max_abs_diff: float | None = None
+    parity_max_abs_diff: float | None = None  # logits, against the model it came from
     parity_images: int | None = None
+    precision: str = "fp32"
+    # For a quantized model: the fp32 file it came from, how, and how closely it agrees with it.
+    source_sha256: str = ""
+    source_test_accuracy: float | None = None
+    quantization: dict | None = None
+    parity_top1_agreement: float | None = None
+    parity_max_probability_diff: float | None = None
 
     def to_metadata(self) -> dict[str, str]:
         return {key: json.dumps(value) for key, value in asdict(self).items()}

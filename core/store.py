@@ -14,10 +14,11 @@ from core.bentoml_internals import stored_file
 from core.contract import CLASS_NAMES, INPUT_SIZE
 from core.errors import UserError
 from core.files import sha256_of
-from core.runtime import OnnxModel
+from core.runtime import CUDA, OnnxModel, choose_providers
 
 PRETRAINED = Path(__file__).resolve().parent.parent / "models" / "pretrained"
-STORE_NAMES = {"resnet18": "cifar10-resnet18", "lenet": "cifar10-lenet"}
+STORE_NAMES = {"resnet18": "cifar10-resnet18", "resnet18-int8": "cifar10-resnet18-int8", "lenet": "cifar10-lenet"}
+INT8_VARIANTS = {"resnet18": "resnet18-int8"}  # LeNet has none: int8 measured no faster (BENCHMARKS.md)
 MODEL_FILE = "model.onnx"
 
 
@@ -41,8 +42,21 @@ def store_path(tag: str) -> Path | None:
         return None
 
 
-def resolve(spec: str) -> Path:
-    """`resnet18`/`lenet` (store, then shipped file), a store tag `name:version`, or an .onnx path."""
+def pick_variant(name: str, precision: str, on_cpu: bool) -> str:
+    """The model that answers for `name`: its int8 variant when `precision` asks for it (`auto`: on a CPU host,
+    where it is ~4x faster at the same accuracy), else `name` itself."""
+    if precision == "int8" and name not in INT8_VARIANTS:
+        raise UserError(f"{name} has no int8 variant; only {', '.join(INT8_VARIANTS)} has one")
+    if precision == "int8" or (precision == "auto" and on_cpu):
+        return INT8_VARIANTS.get(name, name)
+    return name
+
+
+def resolve(spec: str, precision: str = "fp32") -> Path:
+    """`resnet18`/`resnet18-int8`/`lenet` (store, then shipped file; `resnet18` in the precision asked for), a store
+    tag `name:version`, or an .onnx path."""
+    if spec in INT8_VARIANTS:
+        spec = pick_variant(spec, precision, on_cpu=CUDA not in choose_providers("auto"))
     if spec.endswith(".onnx") or Path(spec).is_file():
         path = Path(spec)
         if not path.is_file():
@@ -54,7 +68,8 @@ def resolve(spec: str) -> Path:
         return found
     if spec in STORE_NAMES and shipped_file(spec).is_file():
         return shipped_file(spec)
-    raise UserError(f"no model {spec!r}: use resnet18, lenet, a store tag (see `bentoml models list`) or FILE.onnx")
+    raise UserError(f"no model {spec!r}: use {', '.join(STORE_NAMES)}, a store tag (see `bentoml models list`) "
+                    "or FILE.onnx")
 
 
 def register(onnx_file: str | os.PathLike, name: str) -> str:
@@ -104,8 +119,13 @@ def register_and_compare(onnx_file: str | os.PathLike, name: str) -> str:
     arch = next((arch for arch, stored in STORE_NAMES.items() if stored == name), None)
     if arch:
         lines.append(f"a running service serves it after a restart; to serve another version, set "
-                     f"CIFAR10_{arch.upper()}_VERSION (e.g. {version})")
+                     f"CIFAR10_{version_setting(arch)}={version}")
     return "\n".join(lines)
+
+
+def version_setting(name: str) -> str:
+    """The setting that pins the served version of `name`, without its CIFAR10_ prefix."""
+    return f"{name.upper().replace('-', '_')}_VERSION"
 
 
 def _percent(accuracy: float | None) -> str:

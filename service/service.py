@@ -22,7 +22,8 @@ from core.bentoml_internals import (
 )
 from core.errors import UserError
 from core.runtime import CUDA, choose_providers
-from core.store import MODEL_FILE, STORE_NAMES, verify_stored
+from core.store import MODEL_FILE, STORE_NAMES, pick_variant, verify_stored, version_setting
+from service.drain import say
 from service.http import HttpApi
 from service.predictor import ModelFile, Predictor
 from service.settings import Settings
@@ -33,7 +34,8 @@ except UserError as exc:  # one line, before BentoML sees any setting
     sys.exit(f"error: {exc}")
 # On a CPU host a worker's HTTP handling needs a core of its own (LeNet: ~1,000 req/s per worker);
 # on a GPU, one worker feeds the device and more would each hold a CUDA context.
-WORKERS = SETTINGS.workers or (1 if CUDA in choose_providers(SETTINGS.providers) else os.cpu_count() or 1)
+ON_GPU = CUDA in choose_providers(SETTINGS.providers)
+WORKERS = SETTINGS.workers or (1 if ON_GPU else os.cpu_count() or 1)
 HTTP = HttpApi(SETTINGS)
 limit_request_head_time(SETTINGS.header_timeout_s)
 restart_dead_workers_within(1.0)
@@ -42,7 +44,7 @@ restart_dead_workers_within(1.0)
 def served_model(arch: str) -> bentoml.models.BentoModel:
     """The model to serve for `arch`: the store's latest, or the version its CIFAR10_<ARCH>_VERSION pins; checked
     against its recorded sha256 and this service's input contract before anything is served."""
-    version = getattr(SETTINGS, f"{arch}_version")
+    version = getattr(SETTINGS, version_setting(arch).lower())
     tag = f"{STORE_NAMES[arch]}:{version}"
     try:
         stored = bentoml.models.get(tag)
@@ -51,7 +53,7 @@ def served_model(arch: str) -> bentoml.models.BentoModel:
         if version == "latest":
             sys.exit(f"error: the model store has no {STORE_NAMES[arch]}; register the shipped models with "
                      "`.venv/bin/python -m core.store` (make serve does)")
-        sys.exit(f"error: CIFAR10_{arch.upper()}_VERSION={version}: the model store has no {tag}; "
+        sys.exit(f"error: CIFAR10_{version_setting(arch)}={version}: the model store has no {tag}; "
                  f"`.venv/bin/bentoml models list {STORE_NAMES[arch]}` lists its versions")
     except UserError as exc:
         sys.exit(f"error: {exc}")
@@ -66,17 +68,21 @@ def served_model(arch: str) -> bentoml.models.BentoModel:
 )
 @bentoml.asgi_app(HTTP.app, path="/")
 class Classifier:
-    """ResNet-18 and LeNet-5 CIFAR-10 classifiers in ONNX Runtime."""
+    """ResNet-18 (int8 on a CPU host, fp32 with a GPU) and LeNet-5 CIFAR-10 classifiers in ONNX Runtime."""
 
     resnet18_model = served_model("resnet18")
+    resnet18_int8_model = served_model("resnet18-int8")
     lenet_model = served_model("lenet")
 
     def __init__(self) -> None:
         """Load both models and run one warm-up inference each; BentoML's /readyz turns 200 only after this.
 
         BentoML runs this in the worker's event loop, at start-up."""
-        stored = {"resnet18": self.resnet18_model, "lenet": self.lenet_model}
-        files = {arch: ModelFile(str(ref.tag), Path(ref.path_of(MODEL_FILE))) for arch, ref in stored.items()}
+        stored = {"resnet18": self.resnet18_model, "resnet18-int8": self.resnet18_int8_model, "lenet": self.lenet_model}
+        answering = {"resnet18": pick_variant("resnet18", SETTINGS.resnet18_precision, on_cpu=not ON_GPU),
+                     "lenet": "lenet"}
+        files = {arch: ModelFile(str(stored[name].tag), Path(stored[name].path_of(MODEL_FILE)))
+                 for arch, name in answering.items()}
         # The workers' shared-cores file sits in BentoML's home, like their metrics files; their parent is the server.
         cores_file = bentoml_home() / f"cifar10-cores-{os.getppid()}"
         self.predictor = Predictor(files, SETTINGS, WORKERS, bentoml.server_context.worker_index or 0, cores_file)
@@ -92,4 +98,4 @@ class Classifier:
         """Runs once uvicorn has answered every request (not when the grace period ran out)."""
         self.predictor.close()
         if HTTP.drain.draining:
-            print(HTTP.drain.summary(), file=sys.stderr, flush=True)
+            say(HTTP.drain.summary())

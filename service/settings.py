@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
+from core.contract import PRECISIONS
 from core.errors import UserError
 from core.runtime import PROVIDER_CHOICES
 
@@ -44,7 +45,10 @@ class Settings:
     body_timeout_s: int = field(default=30, metadata=_whole(1, 3600))  # the whole body, then 408
     # The store version served for each model: `latest` or a version (`bentoml models list`).
     resnet18_version: str = field(default="latest", metadata={"pattern": VERSION})
+    resnet18_int8_version: str = field(default="latest", metadata={"pattern": VERSION})
     lenet_version: str = field(default="latest", metadata={"pattern": VERSION})
+    # Which ResNet-18 answers: auto = int8 on a CPU host, fp32 with a GPU (core.store.pick_variant).
+    resnet18_precision: str = field(default="auto", metadata={"choices": PRECISIONS})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:

@@ -38,7 +38,7 @@ def bento(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict]:
     return tag, Path(env["BENTOML_HOME"]) / "bentos" / name / version, env
 
 
-def test_bento_holds_the_service_both_models_and_no_training_code(bento) -> None:
+def test_bento_holds_the_service_its_models_and_no_training_code(bento) -> None:
     _, path, _ = bento
     files = {str(p.relative_to(path / "src")) for p in (path / "src").rglob("*") if p.is_file()}
     assert {"service/service.py", "core/preprocess.py", "core/contract.py"} <= files
@@ -46,7 +46,7 @@ def test_bento_holds_the_service_both_models_and_no_training_code(bento) -> None
                    or f.endswith((".pt", ".onnx", ".zip")) for f in files)
     models = {m["tag"].split(":")[0] for s in yaml.safe_load((path / "bento.yaml").read_text())["services"]
               for m in s["models"]}
-    assert models == {"cifar10-resnet18", "cifar10-lenet"}
+    assert models == {"cifar10-resnet18", "cifar10-resnet18-int8", "cifar10-lenet"}
 
 
 def test_bento_requirements_name_onnxruntime_gpu_and_no_torch(bento) -> None:

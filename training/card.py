@@ -1,6 +1,9 @@
-"""Write a model card (JSON) for a shipped ONNX file from its run folder and its evaluation.
+"""Write a model card (JSON) for a shipped ONNX file from its run folder (or, for int8, its metadata) and its
+evaluation.
 
     python -m training.card RUN_DIR FILE.onnx EVALUATION.json --machine "..." --out CARD.json
+    python -m training.card - FILE-int8.onnx EVALUATION.json --int8 "cifar10 quantize ..." \
+        --throughput THROUGHPUT.json --out CARD.json
 """
 
 from __future__ import annotations
@@ -57,16 +60,51 @@ def build_card(run_dir: Path, onnx_file: Path, evaluation: dict, machine: str, n
     }
 
 
+def build_int8_card(onnx_file: Path, evaluation: dict, command: str, throughput: dict, notes: str) -> dict:
+    """The card of a `cifar10 quantize` file: where it came from, how it was made, how it compares with fp32."""
+    info = ModelInfo.from_metadata({p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props})
+    return {
+        "name": f"cifar10-{info.arch}-int8",
+        "file": onnx_file.name,
+        "sha256": sha256_of(onnx_file),
+        "arch": info.arch,
+        "precision": info.precision,
+        "source": {"sha256": info.source_sha256, "test_accuracy": info.source_test_accuracy},
+        "quantization": {**info.quantization, "command": command},
+        "parity_with_fp32": {"images": info.parity_images, "top1_agreement": info.parity_top1_agreement,
+                             "max_probability_diff": info.parity_max_probability_diff,
+                             "max_abs_logit_diff": info.parity_max_abs_diff,
+                             "images_from": "the 5,000 training images held out for validation (not calibrated on)"},
+        "test": {
+            "images": evaluation["images"],
+            "accuracy": evaluation["accuracy"],
+            "per_class": evaluation["per_class"],
+            "measured_by": "cifar10 evaluate --data cifar10-test.zip --model models/pretrained/" + onnx_file.name,
+        },
+        "throughput": throughput,
+        "export_date": info.export_date,
+        "card_date": dt.date.today().isoformat(),
+        "notes": notes,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dir", type=Path, help="the training run (fp32), or the fp32 card (--int8)")
     parser.add_argument("onnx_file", type=Path)
     parser.add_argument("evaluation", type=Path, help="evaluation.json from `cifar10 evaluate --out`")
-    parser.add_argument("--machine", required=True, help="where training ran, in words")
+    parser.add_argument("--machine", help="where training ran, in words (fp32)")
+    parser.add_argument("--int8", metavar="COMMAND", help="a `cifar10 quantize` file: the command that made it")
+    parser.add_argument("--throughput", type=Path, help="JSON of images/s measured beside fp32 (--int8)")
     parser.add_argument("--notes", default="")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    card = build_card(args.run_dir, args.onnx_file, json.loads(args.evaluation.read_text()), args.machine, args.notes)
+    evaluation = json.loads(args.evaluation.read_text())
+    if args.int8:
+        card = build_int8_card(args.onnx_file, evaluation, args.int8, json.loads(args.throughput.read_text()),
+                               args.notes)
+    else:
+        card = build_card(args.run_dir, args.onnx_file, evaluation, args.machine, args.notes)
     args.out.write_text(json.dumps(card, indent=2) + "\n")
     print(f"wrote {args.out}")
 

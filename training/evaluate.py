@@ -23,15 +23,15 @@ from training.data import load_split
 BATCH = 256
 
 
-def _onnx_runner(spec: str) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, str]:
+def _onnx_runner(spec: str, precision: str) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, str]:
     from core.runtime import OnnxModel
     from core.store import resolve
 
-    model = OnnxModel(resolve(spec))
-    return model.logits, model.table, f"{model.path} ({model.provider})"
+    model = OnnxModel(resolve(spec, precision))
+    return model.logits, model.table, f"{model.path} ({model.info.precision}, {model.provider})"
 
 
-def _checkpoint_runner(path: str) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, str]:
+def _checkpoint_runner(path: str, _: str) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, str]:
     from training.export import load_checkpoint, model_from_checkpoint, torch_logits
 
     model = model_from_checkpoint(load_checkpoint(path))
@@ -50,9 +50,10 @@ def predicted_classes(run: Callable[[np.ndarray], np.ndarray], table: np.ndarray
     return np.concatenate(predictions), seconds
 
 
-def evaluate(data: str, model: str = "resnet18", split: str = "test", out: str | None = None) -> dict:
+def evaluate(data: str, model: str = "resnet18", split: str = "test", out: str | None = None,
+             precision: str = "auto") -> dict:
     """Overall and per-class accuracy, confusion matrix and images/s; written to `out` when given."""
-    run, table, description = (_checkpoint_runner if model.endswith(".pt") else _onnx_runner)(model)
+    run, table, description = (_checkpoint_runner if model.endswith(".pt") else _onnx_runner)(model, precision)
     labelled = load_split(data, split)
     predicted, seconds = predicted_classes(run, table, labelled.images)
     confusion = np.zeros((len(CLASS_NAMES), len(CLASS_NAMES)), dtype=np.int64)

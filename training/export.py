@@ -118,6 +118,11 @@ def _export_to(path: Path, model: torch.nn.Module, state: dict, checkpoint: Path
         checkpoint_sha256=sha256_of(checkpoint), export_date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         package_version=package_version(), parity_max_abs_diff=diff, parity_images=len(batch),
     )
+    stamp_metadata(path, info)
+
+
+def stamp_metadata(path: Path, info: ModelInfo) -> None:
+    """Replace the ONNX file's metadata_props with `info`, and check the result."""
     proto = onnx.load(str(path))
     del proto.metadata_props[:]
     for key, value in info.to_metadata().items():

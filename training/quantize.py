@@ -1,0 +1,97 @@
+"""fp32 ONNX file -> int8 (ONNX Runtime static quantization, QDQ), calibrated on training images only and
+checked against the fp32 model on held-out training images before anything is written."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from core.errors import UserError
+from core.files import sha256_of, write_atomic
+from core.preprocess import normalize
+from core.runtime import OnnxModel, softmax
+from training.data import load_split
+from training.export import onnx_runner, onnx_test_accuracy, package_version, stamp_metadata
+from training.train import split_validation
+
+MIN_AGREEMENT = 0.99  # default top-1 agreement with fp32 on the held-out images, or nothing is written
+PARITY_IMAGES = 2000  # of the 5,000 training images that training holds out for validation
+BATCH = 64
+SETTINGS = {"format": "QDQ", "weights": "int8, per channel", "activations": "uint8", "calibration": "MinMax",
+            "preprocessing": "onnxruntime quant_pre_process", "tool": "onnxruntime.quantization.quantize_static"}
+
+
+class Calibration:
+    """ONNX Runtime's calibration data reader: normalized batches of the calibration images."""
+
+    def __init__(self, batches: list[np.ndarray], input_name: str) -> None:
+        self.batches, self.input_name = iter(batches), input_name
+
+    def get_next(self) -> dict | None:
+        batch = next(self.batches, None)
+        return None if batch is None else {self.input_name: batch}
+
+
+def quantize(source: str | os.PathLike, out: str | os.PathLike, data: str, images: int = 512, seed: int = 0,
+             register_as: str | None = None, min_agreement: float = MIN_AGREEMENT) -> Path:
+    """Quantize `source`; the file appears at `out` only when its top-1 agreement with fp32 reaches min_agreement."""
+    source, out = Path(source), Path(out)
+    fp32 = OnnxModel(source, providers="cpu")
+    if fp32.info.precision != "fp32":
+        raise UserError(f"{source} is already {fp32.info.precision}; quantize the fp32 model it came from")
+    # The training run's own split (seed 0): calibrate on the part it trained on, check on the part it held out.
+    fit, held_out = split_validation(load_split(data, "train"), 5000, 0)
+    if images > len(fit):
+        raise UserError(f"--images {images} is more than the {len(fit):,} training images in {data}")
+    chosen = np.sort(np.random.default_rng(seed).choice(len(fit), images, replace=False))
+    calibration = [normalize(fit.images[chosen[i : i + BATCH]], fp32.table) for i in range(0, images, BATCH)]
+    check = normalize(held_out.images[:PARITY_IMAGES], fp32.table)
+    print(f"calibrating on {images} training images (seed {seed}); checking on {len(check):,} held-out ones")
+    write_atomic(out, lambda tmp: _quantize_to(tmp, source, fp32, calibration, check, data, images, seed,
+                                               min_agreement))
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, sha256 {sha256_of(out)[:16]}…)")
+    if register_as:
+        from core.store import register_and_compare
+
+        print(register_and_compare(out, register_as))
+    return out
+
+
+def _quantize_to(path: Path, source: Path, fp32: OnnxModel, calibration: list[np.ndarray], check: np.ndarray,
+                 data: str, images: int, seed: int, min_agreement: float) -> None:
+    # Imported here, after this project's `models` package: onnxruntime.quantization puts its own
+    # transformers folder on sys.path, whose `models` would otherwise shadow ours.
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as work:
+        prepared = Path(work) / "prepared.onnx"
+        quant_pre_process(str(source), str(prepared))
+        quantize_static(str(prepared), str(path), Calibration(calibration, fp32.input_name),
+                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+    run = onnx_runner(path)
+    expected = np.concatenate([fp32.logits(check[i : i + 256]) for i in range(0, len(check), 256)])
+    got = np.concatenate([run(check[i : i + 256]) for i in range(0, len(check), 256)])
+    agreement = float((expected.argmax(1) == got.argmax(1)).mean())
+    probability_diff = float(np.abs(softmax(got) - softmax(expected)).max())
+    print(f"int8 vs fp32 on {len(check):,} held-out images: top-1 agreement {agreement:.4f}, max probability "
+          f"difference {probability_diff:.4f}, max logit difference {np.abs(got - expected).max():.3f}")
+    if agreement < min_agreement:
+        raise UserError(f"int8 agrees with fp32 on {agreement:.2%} of the held-out images, below the "
+                        f"{min_agreement:.0%} required (--min-agreement)")
+    info = replace(
+        fp32.info, precision="int8", source_sha256=sha256_of(source), source_test_accuracy=fp32.info.test_accuracy,
+        test_accuracy=onnx_test_accuracy(run, data),
+        quantization={**SETTINGS, "calibration_images": images, "calibration_seed": seed,
+                      "calibration_split": "train, without the 5,000 held out for validation (seed 0)"},
+        parity_images=len(check), parity_max_abs_diff=float(np.abs(got - expected).max()),
+        parity_top1_agreement=agreement, parity_max_probability_diff=probability_diff,
+        export_date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), package_version=package_version(),
+    )
+    stamp_metadata(path, info)
