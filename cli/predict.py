@@ -27,7 +27,7 @@ import numpy as np
 from cli.file_decoding import decode_files
 from core.errors import UserError
 from core.preprocess import normalize
-from core.runtime import OnnxModel, top_classes
+from core.runtime import OnnxModel, top_classes, usable_cores
 
 if TYPE_CHECKING:
     import httpx
@@ -288,7 +288,7 @@ def predict(inputs: list[str], model: str = "resnet18", top_k: int = 3, batch_si
         raise UserError(f"--top-k must be between 1 and 10, got {top_k}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    workers = workers or (4 if server else os.cpu_count() or 1)
+    workers = workers or (4 if server else usable_cores())
     writer = Writer(out, force, fmt)  # refuses an existing --out before any work starts
     progress = Progress(quiet)
     complete = False

@@ -8,9 +8,10 @@ when one of them has moved:
 - `BentoMLContainer.http.cors` and `.access_control_options`: the CORS settings;
 - the undocumented `service_class=` argument of `@bentoml.service`, and `Service.to_asgi(is_main)`,
   through which the classification routes are put ahead of BentoML's per-request middleware;
-- `bentoml._internal.utils.circus.create_standalone_arbiter(check_delay=10)`: how often `bentoml
-  serve`'s process manager looks for dead workers to start again; looked up when the server starts,
-  after it imports the service;
+- `bentoml._internal.utils.circus.create_standalone_arbiter(check_delay=10)` and
+  `bentoml.serving.create_watcher(respawn=not running_inside_container())`: how often `bentoml
+  serve`'s process manager looks for dead workers, and whether it starts them again; both looked
+  up when the server starts, after it imports the service;
 - uvicorn's `protocols.http.auto.AutoHTTPProtocol` (what its default `http="auto"` resolves to when
   BentoML's worker builds its uvicorn.Config, after importing the service) and the hooks of its
   httptools protocol (`connection_made`, `on_headers_complete`, `on_response_complete`,
@@ -21,6 +22,7 @@ when one of them has moved:
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -131,19 +133,30 @@ def limit_request_head_time(seconds: float) -> None:
 
 
 def restart_dead_workers_within(seconds: float) -> None:
-    """Have `bentoml serve`'s process manager look for dead workers every `seconds` (BentoML's own 10 s put a
-    killed worker's replacement 8-9 s away). Call while the service module is imported, before the server starts.
+    """Have `bentoml serve`'s process manager restart a dead worker within `seconds`, in a container too.
 
-    BentoML chose 10 s because its older runner health checks conflicted at 1 s; this service has no runners.
+    BentoML looks for dead workers every 10 s (a killed worker's replacement came 8-9 s later), and in
+    a container (BENTOML_CONTAINERIZED) restarts none, leaving a pod with one worker less for good
+    while /readyz and /livez stay 200 on the others. Its 10 s dodged a conflict of its older runner
+    health checks; this service has no runners. Call while the service module is imported.
     """
+    from bentoml import serving
     from bentoml._internal.utils import circus
 
-    create = circus.create_standalone_arbiter
-    if getattr(create, "check_delay", None) == seconds:  # imported twice (the server, then each worker)
+    create_arbiter, create_watcher = circus.create_standalone_arbiter, serving.create_watcher
+    if getattr(create_arbiter, "check_delay", None) == seconds:  # imported twice (the server, then each worker)
         return
 
+    @functools.wraps(create_arbiter)
     def create_standalone_arbiter(watchers: list, **kwargs: Any) -> Any:
-        return create(watchers, **{"check_delay": seconds, **kwargs})
+        return create_arbiter(watchers, **{"check_delay": seconds, **kwargs})
+
+    @functools.wraps(create_watcher)
+    def create_respawning_watcher(name: str, args: list[str], **kwargs: Any) -> Any:
+        watcher = create_watcher(name, args, **kwargs)
+        watcher.respawn = True
+        return watcher
 
     create_standalone_arbiter.check_delay = seconds
     circus.create_standalone_arbiter = create_standalone_arbiter
+    serving.create_watcher = create_respawning_watcher

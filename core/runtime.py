@@ -7,6 +7,7 @@ Threads and providers are the caller's choice, passed in: this module reads no s
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from functools import cache
 from pathlib import Path
@@ -21,6 +22,19 @@ from core.preprocess import normalization_table
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+
+
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (`docker run --cpus`, a
+    Kubernetes CPU limit), which os.cpu_count() ignores: it reports the host's cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = cgroup.read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 @cache
@@ -52,13 +66,13 @@ class OnnxModel:
     """An ONNX Runtime session plus the metadata and normalization table that belong to it."""
 
     def __init__(self, path: str | os.PathLike, providers: str = "auto", threads: int = 0, spin: bool = True) -> None:
-        """`threads` 0: one per core. `spin=False` when other processes share the cores: idle ONNX Runtime
+        """`threads` 0: one per usable core. `spin=False` when other processes share the cores: idle ONNX Runtime
         threads then sleep instead of spinning."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"model file not found: {path}")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.intra_op_num_threads = threads or usable_cores()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3

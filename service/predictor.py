@@ -9,7 +9,6 @@ calls through one Batcher per model.
 from __future__ import annotations
 
 import functools
-import os
 import threading
 import time
 from collections.abc import Mapping
@@ -23,7 +22,7 @@ import numpy as np
 
 from core.errors import ImageError
 from core.preprocess import decode_plain_jpeg, normalize, open_image, to_pixels
-from core.runtime import CPU, OnnxModel, top_classes
+from core.runtime import CPU, OnnxModel, top_classes, usable_cores
 from service.batching import Batcher
 from service.cores import SharedCores
 from service.errors import BadRequest
@@ -74,7 +73,7 @@ class Predictor:
         """Load every model and run one warm-up inference each. `worker` is this process's 1-based index among
         `workers` (0: not under a server); with several CPU workers, `cores_file` is their shared-cores file."""
         self.settings, self.workers = settings, workers
-        cores = os.cpu_count() or 1
+        cores = usable_cores()
         alone = settings.ort_threads or cores
         share = settings.ort_threads or max(1, cores // workers)
         self.models = {arch: ServedModel(f.store_tag, OnnxModel(f.path, settings.providers, alone, workers == 1), None)

@@ -21,7 +21,7 @@ from core.bentoml_internals import (
     service_class,
 )
 from core.errors import UserError
-from core.runtime import CUDA, choose_providers
+from core.runtime import CUDA, choose_providers, usable_cores
 from core.store import MODEL_FILE, STORE_NAMES, pick_variant, verify_stored, version_setting
 from service.drain import say
 from service.http import HttpApi
@@ -35,7 +35,7 @@ except UserError as exc:  # one line, before BentoML sees any setting
 # On a CPU host a worker's HTTP handling needs a core of its own (LeNet: ~1,000 req/s per worker);
 # on a GPU, one worker feeds the device and more would each hold a CUDA context.
 ON_GPU = CUDA in choose_providers(SETTINGS.providers)
-WORKERS = SETTINGS.workers or (1 if ON_GPU else os.cpu_count() or 1)
+WORKERS = SETTINGS.workers or (1 if ON_GPU else usable_cores())
 HTTP = HttpApi(SETTINGS)
 limit_request_head_time(SETTINGS.header_timeout_s)
 restart_dead_workers_within(1.0)

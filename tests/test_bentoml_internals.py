@@ -36,10 +36,15 @@ def test_service_class_and_to_asgi_are_where_they_were() -> None:
     assert issubclass(service_class(lambda app, cors: app), bentoml.Service)
 
 
-def test_the_process_managers_check_delay_is_where_it_was() -> None:
+def test_the_process_managers_check_delay_and_respawn_are_where_they_were() -> None:
+    from bentoml import serving
     from bentoml._internal.utils import circus
+    from circus.watcher import Watcher
 
-    assert "check_delay" in inspect.getsource(circus.create_standalone_arbiter)
+    # unwrap: once the service is imported, these are its wrappers
+    assert "check_delay" in inspect.getsource(inspect.unwrap(circus.create_standalone_arbiter))
+    assert "respawn=not running_inside_container()" in inspect.getsource(inspect.unwrap(serving.create_watcher))
+    assert "respawn" in inspect.signature(Watcher.__init__).parameters
 
 
 def test_uvicorns_protocol_hooks_are_where_they_were() -> None:

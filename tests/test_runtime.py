@@ -36,3 +36,13 @@ def test_loading_a_model_on_this_host_prints_no_cuda_errors() -> None:
     if result.stdout.split()[0] == "0":
         assert result.stdout.split()[1] == runtime.CPU
         assert "cuda" not in result.stderr.lower()
+
+
+@pytest.mark.parametrize(("cpu_max", "expected"), [("max 100000", 2), ("150000 100000", 2), ("100000 100000", 1),
+                                                    ("50000 100000", 1), ("garbage", 2)])
+def test_usable_cores_follow_a_cgroup_cpu_quota(tmp_path, monkeypatch, cpu_max: str, expected: int) -> None:
+    """`docker run --cpus 1` or a Kubernetes limit of 1 CPU on a big host: one worker, one ONNX Runtime thread."""
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda _: {0, 1})
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    assert runtime.usable_cores(tmp_path / "cpu.max") == expected
+    assert runtime.usable_cores(tmp_path / "absent") == 2
