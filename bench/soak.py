@@ -1,8 +1,9 @@
 """`make soak`: 10 minutes at ~70% of measured capacity with 10% bad input, one SIGTERM-restart in the middle.
 
-Open-loop load (requests start on a fixed schedule, whether or not earlier ones have finished)
-from a client that routes like a load balancer during a rolling update: it stops sending new
-requests, then the server gets SIGTERM while its requests are still in flight, a new server
+Open-loop load (requests fall due on a fixed schedule, whether or not earlier ones have finished;
+latency counts from when a request fell due) sent over CONNECTIONS connections, from a client
+that routes like a load balancer during a rolling update: it stops sending new requests (they wait
+their turn), the server gets SIGTERM while the requests it holds are still in flight, a new server
 starts on the same port, and sending resumes once it is ready. Writes per-minute requests/s,
 p50/p99 latency, answers by status and server memory to bench/soak/soak.csv and soak.png.
 """
@@ -31,6 +32,7 @@ from harness.server import free_port, start_server
 
 OUT = ROOT / "bench" / "soak"
 BAD = [b"plain text, not an image", b"%PDF-1.7\n", b"\xff\xd8\xff\xe0 truncated"]  # 415, 415, 400
+CONNECTIONS = 32  # as many as the capacity run's clients: the same cost per request
 
 
 def server_rss_mb(process: subprocess.Popen) -> float:
@@ -54,52 +56,51 @@ class Soak:
     def start(self) -> subprocess.Popen:
         return start_server(["service.service:Classifier"], self.env, ROOT, self.port)
 
-    async def send(self, client: httpx.AsyncClient, i: int, began: float) -> None:
-        bad = i % 10 == 9
-        data = BAD[i // 10 % len(BAD)] if bad else self.images[i % len(self.images)]
-        started = time.perf_counter()
-        try:
-            response = await client.post(f"{self.url}/classify", files={"image": ("x.jpg", data)},
-                                         data={"model": self.model})
-            outcome = str(response.status_code)
-        except httpx.HTTPError as exc:
-            outcome = type(exc).__name__
-        self.records.append((started - began, time.perf_counter() - started, outcome))
+    async def sender(self, queue: asyncio.Queue, began: float) -> None:
+        """One connection's client: sends the requests that fall due, in turn."""
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            while (job := await queue.get()) is not None:
+                i, due = job
+                data = BAD[i // 10 % len(BAD)] if i % 10 == 9 else self.images[i % len(self.images)]
+                await self.routing.wait()  # held while no server is in rotation, like a load balancer holds it
+                try:
+                    response = await client.post(f"{self.url}/classify", files={"image": ("x.jpg", data)},
+                                                 data={"model": self.model})
+                    outcome = str(response.status_code)
+                except httpx.HTTPError as exc:
+                    outcome = type(exc).__name__
+                self.records.append((due - began, time.perf_counter() - due, outcome))
 
     async def run(self) -> None:
         subprocess.run([sys.executable, "-m", "core.store"], env=self.env, cwd=ROOT, check=True, capture_output=True)
         self.process = self.start()
         until = time.monotonic() + 10
-        outcomes, _ = await run_clients(f"{self.url}/classify", self.images[0], 32, lambda: time.monotonic() > until,
-                                        model=self.model)
+        outcomes, _ = await run_clients(f"{self.url}/classify", self.images[0], CONNECTIONS,
+                                        lambda: time.monotonic() > until, model=self.model)
         capacity = outcomes[200] / 10
         rate = self.load * capacity
-        print(f"capacity {capacity:,.0f} req/s (32 clients, closed loop); soak at {rate:,.0f} req/s", flush=True)
+        print(f"capacity {capacity:,.0f} req/s ({CONNECTIONS} clients, closed loop); soak at {rate:,.0f} req/s",
+              flush=True)
         self.routing.set()
         seconds = self.minutes * 60
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-            began = time.perf_counter()
-            watcher = asyncio.create_task(self.watch(began, seconds))
-            tasks, i = set(), 0
-            while time.perf_counter() - began < seconds:
-                if not self.routing.is_set():  # a restart is under way; a failed one ends the run
-                    await asyncio.wait([asyncio.create_task(self.routing.wait()), watcher],
-                                       return_when=asyncio.FIRST_COMPLETED)
-                    if watcher.done():
-                        watcher.result()
-                task = asyncio.create_task(self.send(client, i, began))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+        queue: asyncio.Queue = asyncio.Queue()
+        began = time.perf_counter()
+        senders = [asyncio.create_task(self.sender(queue, began)) for _ in range(CONNECTIONS)]
+        watcher = asyncio.create_task(self.watch(began, seconds))
+        i = 0
+        while (now := time.perf_counter() - began) < seconds:
+            if watcher.done():  # a failed restart ends the run
+                watcher.result()
+            while i < now * rate:  # every request due by now
+                queue.put_nowait((i, began + i / rate))
                 i += 1
-                await asyncio.sleep(max(0.0, i / rate - (time.perf_counter() - began - self.paused())))
-            await asyncio.gather(*tasks)
-            await watcher
+            await asyncio.sleep(0.001)
+        for _ in senders:
+            queue.put_nowait(None)
+        await asyncio.gather(*senders, watcher)
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(60)
-
-    def paused(self) -> float:
-        return self.restart.get("resumed", 0.0) - self.restart.get("paused", 0.0)
 
     async def watch(self, began: float, seconds: float) -> None:
         """Samples memory each second; restarts the server half-way."""
@@ -112,7 +113,8 @@ class Soak:
     async def rolling_restart(self, began: float) -> None:
         self.routing.clear()  # the load balancer takes the server out first
         self.restart["paused"] = time.perf_counter() - began
-        self.process.send_signal(signal.SIGTERM)  # its requests are still in flight
+        await asyncio.sleep(0.05)  # the requests sent just before reach the server (Kubernetes: the preStop pause)
+        self.process.send_signal(signal.SIGTERM)  # while the server still works on them
         await asyncio.to_thread(self.process.wait, 60)
         self.restart["exited"] = time.perf_counter() - began
         self.process = await asyncio.to_thread(self.start)
