@@ -37,8 +37,10 @@ function describeModel() {
 function add(files) {
   const added = [...files].map((file) => {
     const node = $("result").content.firstElementChild.cloneNode(true);
-    node.querySelector("img").src = URL.createObjectURL(file);
-    node.querySelector("img").alt = `preview of ${file.name}`;
+    const preview = node.querySelector("img");
+    preview.addEventListener("error", () => { preview.style.visibility = "hidden"; }); // not an image
+    preview.src = URL.createObjectURL(file);
+    preview.alt = `preview of ${file.name}`;
     node.querySelector(".name").textContent = file.name;
     $("results").prepend(node);
     return { file, node };
@@ -87,12 +89,7 @@ function show(item, result) {
     bar.querySelector(".pct").textContent = `${percent}%`;
     bars.append(bar);
   }
-  if (result.note) {
-    const note = document.createElement("li");
-    note.className = "muted";
-    note.textContent = result.note;
-    bars.append(note);
-  }
+  item.node.querySelector(".note").textContent = result.note || "";
 }
 
 start().catch((error) => { $("status").textContent = `Could not reach the service: ${error.message}`; });
