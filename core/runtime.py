@@ -22,6 +22,9 @@ from core.preprocess import normalization_table
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+# cuDNN's default EXHAUSTIVE search benchmarks its algorithms on the first call of every new input
+# shape: 230-465 ms each on an H100; HEURISTIC ~40 ms once, then 1.1-1.6 ms for batches 1-64 (issue 12).
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
 
 
 def usable_cores(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -65,9 +68,10 @@ def choose_providers(requested: str = "auto") -> list[str]:
 class OnnxModel:
     """An ONNX Runtime session plus the metadata and normalization table that belong to it."""
 
-    def __init__(self, path: str | os.PathLike, providers: str = "auto", threads: int = 0, spin: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike, providers: str = "auto", threads: int = 0, spin: bool = True,
+                 device_id: int = 0) -> None:
         """`threads` 0: one per usable core. `spin=False` when other processes share the cores: idle ONNX Runtime
-        threads then sleep instead of spinning."""
+        threads then sleep instead of spinning. `device_id`: the GPU, when CUDA is used."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"model file not found: {path}")
@@ -78,7 +82,9 @@ class OnnxModel:
         options.log_severity_level = 3
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=choose_providers(providers))
+            chosen = [(CUDA, {**CUDA_OPTIONS, "device_id": device_id}) if name == CUDA else name
+                      for name in choose_providers(providers)]
+            self.session = ort.InferenceSession(str(path), options, providers=chosen)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise UserError(f"cannot load {path} as an ONNX model: {exc}") from None
         self.path = path

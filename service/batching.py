@@ -35,6 +35,19 @@ class _Pending:
     queued_at: float = field(default_factory=time.monotonic)
 
 
+def pad(inputs: np.ndarray, bucket_sizes: tuple[int, ...]) -> np.ndarray:
+    """`inputs` with rows of zeros added up to the smallest bucket size that holds them (as they are without)."""
+    size = next((b for b in bucket_sizes if b >= len(inputs)), len(inputs))
+    if size == len(inputs):
+        return inputs
+    return np.concatenate([inputs, np.zeros((size - len(inputs), *inputs.shape[1:]), inputs.dtype)])
+
+
+def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """Powers of two below max_batch_size, and max_batch_size itself: 1, 2, 4, ..., 64."""
+    return (*(2**i for i in range(max_batch_size.bit_length()) if 2**i < max_batch_size), max_batch_size)
+
+
 def _settle(results: list[tuple[asyncio.Future, np.ndarray | BaseException]]) -> None:
     for future, result in results:
         if future.done():  # cancelled: the request timed out or its client went away
@@ -58,12 +71,19 @@ class Batcher:
     """Queue and model thread for one model; `await batcher(inputs)` returns that request's rows of the output."""
 
     def __init__(self, name: str, run: Callable[[np.ndarray], np.ndarray], max_batch_size: int,
-                 max_latency_s: float, device_lock: threading.Lock) -> None:
-        """`run` is the blocking model call; `device_lock` is shared by the models that share the cores."""
+                 max_latency_s: float, device_lock: threading.Lock, bucket_sizes: tuple[int, ...] = ()) -> None:
+        """`run` is the blocking model call; `device_lock` is shared by the models that share the cores.
+        `bucket_sizes`: the only batch sizes `run` sees (a batch is padded with zeros up to the next one and the
+        padding's rows dropped), for runtimes that pay for every new shape; empty: any size."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_latency_s <= 0:
             raise ValueError(f"max_latency_s must be positive, got {max_latency_s}")
+        if bucket_sizes and (list(bucket_sizes) != sorted(set(bucket_sizes)) or bucket_sizes[0] < 1
+                             or bucket_sizes[-1] < max_batch_size):
+            raise ValueError(f"bucket_sizes must rise from 1 or more up to max_batch_size {max_batch_size}, "
+                             f"got {bucket_sizes}")
+        self.bucket_sizes = bucket_sizes
         self.run = run
         self.max_batch_size = max_batch_size
         self.max_latency_s = max_latency_s
@@ -131,11 +151,12 @@ class Batcher:
     def _call(self, batch: list[_Pending]) -> None:
         inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])
         self.last_batch = len(batch)
+        images = len(inputs)
         try:
             with self.device_lock:
                 started = time.perf_counter()
-                outputs = self.run(inputs)
-                per_image = (time.perf_counter() - started) / len(inputs)
+                outputs = self.run(pad(inputs, self.bucket_sizes))[:images]
+                per_image = (time.perf_counter() - started) / images
         except Exception as exc:  # a failed call fails its own requests, never the thread
             logger.exception("model call failed")
             _hand_back([(pending, exc) for pending in batch])

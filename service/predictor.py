@@ -22,8 +22,8 @@ import numpy as np
 
 from core.errors import ImageError
 from core.preprocess import decode_plain_jpeg, normalize, open_image, to_pixels
-from core.runtime import CPU, OnnxModel, top_classes, usable_cores
-from service.batching import Batcher
+from core.runtime import CPU, OnnxModel, gpu_count, top_classes, usable_cores
+from service.batching import Batcher, bucket_sizes
 from service.cores import SharedCores
 from service.errors import BadRequest
 from service.metrics import BATCH_SIZES, INFERENCES, MODEL_SECONDS
@@ -76,7 +76,9 @@ class Predictor:
         cores = usable_cores()
         alone = settings.ort_threads or cores
         share = settings.ort_threads or max(1, cores // workers)
-        self.models = {arch: ServedModel(f.store_tag, OnnxModel(f.path, settings.providers, alone, workers == 1), None)
+        device = (worker - 1) % gpu_count() if worker and gpu_count() > 1 else 0  # workers spread over the GPUs
+        self.models = {arch: ServedModel(f.store_tag, OnnxModel(f.path, settings.providers, alone, workers == 1,
+                                                                device), None)
                        for arch, f in files.items()}
         self.cores: SharedCores | None = None
         on_cpu = next(iter(self.models.values())).alone.provider == CPU
@@ -85,13 +87,16 @@ class Predictor:
                                                                                share, spin=False))
                            for arch, m in self.models.items()}
             self.cores = SharedCores(cores_file, workers, worker - 1)
-        for model in self.models.values():  # the first run allocates and picks kernels
+        buckets = settings.batch_buckets == "on" or (settings.batch_buckets == "auto" and not on_cpu)
+        self.bucket_sizes = bucket_sizes(settings.max_batch_size) if buckets else ()
+        for model in self.models.values():  # every shape a call will see, before /readyz turns 200
             for session in filter(None, (model.alone, model.shared)):
-                session.logits(np.zeros((1, 3, 32, 32), np.float32))
-        one_at_a_time = threading.Lock()  # the models share the cores: never run two calls at once
+                for size in self.bucket_sizes or (1,):  # the first run allocates and picks kernels
+                    session.logits(np.zeros((size, 3, 32, 32), np.float32))
+        one_at_a_time = threading.Lock()  # the models share the device: never run two calls at once
         self.batchers = {
             arch: Batcher(arch, functools.partial(self._run, arch), settings.max_batch_size,
-                          settings.max_latency_ms / 1000, one_at_a_time)
+                          settings.max_latency_ms / 1000, one_at_a_time, self.bucket_sizes)
             for arch in self.models
         }
 
@@ -129,7 +134,7 @@ class Predictor:
                               **vars(m.alone.info)}
                        for arch, m in self.models.items()},
             "batching": {"max_batch_size": self.settings.max_batch_size,
-                         "max_latency_ms": self.settings.max_latency_ms},
+                         "max_latency_ms": self.settings.max_latency_ms, "bucket_sizes": list(self.bucket_sizes)},
             "limits": {"max_batch_images": self.settings.max_batch_images,
                        "max_body_bytes": self.settings.max_body_bytes, "max_pixels": self.settings.max_pixels},
             "workers": self.workers,

@@ -39,6 +39,9 @@ class Settings:
     workers: int = field(default=0, metadata=_whole(0, 256, "0: one per core on a CPU host, 1 with a GPU"))
     ort_threads: int = field(default=0, metadata=_whole(0, 1024, "0: all cores alone, a share beside other workers"))
     providers: str = field(default="auto", metadata={"choices": PROVIDER_CHOICES})
+    # Batch sizes a model sees: auto = powers of two up to max_batch_size on a GPU (each new shape costs
+    # cuDNN a search), any size on a CPU (padding only costs there: BENCHMARKS.md); on/off force either.
+    batch_buckets: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})
     # On SIGTERM: how long requests in flight may take to finish (Kubernetes waits 30 s by default).
     drain_s: int = field(default=20, metadata=_whole(0, 3600))
     header_timeout_s: int = field(default=10, metadata=_whole(1, 600))  # request line and headers, then 408

@@ -1,4 +1,4 @@
-"""The dynamic batcher, driven with the shipped LeNet in ONNX Runtime."""
+"""The dynamic batcher, driven with the shipped LeNet in ONNX Runtime, and its batch-size buckets."""
 
 import asyncio
 import threading
@@ -8,8 +8,10 @@ import pytest
 
 from core.runtime import OnnxModel
 from core.store import shipped_file
-from service.batching import Batcher
+from service.batching import Batcher, bucket_sizes
 from service.errors import Overloaded
+from service.predictor import ModelFile, Predictor
+from service.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +88,42 @@ def test_a_model_slower_than_max_latency_still_serves_a_lone_request(lenet) -> N
 
     assert [r.shape for r in asyncio.run(main())] == [(1, 10)] * 3
     assert batcher.seconds_per_image > batcher.max_latency_s
+
+
+def test_bucket_sizes_are_powers_of_two_up_to_the_largest_batch() -> None:
+    assert bucket_sizes(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert bucket_sizes(100) == (1, 2, 4, 8, 16, 32, 64, 100) and bucket_sizes(1) == (1,)
+    with pytest.raises(ValueError, match="bucket_sizes must rise"):
+        Batcher("lenet", lambda x: x, 64, 5, threading.Lock(), bucket_sizes=(1, 2, 32))
+
+
+def test_with_buckets_every_model_call_sees_a_bucket_size_and_padding_changes_no_answer(lenet) -> None:
+    run = Recorded(lenet, delay_s=0.02)
+    buckets = bucket_sizes(16)
+    batcher = Batcher("lenet", run, max_batch_size=16, max_latency_s=5, device_lock=threading.Lock(),
+                      bucket_sizes=buckets)
+    requests = [inputs(1 + i % 5, seed=i) for i in range(30)]  # 1-5 images each: odd totals per call
+
+    async def main() -> list[np.ndarray]:
+        together = await asyncio.gather(*(batcher(x) for x in requests))
+        alone = [await batcher(x) for x in requests[2:5]]  # 3, 4 and 5 images on their own: 4, 4, 8
+        return [*together, *alone]
+
+    results = asyncio.run(main())
+    requests += requests[2:5]
+    assert set(run.sizes) <= set(buckets) and run.sizes[-3:] == [4, 4, 8]
+    for x, rows in zip(requests, results, strict=True):
+        assert rows.shape[0] == len(x) and np.allclose(rows, lenet.logits(x), atol=1e-5)
+
+
+def test_start_up_runs_every_bucket_of_every_session_before_serving(monkeypatch) -> None:
+    seen: list[int] = []
+    real = OnnxModel.logits
+    monkeypatch.setattr(OnnxModel, "logits", lambda self, batch: seen.append(len(batch)) or real(self, batch))
+    files = {arch: ModelFile(f"cifar10-{arch}:shipped", shipped_file(arch)) for arch in ("resnet18", "lenet")}
+    predictor = Predictor(files, Settings(batch_buckets="on", max_batch_size=32), workers=1)
+    assert predictor.bucket_sizes == (1, 2, 4, 8, 16, 32)
+    assert seen == [*predictor.bucket_sizes] * 2  # both models, each shape once, in __init__
+    assert predictor.describe()["batching"]["bucket_sizes"] == [1, 2, 4, 8, 16, 32]
+    cpu = Predictor(files, Settings(), workers=1)  # auto: no buckets on a CPU host
+    assert cpu.bucket_sizes == () or cpu.models["lenet"].alone.provider != "CPUExecutionProvider"
