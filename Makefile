@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 3000
+IMAGE_GPU ?= cifar10-classifier:gpu
+IMAGE_CPU ?= cifar10-classifier:cpu
 
-.PHONY: serve test lint bento bench soak register-shipped clean
+.PHONY: serve test lint bento image image-cpu k8s-validate bench soak register-shipped clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +41,18 @@ lint: $(VENV)/.all
 bento: register-shipped
 	$(BIN)/bentoml build --output tag > $(VENV)/.bento-tag
 	@sed 's/^__tag__://' $(VENV)/.bento-tag
+
+# Container images, with docker or else podman; each prints its tag and size last.
+# GPU: onnxruntime-gpu with CUDA 13 + cuDNN 9 from pip (runs on CPU hosts too). CPU: no CUDA libraries.
+image: register-shipped
+	bash deploy/container/build.sh gpu $(IMAGE_GPU)
+
+image-cpu: register-shipped
+	bash deploy/container/build.sh cpu $(IMAGE_CPU)
+
+# Renders every Kubernetes overlay and validates it (also part of make test).
+k8s-validate: $(VENV)/.all
+	$(BIN)/python -m pytest -q tests/test_kubernetes.py
 
 bench: $(VENV)/.all
 	$(BIN)/python -m bench.run

@@ -12,6 +12,8 @@ when one of them has moved:
   `bentoml.serving.create_watcher(respawn=not running_inside_container())`: how often `bentoml
   serve`'s process manager looks for dead workers, and whether it starts them again; both looked
   up when the server starts, after it imports the service;
+- `bentoml.images.Image` inserts an `apt-get install build-essential git gnupg2 ...` (588 MB) before
+  anything else for every distro it knows (`CONTAINER_METADATA`), and none for a name it does not;
 - uvicorn's `protocols.http.auto.AutoHTTPProtocol` (what its default `http="auto"` resolves to when
   BentoML's worker builds its uvicorn.Config, after importing the service) and the hooks of its
   httptools protocol (`connection_made`, `on_headers_complete`, `on_response_complete`,
@@ -160,3 +162,15 @@ def restart_dead_workers_within(seconds: float) -> None:
     create_standalone_arbiter.check_delay = seconds
     circus.create_standalone_arbiter = create_standalone_arbiter
     serving.create_watcher = create_respawning_watcher
+
+
+def slim_image(python_version: str) -> Any:
+    """The bento's container image: python:<version>-slim as it is, without the compilers and git BentoML
+    installs for the distros it knows (588 MB: the CPU image went from 1,274 to ~690 MB). Every package
+    this service needs is a wheel, so nothing is compiled at build time."""
+    import bentoml
+
+    return bentoml.images.Image(base_image=f"python:{python_version}-slim", distro=WHEELS_ONLY)
+
+
+WHEELS_ONLY = "debian-slim-wheels-only"  # not one of BentoML's distros: it adds no apt-get step for it

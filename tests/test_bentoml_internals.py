@@ -56,3 +56,13 @@ def test_uvicorns_protocol_hooks_are_where_they_were() -> None:
         assert callable(getattr(HttpToolsProtocol, hook)), hook
     source = inspect.getsource(HttpToolsProtocol.__init__)
     assert "self.cycle" in source and "self.loop" in source
+
+
+def test_an_image_of_an_unknown_distro_gets_no_apt_step() -> None:
+    from bentoml._internal.container.frontend.dockerfile import CONTAINER_METADATA
+
+    from core.bentoml_internals import WHEELS_ONLY, slim_image
+
+    assert WHEELS_ONLY not in CONTAINER_METADATA
+    assert not any("apt-get" in command for command in slim_image("3.11").commands)
+    assert any("build-essential" in command for command in bentoml.images.Image(python_version="3.11").commands)
