@@ -24,7 +24,7 @@ import psutil
 
 from bench import runtime
 from bench.load import multipart, run_load
-from core.runtime import OnnxModel
+from core.runtime import OnnxModel, gpu_count
 from core.store import shipped_file
 from harness.samples import TEST_ZIP, cifar_samples
 from harness.server import free_port, start_server, stop_server
@@ -86,27 +86,35 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def load_runs(server: Server, raw: list[dict], quick: bool) -> list[dict]:
-    label, image = cifar_samples(1)[3]
+def load_runs(server: Server, raw: list[dict], quick: bool, label: str = "") -> list[dict]:
+    """/classify for both models at each concurrency and /classify_batch x64; ResNet-18's images/s also as a
+    ratio to the raw fp32 and int8 ceilings."""
+    _, image = cifar_samples(1)[3]
+    served = httpx.get(f"{server.url}/models").json()["models"]
     rows = []
     for arch in ("resnet18", "lenet"):
         body, ctype = multipart([("image", "x.jpg", image), ("model", "", arch.encode())])
-        ceiling = runtime.best(raw, arch)
-        batch1 = next(r for r in raw if r["model"] == arch and r["batch"] == 1 and r["threads"] == ceiling["threads"])
+        raw_name = arch if served[arch]["precision"] == "fp32" else f"{arch}-{served[arch]['precision']}"
+        ceiling = runtime.best(raw, raw_name)
+        batch1 = next(r for r in raw if r["model"] == raw_name and r["batch"] == 1
+                      and r["threads"] == ceiling["threads"])
         for c in CONCURRENCY:
-            row = {"model": arch, "endpoint": "/classify",
+            row = {"model": arch, "precision": served[arch]["precision"], "endpoint": "/classify", "server": label,
                    **run_load(f"{server.url}/classify", body, ctype, c, requests_for(arch, c, quick))}
             row["ratio_to_raw_best"] = row["images_per_s"] / ceiling["images_per_s"]
+            row["ratio_to_raw_fp32_best"] = row["images_per_s"] / runtime.best(raw, arch)["images_per_s"]
             row["raw_batch1_p50_ms"] = batch1["p50_ms"]
             rows.append(row)
-            print(f"load {arch:<8} c={c:<3} {row['requests_per_s']:>8,.0f} req/s  p50 {row['p50_ms']:.1f} ms  "
-                  f"p99 {row['p99_ms']:.1f} ms  errors {row['errors']}", flush=True)
+            print(f"load {arch:<8} {row['precision']} c={c:<3} {row['requests_per_s']:>8,.0f} req/s  "
+                  f"p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms  errors {row['errors']}", flush=True)
     images = [("images", f"{i}.jpg", data) for i, (_, data) in enumerate(cifar_samples(7)[:64])]
     body, ctype = multipart([*images, ("model", "", b"lenet")])
     for c in (2, 8):
-        row = {"model": "lenet", "endpoint": "/classify_batch x64",
+        row = {"model": "lenet", "precision": served["lenet"]["precision"], "endpoint": "/classify_batch x64",
+               "server": label,
                **run_load(f"{server.url}/classify_batch", body, ctype, c, 40 if quick else 150, images_per_request=64)}
-        row["ratio_to_raw_best"] = row["images_per_s"] / runtime.best(raw, "lenet")["images_per_s"]
+        row["ratio_to_raw_best"] = row["ratio_to_raw_fp32_best"] = \
+            row["images_per_s"] / runtime.best(raw, "lenet")["images_per_s"]
         row["raw_batch1_p50_ms"] = None
         rows.append(row)
         print(f"load lenet batch64 c={c}: {row['images_per_s']:,.0f} images/s errors {row['errors']}", flush=True)
@@ -161,18 +169,22 @@ def target_loads(url: str, quick: bool) -> dict:
 
 
 def target_runs(home: Path, quick: bool, repeats: int = 3) -> list[dict]:
-    """The issue's targets, each measured `repeats` times on a fresh server, the raw ceiling re-measured each time."""
-    resnet = OnnxModel(shipped_file("resnet18"), threads=os.cpu_count() or 1)
+    """The targets, each measured `repeats` times on a fresh server, the raw ceilings re-measured each time."""
+    fp32 = OnnxModel(shipped_file("resnet18"))
+    int8 = OnnxModel(shipped_file("resnet18-int8"))
     runs = []
     for _ in range(repeats):
-        raw = {b: runtime.measure(resnet, b, seconds=2.0 if quick else 4.0) for b in (1, 8, 32)}
+        raw = {b: runtime.measure(fp32, b, seconds=2.0 if quick else 4.0) for b in (1, 8, 32)}
+        raw_int8 = {b: runtime.measure(int8, b, seconds=2.0 if quick else 4.0) for b in (1, 32)}
         with Server(home) as server:
             loads = target_loads(server.url, quick)
-        best = max(r["images_per_s"] for r in raw.values())
+        best, best_int8 = (max(r["images_per_s"] for r in rows.values()) for rows in (raw, raw_int8))
         lenet = loads["lenet c=32"]
         runs.append({
-            "resnet18 c=32 / raw best": loads["resnet18 c=32"]["images_per_s"] / best,
-            "resnet18 c=1 p50 ms (limit)": (loads["resnet18 c=1"]["p50_ms"], 1.5 * raw[1]["p50_ms"] + 5),
+            "resnet18 (int8) c=32 / raw fp32 best": loads["resnet18 c=32"]["images_per_s"] / best,
+            "resnet18 (int8) c=32 / raw int8 best": loads["resnet18 c=32"]["images_per_s"] / best_int8,
+            "resnet18 (int8) c=1 p50 ms (limit: 1.5 x raw int8 b1 + 5)":
+                (loads["resnet18 c=1"]["p50_ms"], 1.5 * raw_int8[1]["p50_ms"] + 5),
             "lenet c=32 req/s": lenet["requests_per_s"] if not lenet["errors"] else 0.0,
             "lenet /classify_batch x64 images/s": loads["lenet batch64 c=8"]["images_per_s"],
         })
@@ -215,7 +227,7 @@ def predict_runs(raw: list[dict], quick: bool) -> list[dict]:
         with zipfile.ZipFile(TEST_ZIP) as archive:
             names = [n for n in archive.namelist() if n.endswith(".jpg")][: 2000 if quick else None]
             archive.extractall(folder, members=names)
-        for arch, repeats in (("resnet18", 1), ("lenet", 3)):
+        for arch, repeats in (("resnet18", 1), ("lenet", 3)):  # resnet18: int8 on a CPU host, as served
             out = Path(folder + "-out") / f"{arch}.csv"
             out.parent.mkdir(exist_ok=True)
             times = []
@@ -228,28 +240,37 @@ def predict_runs(raw: list[dict], quick: bool) -> list[dict]:
             seconds = statistics.median(times)
             raw64 = max((r for r in raw if r["model"] == arch and r["batch"] == 64), key=lambda r: r["images_per_s"])
             rows.append({"model": arch, "images": len(names), "seconds": seconds,
-                         "images_per_s": len(names) / seconds, "raw_batch64_images_per_s": raw64["images_per_s"],
-                         "ratio_to_raw": len(names) / seconds / raw64["images_per_s"]})
+                         "images_per_s": len(names) / seconds, "raw_fp32_batch64_images_per_s": raw64["images_per_s"],
+                         "ratio_to_raw_fp32": len(names) / seconds / raw64["images_per_s"]})
             print(f"predict {arch}: {rows[-1]['images_per_s']:,.0f} images/s "
-                  f"({rows[-1]['ratio_to_raw']:.2f} x raw batch 64)", flush=True)
+                  f"({rows[-1]['ratio_to_raw_fp32']:.2f} x raw fp32 batch 64)", flush=True)
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests and images: a smoke run")
+    parser.add_argument("--gpu-quick", action="store_true", help="only the GPU section, in under 5 minutes")
     args = parser.parse_args()
+    from bench import gpu  # here: it builds on this module
+
+    if args.gpu_quick:
+        gpu.run(quick=True)
+        return
     info = machine()
     print(json.dumps(info), flush=True)
-    raw = runtime.run(seconds=1.0 if args.quick else 3.0)
+    raw = runtime.run(archs=("resnet18", "resnet18-int8", "lenet"), seconds=1.0 if args.quick else 3.0)
     write_csv("runtime.csv", raw)
     with tempfile.TemporaryDirectory() as home:
         env = {**os.environ, "BENTOML_HOME": home}
         subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
         with Server(Path(home)) as server:
             provider = httpx.get(f"{server.url}/models").json()["models"]["resnet18"]["provider"]
-            load = load_runs(server, raw, args.quick)
+            load = load_runs(server, raw, args.quick, "defaults")
             memory = memory_run(server, args.quick)
+        with Server(Path(home), resnet18_precision="fp32") as server:  # side by side: ResNet-18 pinned to fp32
+            load += [row for row in load_runs(server, raw, args.quick, "fp32 pinned") if row["model"] == "resnet18"
+                     and row["endpoint"] == "/classify"]
         batching = batching_runs(Path(home), args.quick)
         workers = worker_runs(Path(home), args.quick)
         targets = target_runs(Path(home), args.quick)
@@ -264,9 +285,9 @@ def main() -> None:
                                                      indent=2) + "\n")
     print("\n## Raw ONNX Runtime\n" + table(raw, ["model", "provider", "threads", "batch", "images_per_s", "p50_ms",
                                                  "p99_ms"]))
-    print("\n## Service under load\n" + table(load, ["model", "endpoint", "concurrency", "requests", "errors",
-                                                    "requests_per_s", "images_per_s", "p50_ms", "p90_ms", "p95_ms",
-                                                    "p99_ms", "ratio_to_raw_best"]))
+    print("\n## Service under load\n" + table(load, [
+        "server", "model", "precision", "endpoint", "concurrency", "requests", "errors", "requests_per_s",
+        "images_per_s", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "ratio_to_raw_best", "ratio_to_raw_fp32_best"]))
     print("\n## Batching settings (ResNet-18, 32 clients)\n" + table(batching, [
         "max_batch_size", "max_latency_ms", "requests_per_s", "p50_ms", "p99_ms", "errors"]))
     print("\n## Workers (one: ONNX Runtime on all cores, spinning; several: sharing the cores)\n" + table(workers, [
@@ -274,9 +295,11 @@ def main() -> None:
     print("\n## Targets (median of runs on fresh servers)\n" + table(target_summary(targets), [
         "measure", "median", "runs"]))
     if cli:
-        print("\n## cifar10 predict\n" + table(cli, ["model", "images", "images_per_s", "raw_batch64_images_per_s",
-                                                     "ratio_to_raw"]))
+        print("\n## cifar10 predict\n" + table(cli, ["model", "images", "images_per_s",
+                                                     "raw_fp32_batch64_images_per_s", "ratio_to_raw_fp32"]))
     print(f"\n## Memory\n{json.dumps(memory)}\nprovider: {provider}; machine: {json.dumps(info)}")
+    if gpu_count() > 0:  # on a CUDA host: the GPU section of BENCHMARKS.md too
+        gpu.run(quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -150,14 +150,23 @@ def plot(rows: list[dict], restart: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     minutes = [r["minute"] for r in rows]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-    panels = ((axes[0, 0], ["requests_per_s"], "requests/s"), (axes[0, 1], ["p50_ms", "p99_ms"], "latency of 200s, ms"),
-              (axes[1, 0], ["4xx", "5xx", "failed"], "answers per minute"), (axes[1, 1], ["rss_mb"], "server RSS, MB"))
-    for ax, keys, title in panels:
-        for key in keys:
-            ax.plot(minutes, [r[key] for r in rows], marker="o", label=key)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    panels = ((axes[0, 0], {"200 answers/s": [r["ok"] / 60 for r in rows], "4xx/s (bad input)":
+                            [r["4xx"] / 60 for r in rows]}, "answers per second", False),
+              (axes[0, 1], {"p50": [r["p50_ms"] for r in rows], "p99": [r["p99_ms"] for r in rows]},
+               "latency of 200s from when due, ms (log)", True),
+              (axes[1, 0], {"5xx": [r["5xx"] for r in rows], "no answer": [r["failed"] for r in rows]},
+               "failures per minute", False),
+              (axes[1, 1], {"RSS": [r["rss_mb"] for r in rows]}, "server memory (RSS), MB", False))
+    for ax, series, title, log in panels:
+        for label, values in series.items():
+            ax.plot(minutes, values, marker="o", label=label)
         ax.axvline(restart["paused"] / 60 + 1, color="grey", linestyle=":", label="SIGTERM + restart")
         ax.set(title=title, xlabel="minute")
+        if log:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(bottom=0, top=max(1.0, ax.get_ylim()[1]))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
