@@ -80,9 +80,8 @@ class Classifier:
     lenet_model = served_model("lenet")
 
     def __init__(self) -> None:
-        """Load both models and run one warm-up inference each; BentoML's /readyz turns 200 only after this.
-
-        BentoML runs this in the worker's event loop, at start-up."""
+        """Load the models that answer (ResNet-18 in the precision chosen, LeNet) and run every batch shape they
+        will see once; BentoML's /readyz turns 200 only after this. It runs in the worker's event loop."""
         stored = {"resnet18": self.resnet18_model, "resnet18-int8": self.resnet18_int8_model, "lenet": self.lenet_model}
         answering = {"resnet18": pick_variant("resnet18", SETTINGS.resnet18_precision, on_cpu=not ON_GPU),
                      "lenet": "lenet"}
