@@ -137,7 +137,9 @@ def register_shipped() -> list[str]:
     done = []
     for arch, name in STORE_NAMES.items():
         existing = store_path(f"{name}:latest")
-        if existing is not None:
+        if not shipped_file(arch).is_file():  # a copy without it (the int8 file is optional)
+            done.append(f"{name}: not registered, {shipped_file(arch).name} is not in this copy")
+        elif existing is not None:
             done.append(f"{name}: kept the store's model ({existing.parent.name})")
         else:
             done.append(f"{name}: registered {register(shipped_file(arch), name)}")

@@ -45,11 +45,27 @@ limit_request_head_time(SETTINGS.header_timeout_s)
 restart_dead_workers_within(1.0)
 
 
+def pinned_tag(name: str) -> str:
+    """`name`'s store tag: the latest version, or the one its CIFAR10_<NAME>_VERSION pins."""
+    return f"{STORE_NAMES[name]}:{getattr(SETTINGS, version_setting(name).lower())}"
+
+
+def answering_resnet18() -> str:
+    """Which ResNet-18 answers: int8 on a CPU host when the store has it (`auto`), or the precision pinned."""
+    name = pick_variant("resnet18", SETTINGS.resnet18_precision, on_cpu=not ON_GPU)
+    if name != "resnet18" and SETTINGS.resnet18_precision == "auto":
+        try:
+            bentoml.models.get(pinned_tag(name))
+        except NotFound:  # e.g. a bento built for GPUs, which holds fp32 only
+            return "resnet18"
+    return name
+
+
 def served_model(arch: str) -> bentoml.models.BentoModel:
     """The model to serve for `arch`: the store's latest, or the version its CIFAR10_<ARCH>_VERSION pins; checked
     against its recorded sha256 and this service's input contract before anything is served."""
     version = getattr(SETTINGS, version_setting(arch).lower())
-    tag = f"{STORE_NAMES[arch]}:{version}"
+    tag = pinned_tag(arch)
     try:
         stored = bentoml.models.get(tag)
         verify_stored(Path(stored.path_of(MODEL_FILE)), stored.info.metadata, str(stored.tag))
@@ -75,18 +91,15 @@ def served_model(arch: str) -> bentoml.models.BentoModel:
 class Classifier:
     """ResNet-18 (int8 on a CPU host, fp32 with a GPU) and LeNet-5 CIFAR-10 classifiers in ONNX Runtime."""
 
-    resnet18_model = served_model("resnet18")
-    resnet18_int8_model = served_model("resnet18-int8")
+    # Only the models that answer: they are what a bento built from this service holds.
+    resnet18_model = served_model(answering_resnet18())
     lenet_model = served_model("lenet")
 
     def __init__(self) -> None:
         """Load the models that answer (ResNet-18 in the precision chosen, LeNet) and run every batch shape they
         will see once; BentoML's /readyz turns 200 only after this. It runs in the worker's event loop."""
-        stored = {"resnet18": self.resnet18_model, "resnet18-int8": self.resnet18_int8_model, "lenet": self.lenet_model}
-        answering = {"resnet18": pick_variant("resnet18", SETTINGS.resnet18_precision, on_cpu=not ON_GPU),
-                     "lenet": "lenet"}
-        files = {arch: ModelFile(str(stored[name].tag), Path(stored[name].path_of(MODEL_FILE)))
-                 for arch, name in answering.items()}
+        stored = {"resnet18": self.resnet18_model, "lenet": self.lenet_model}
+        files = {arch: ModelFile(str(ref.tag), Path(ref.path_of(MODEL_FILE))) for arch, ref in stored.items()}
         # The workers' shared-cores file sits in BentoML's home, like their metrics files; their parent is the server.
         cores_file = bentoml_home() / f"cifar10-cores-{os.getppid()}"
         self.predictor = Predictor(files, SETTINGS, WORKERS, bentoml.server_context.worker_index or 0, cores_file)

@@ -17,7 +17,7 @@ from core.files import sha256_of
 from core.runtime import OnnxModel
 from core.store import PRETRAINED, shipped_file
 from harness.samples import ROOT
-from harness.server import free_port, start_server, stop_server
+from harness.server import free_port, serve_expecting_exit, start_server, stop_server
 from models import get_model
 from tests.conftest import run_cli
 from tests.test_shipped import accuracy_on_2000_test_images
@@ -97,3 +97,21 @@ def test_the_service_serves_int8_on_this_cpu_unless_fp32_is_pinned(quantized, pr
         registered = result.stdout.split("registered cifar10-resnet18-int8:")[1].split()[0]
         assert resnet["precision"] == "int8" and resnet["version"] == registered
         assert resnet["source_test_accuracy"] == OnnxModel(shipped_file("resnet18"), providers="cpu").info.test_accuracy
+
+
+@pytest.mark.server
+def test_without_an_int8_copy_the_service_serves_fp32_and_a_pinned_int8_is_a_one_line_error(tmp_path: Path) -> None:
+    """As from a bento built for GPUs, which holds fp32 only."""
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path)}
+    for arch in ("resnet18", "lenet"):
+        assert run_cli("register", str(shipped_file(arch)), "--name", f"cifar10-{arch}", env=env).returncode == 0
+    port = free_port()
+    process = start_server(["service.service:Classifier"], env, ROOT, port)
+    try:
+        resnet = httpx.get(f"http://127.0.0.1:{port}/models").json()["models"]["resnet18"]
+    finally:
+        stop_server(process)
+    assert resnet["precision"] == "fp32"
+    pinned = serve_expecting_exit(["service.service:Classifier"], {**env, "CIFAR10_RESNET18_PRECISION": "int8"}, ROOT)
+    lines = (pinned.stdout + pinned.stderr).strip().splitlines()
+    assert pinned.returncode not in (0, -9) and len(lines) == 1 and "cifar10-resnet18-int8" in lines[0], lines

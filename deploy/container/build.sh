@@ -15,7 +15,10 @@ else
   exit 2
 fi
 bentofile=bentofile.yaml
+# The bento holds the ResNet-18 its image serves: fp32 for GPUs, the int8 copy for CPUs (service/service.py).
+export CIFAR10_RESNET18_PRECISION=fp32
 if [ "$kind" = cpu ]; then
+  export CIFAR10_RESNET18_PRECISION=int8
   bentofile=$(mktemp --tmpdir=. .bentofile-cpu.XXXXXX.yaml)
   trap 'rm -f "$bentofile"' EXIT
   .venv/bin/python deploy/container/cpu_bentofile.py > "$bentofile"
