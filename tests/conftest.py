@@ -60,3 +60,21 @@ def server(isolated_homes: None) -> Iterator[str]:
     process = start_server(["service.service:Classifier"], dict(os.environ), ROOT, port)
     yield f"http://127.0.0.1:{port}"
     stop_server(process)
+
+
+def near_tied_checkpoint(folder: Path) -> Path:
+    """A `cifar10 train`-style checkpoint of a LeNet whose top two logits (classes 0 and 1) differ by ~1e-6:
+    any rounding decides between them."""
+    import torch
+
+    from models import get_model
+
+    torch.manual_seed(0)
+    model = get_model("lenet").eval()
+    last = model.classifier[-1]
+    with torch.no_grad():
+        last.weight[1] = last.weight[0] * (1 + 1e-6)
+        last.bias[:] = 0
+        last.bias[:2] = 5
+    torch.save({"model": model.state_dict(), "config": {"arch": "lenet"}, "epoch": 1}, folder / "best.pt")
+    return folder / "best.pt"

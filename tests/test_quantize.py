@@ -11,15 +11,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from core.files import sha256_of
 from core.runtime import OnnxModel
 from core.store import PRETRAINED, shipped_file
 from harness.samples import ROOT
 from harness.server import free_port, serve_expecting_exit, start_server, stop_server
-from models import get_model
-from tests.conftest import run_cli
+from tests.conftest import near_tied_checkpoint, run_cli
 from tests.test_shipped import accuracy_on_2000_test_images
 
 
@@ -49,15 +47,8 @@ def test_quantize_writes_an_int8_file_with_its_provenance(quantized) -> None:
 
 def test_quantize_refuses_a_copy_that_disagrees_with_fp32_and_writes_nothing(tmp_path: Path, tiny_data: Path) -> None:
     """A LeNet whose top two logits tie within 1e-6: int8 rounding decides half of its answers differently."""
-    torch.manual_seed(0)
-    model = get_model("lenet").eval()
-    last = model.classifier[-1]
-    with torch.no_grad():
-        last.weight[1] = last.weight[0] * (1 + 1e-6)
-        last.bias[:] = 0
-        last.bias[:2] = 5
-    torch.save({"model": model.state_dict(), "config": {"arch": "lenet"}, "epoch": 1}, tmp_path / "best.pt")
-    assert run_cli("export", str(tmp_path / "best.pt"), "--out", str(tmp_path / "tied.onnx")).returncode == 0
+    checkpoint = near_tied_checkpoint(tmp_path)
+    assert run_cli("export", str(checkpoint), "--out", str(tmp_path / "tied.onnx")).returncode == 0
     result = run_cli("quantize", str(tmp_path / "tied.onnx"), "--data", str(tiny_data), "--out",
                      str(tmp_path / "int8.onnx"), "--images", "64")
     lines = result.stderr.strip().splitlines()

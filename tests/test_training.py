@@ -19,8 +19,7 @@ from core.runtime import OnnxModel
 from core.store import PRETRAINED
 from harness.samples import ROOT, TEST_ZIP
 from harness.server import free_port, serve_expecting_exit, start_server, stop_server
-from models import get_model
-from tests.conftest import run_cli
+from tests.conftest import near_tied_checkpoint, run_cli
 from training.evaluate import evaluate
 from training.export import parity_problem
 from training.train import bf16_is_fast
@@ -213,15 +212,7 @@ def test_evaluate_gives_the_same_accuracy_for_checkpoint_and_onnx(trained: Path,
 def test_export_accepts_a_model_whose_top_two_logits_nearly_tie(tmp_path: Path) -> None:
     """Classes 0 and 1 differ by ~1e-6 of a logit: ONNX Runtime and PyTorch round them apart differently, and
     some images' top class flips (3 of the 64 parity images here) with every logit within 5e-7."""
-    torch.manual_seed(0)
-    model = get_model("lenet").eval()
-    last = model.classifier[-1]
-    with torch.no_grad():
-        last.weight[1] = last.weight[0] * (1 + 1e-6)
-        last.bias[:] = 0
-        last.bias[:2] = 5
-    torch.save({"model": model.state_dict(), "config": {"arch": "lenet"}, "epoch": 1}, tmp_path / "best.pt")
-    result = run_cli("export", str(tmp_path / "best.pt"), "--out", str(tmp_path / "m.onnx"))
+    result = run_cli("export", str(near_tied_checkpoint(tmp_path)), "--out", str(tmp_path / "m.onnx"))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "m.onnx").is_file() and "near-tied images flipped" in result.stdout
 
