@@ -302,10 +302,10 @@ def predict(inputs: list[str], model: str = "resnet18", top_k: int = 3, batch_si
         for row in predictor:
             writer.write(row)
             progress.update(row)
+        if progress.images == 0:  # fails like any other run that did nothing: no --out file is left behind
+            raise UserError("no input files: pass image files, folders, globs or - for paths on stdin")
         complete = True
     finally:
         writer.close(complete)
     print(progress.summary(out), file=sys.stderr)
-    if progress.images == 0:
-        raise UserError("no input files: pass image files, folders, globs or - for paths on stdin")
     return 1 if progress.errors == progress.images else 0

@@ -167,3 +167,13 @@ def test_sub_folders_skipped_without_recursive_are_named(tmp_path: Path, samples
 def test_a_run_that_fails_before_any_work_prints_no_csv_header(tmp_path: Path) -> None:
     result = run_cli("predict", str(tmp_path / "nothing-*.jpg"))
     assert result.returncode == 2 and result.stdout == ""
+
+
+def test_a_folder_without_images_at_its_top_leaves_no_output_file(tmp_path: Path, samples) -> None:
+    """`predict photos/ --out labels.csv` where the images sit in sub-folders: an error, no empty labels.csv."""
+    (tmp_path / "photos" / "test").mkdir(parents=True)
+    (tmp_path / "photos" / "test" / "a.jpg").write_bytes(samples[0][1])
+    result = run_cli("predict", str(tmp_path / "photos"), "--out", str(tmp_path / "labels.csv"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "add --recursive" in lines[0] and "no input files" in lines[-1], lines
+    assert len(lines) == 2 and not list(tmp_path.glob("labels.csv*"))
