@@ -268,8 +268,8 @@ class HttpApi:
         """The public routes, mounted on the BentoML service; BentoML merges them into its OpenAPI spec."""
         app = FastAPI(title="cifar10-classifier")
         errors = {s: {"description": d, "content": {"application/json": {"example": {"error": "..."}}}} for s, d in (
-            (400, "bad input"), (413, "too large"), (415, "unsupported type"), (429, "too many requests"),
-            (503, "overloaded"), (504, "timed out"))}
+            (400, "bad input"), (408, "headers or body too slow"), (413, "too large"), (415, "unsupported type"),
+            (429, "too many requests"), (503, "overloaded, or shutting down"), (504, "timed out"))}
         image = {"type": "string", "format": "binary", "description": "an image file (JPEG, PNG, WebP, GIF, BMP, TIFF)"}
         images = {"type": "array", "items": image,
                   "description": f"repeated field; at most {self.settings.max_batch_images}"}
