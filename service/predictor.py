@@ -70,7 +70,7 @@ class Predictor:
 
     def __init__(self, files: Mapping[str, ModelFile], settings: Settings, workers: int = 1, worker: int = 0,
                  cores_file: Path | None = None) -> None:
-        """Load every model and run one warm-up inference each. `worker` is this process's 1-based index among
+        """Load every model and run each batch shape it will see once. `worker` is this process's 1-based index among
         `workers` (0: not under a server); with several CPU workers, `cores_file` is their shared-cores file."""
         self.settings, self.workers = settings, workers
         cores = usable_cores()

@@ -97,6 +97,10 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+
+
 def bf16_is_fast(device: torch.device) -> bool:
     """CUDA always; a CPU only with native bf16 (AVX512-BF16 or AMX), where autocast emulation is ~10x slower."""
     if device.type == "cuda":
@@ -275,9 +279,8 @@ def _train(cfg: TrainConfig, state: dict | None, device: torch.device, rank: int
         scheduler = _resumed_schedule(optimizer, state, cfg.epochs, steps, announce=is_main)
     if is_main:
         capped = f" (--val-size {cfg.val_size} capped at a tenth of them)" if len(val_data) < cfg.val_size else ""
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
         print(f"{cfg.arch}: {len(train_data):,} training, {len(val_data):,} validation{capped}, "
-              f"{len(test_data) if test_data else 'no'} test images; {where} x {world}, "
+              f"{len(test_data) if test_data else 'no'} test images; {device_name(device)} x {world}, "
               f"{'bf16 autocast' if cfg.amp else 'fp32'}; epochs {start_epoch}-{cfg.epochs} of {steps} steps, "
               f"batch {cfg.batch_size}", flush=True)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -398,7 +401,7 @@ def _finish(cfg: TrainConfig, device: torch.device, out: Path, history: list[dic
     summary = {
         "arch": cfg.arch, "best_epoch": best["epoch"], "val_acc": best["val_acc"], "epochs": cfg.epochs,
         "train_seconds": round(sum(m["seconds"] for m in history), 1),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "device": device_name(device),
         "config": asdict(cfg), "val_images": val_images,
     }
     if test is not None:
