@@ -268,7 +268,7 @@ def main() -> None:
             provider = httpx.get(f"{server.url}/models").json()["models"]["resnet18"]["provider"]
             load = load_runs(server, raw, args.quick, "defaults")
             memory = memory_run(server, args.quick)
-        with Server(Path(home), resnet18_precision="fp32") as server:  # side by side: ResNet-18 pinned to fp32
+        with Server(Path(home), precision="fp32") as server:  # side by side: ResNet-18 pinned to fp32
             load += [row for row in load_runs(server, raw, args.quick, "fp32 pinned") if row["model"] == "resnet18"
                      and row["endpoint"] == "/classify"]
         batching = batching_runs(Path(home), args.quick)

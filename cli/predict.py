@@ -26,8 +26,9 @@ import numpy as np
 
 from cli.file_decoding import decode_files
 from core.errors import UserError
+from core.host import usable_cores
 from core.preprocess import normalize
-from core.runtime import OnnxModel, top_classes, usable_cores
+from core.runtime import top_classes
 
 if TYPE_CHECKING:
     import httpx
@@ -105,7 +106,7 @@ class LocalPredictor:
 
     def __init__(self, model: str, precision: str, top_k: int, workers: int, chunks: Iterable[list[str]]) -> None:
         """Start decoding the first batches, then load the model while they decode."""
-        from core.store import resolve
+        from core.store import load
 
         self.top_k, self.chunks = top_k, iter(chunks)
         # Forked on Linux (started by the first submit, before ONNX Runtime has threads to lose):
@@ -116,7 +117,10 @@ class LocalPredictor:
             for chunk in islice(self.chunks, workers + 1):
                 self.pending.append((chunk, self.pool.submit(decode_files, chunk)))
             # no spinning: the decoding processes need the cores between model calls
-            self.model = OnnxModel(resolve(model, precision), spin=False)
+            choice = load(model, precision, spin=False)
+            self.model = choice.model
+            if choice.check and not choice.check.passed:
+                print(f"cifar10 predict: {model}: {choice.reason}", file=sys.stderr)
         except BaseException:
             self.pool.shutdown(cancel_futures=True)
             raise

@@ -6,10 +6,7 @@ Threads and providers are the caller's choice, passed in: this module reads no s
 
 from __future__ import annotations
 
-import ctypes
-import math
 import os
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ import onnxruntime as ort
 
 from core.contract import ModelInfo
 from core.errors import UserError
+from core.host import gpu_count, usable_cores
 from core.preprocess import normalization_table
 
 CUDA = "CUDAExecutionProvider"
@@ -25,32 +23,6 @@ PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 # cuDNN's default EXHAUSTIVE search benchmarks its algorithms on the first call of every new input
 # shape: 230-465 ms each on an H100; HEURISTIC ~40 ms once, then 1.1-1.6 ms for batches 1-64 (issue 12).
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
-
-
-def usable_cores(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """CPUs this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (`docker run --cpus`, a
-    Kubernetes CPU limit), which os.cpu_count() ignores: it reports the host's cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        quota, period = cgroup.read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cores
-
-
-@cache
-def gpu_count() -> int:
-    """GPUs the CUDA driver sees (0 when there is no driver): asked without touching ONNX Runtime."""
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-        count = ctypes.c_int(0)
-        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-            return 0
-        return count.value
-    except OSError:
-        return 0
 
 
 def choose_providers(requested: str = "auto") -> list[str]:
@@ -88,7 +60,8 @@ class OnnxModel:
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise UserError(f"cannot load {path} as an ONNX model: {exc}") from None
         self.path = path
-        self.info = ModelInfo.from_metadata(self.session.get_modelmeta().custom_metadata_map)
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
+        self.info = ModelInfo.from_metadata(self.metadata)
         self.table = normalization_table(self.info.mean, self.info.std)
         self.input_name = self.session.get_inputs()[0].name
         self.provider = self.session.get_providers()[0]

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from core.bentoml_internals import stored_file
 from core.contract import CLASS_NAMES, INPUT_SIZE
 from core.errors import UserError
 from core.files import sha256_of
 from core.runtime import CUDA, OnnxModel, choose_providers
+from core.selfcheck import MIN_AGREEMENT, Choice, choose
 
 PRETRAINED = Path(__file__).resolve().parent.parent / "models" / "pretrained"
 STORE_NAMES = {"resnet18": "cifar10-resnet18", "resnet18-int8": "cifar10-resnet18-int8", "lenet": "cifar10-lenet"}
@@ -42,21 +45,9 @@ def store_path(tag: str) -> Path | None:
         return None
 
 
-def pick_variant(name: str, precision: str, on_cpu: bool) -> str:
-    """The model that answers for `name`: its int8 variant when `precision` asks for it (`auto`: on a CPU host,
-    where it is ~4x faster at the same accuracy), else `name` itself."""
-    if precision == "int8" and name not in INT8_VARIANTS:
-        raise UserError(f"{name} has no int8 variant; only {', '.join(INT8_VARIANTS)} has one")
-    if precision == "int8" or (precision == "auto" and on_cpu):
-        return INT8_VARIANTS.get(name, name)
-    return name
-
-
-def resolve(spec: str, precision: str = "fp32") -> Path:
-    """`resnet18`/`resnet18-int8`/`lenet` (store, then shipped file; `resnet18` in the precision asked for), a store
-    tag `name:version`, or an .onnx path."""
-    if spec in INT8_VARIANTS:
-        spec = pick_variant(spec, precision, on_cpu=CUDA not in choose_providers("auto"))
+def resolve(spec: str) -> Path:
+    """`resnet18`/`resnet18-int8`/`lenet` (the store's latest, else the shipped file), a store tag `name:version`,
+    or an .onnx path."""
     if spec.endswith(".onnx") or Path(spec).is_file():
         path = Path(spec)
         if not path.is_file():
@@ -70,6 +61,23 @@ def resolve(spec: str, precision: str = "fp32") -> Path:
         return shipped_file(spec)
     raise UserError(f"no model {spec!r}: use {', '.join(STORE_NAMES)}, a store tag (see `bentoml models list`) "
                     "or FILE.onnx")
+
+
+def load(spec: str, precision: str = "auto", min_agreement: float = MIN_AGREEMENT, **session: Any) -> Choice:
+    """The model `spec` names, loaded with OnnxModel(**session): for a name with an int8 copy (`resnet18`), the copy
+    that answers in `precision` (core/selfcheck.py); anything else as `resolve` finds it."""
+    if spec not in INT8_VARIANTS:
+        return Choice(OnnxModel(resolve(spec), **session), "as named")
+
+    def copy(name: str) -> Callable[[], OnnxModel] | None:
+        try:
+            path = resolve(name)
+        except UserError:
+            return None
+        return lambda: OnnxModel(path, **session)
+
+    on_cpu = CUDA not in choose_providers(session.get("providers", "auto"))
+    return choose(spec, copy(spec), copy(INT8_VARIANTS[spec]), precision, on_cpu, min_agreement)
 
 
 def register(onnx_file: str | os.PathLike, name: str) -> str:

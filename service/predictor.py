@@ -11,9 +11,9 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,10 +21,13 @@ import anyio
 import numpy as np
 
 from core.errors import ImageError
+from core.host import gpu_count, usable_cores
 from core.preprocess import decode_plain_jpeg, normalize, open_image, to_pixels
-from core.runtime import CPU, OnnxModel, gpu_count, top_classes, usable_cores
+from core.runtime import CUDA, OnnxModel, choose_providers, top_classes
+from core.selfcheck import choose
 from service.batching import Batcher, bucket_sizes
 from service.cores import SharedCores
+from service.drain import say
 from service.errors import BadRequest
 from service.metrics import BATCH_SIZES, INFERENCES, MODEL_SECONDS
 from service.settings import Settings
@@ -46,19 +49,30 @@ class Label(NamedTuple):
 
 @dataclass(frozen=True)
 class ModelFile:
-    """Where a served model comes from: its store tag (`name:version`) and ONNX file."""
+    """Where a stored model comes from: its store tag (`name:version`) and ONNX file."""
 
     store_tag: str
     path: Path
 
 
 @dataclass(frozen=True)
+class Copies:
+    """The stored copies of one served model: fp32, and int8 where there is one (either may be absent)."""
+
+    fp32: ModelFile | None
+    int8: ModelFile | None = None
+
+
+@dataclass(frozen=True)
 class ServedModel:
-    """A loaded model: ONNX Runtime on every core, and on this worker's share of them while others run calls."""
+    """A loaded model: ONNX Runtime on every core, and on this worker's share of them while others run calls;
+    `reason` says why this copy (fp32 or int8) answers."""
 
     store_tag: str
     alone: OnnxModel
     shared: OnnxModel | None
+    reason: str
+    self_check: dict | None = None
 
     @property
     def version(self) -> str:
@@ -68,24 +82,34 @@ class ServedModel:
 class Predictor:
     """The served models, their batchers and the per-image pipeline of decode, normalize, batch, top-k."""
 
-    def __init__(self, files: Mapping[str, ModelFile], settings: Settings, workers: int = 1, worker: int = 0,
+    def __init__(self, copies: Mapping[str, Copies], settings: Settings, workers: int = 1, worker: int = 0,
                  cores_file: Path | None = None) -> None:
-        """Load every model and run each batch shape it will see once. `worker` is this process's 1-based index among
-        `workers` (0: not under a server); with several CPU workers, `cores_file` is their shared-cores file."""
+        """Choose and load each model's answering copy (the int8 one only where its self-check passes on this CPU)
+        and run each batch shape it will see once. `worker` is this process's 1-based index among `workers` (0: not
+        under a server); with several CPU workers, `cores_file` is their shared-cores file."""
         self.settings, self.workers = settings, workers
         cores = usable_cores()
         alone = settings.ort_threads or cores
         share = settings.ort_threads or max(1, cores // workers)
         device = (worker - 1) % gpu_count() if worker and gpu_count() > 1 else 0  # workers spread over the GPUs
-        self.models = {arch: ServedModel(f.store_tag, OnnxModel(f.path, settings.providers, alone, workers == 1,
-                                                                device), None)
-                       for arch, f in files.items()}
+        on_cpu = CUDA not in choose_providers(settings.providers)
+
+        def loader(file: ModelFile | None) -> Callable[[], OnnxModel] | None:
+            return file and (lambda: OnnxModel(file.path, settings.providers, alone, workers == 1, device))
+
+        self.models = {}
+        for name, copy in copies.items():
+            choice = choose(name, loader(copy.fp32), loader(copy.int8), settings.precision, on_cpu,
+                            settings.int8_min_agreement)
+            file = copy.int8 if copy.int8 and choice.model.path == copy.int8.path else copy.fp32
+            self.models[name] = ServedModel(file.store_tag, choice.model, None, choice.reason,
+                                            choice.check and choice.check.as_dict())
+            if choice.check and worker <= 1:  # one line per server, not one per worker
+                say(f"cifar10: {name} answers in {choice.model.info.precision}: {choice.reason}")
         self.cores: SharedCores | None = None
-        on_cpu = next(iter(self.models.values())).alone.provider == CPU
         if share < alone and worker and cores_file and on_cpu:
-            self.models = {arch: ServedModel(m.store_tag, m.alone, OnnxModel(files[arch].path, settings.providers,
-                                                                               share, spin=False))
-                           for arch, m in self.models.items()}
+            self.models = {name: replace(m, shared=OnnxModel(m.alone.path, settings.providers, share, spin=False))
+                           for name, m in self.models.items()}
             self.cores = SharedCores(cores_file, workers, worker - 1)
         buckets = settings.batch_buckets == "on" or (settings.batch_buckets == "auto" and not on_cpu)
         self.bucket_sizes = bucket_sizes(settings.max_batch_size) if buckets else ()
@@ -131,7 +155,8 @@ class Predictor:
         return {
             "default": DEFAULT_MODEL,
             "models": {arch: {"store_tag": m.store_tag, "version": m.version, "provider": m.alone.provider,
-                              **vars(m.alone.info)}
+                              **vars(m.alone.info), "precision_reason": m.reason,
+                              **({"int8_self_check": m.self_check} if m.self_check else {})}
                        for arch, m in self.models.items()},
             "batching": {"max_batch_size": self.settings.max_batch_size,
                          "max_latency_ms": self.settings.max_latency_ms, "bucket_sizes": list(self.bucket_sizes)},

@@ -22,11 +22,12 @@ from core.bentoml_internals import (
     slim_image,
 )
 from core.errors import UserError
-from core.runtime import CUDA, choose_providers, gpu_count, usable_cores
-from core.store import MODEL_FILE, STORE_NAMES, pick_variant, verify_stored, version_setting
+from core.host import gpu_count, usable_cores
+from core.runtime import CUDA, choose_providers
+from core.store import INT8_VARIANTS, MODEL_FILE, STORE_NAMES, verify_stored, version_setting
 from service.drain import say
 from service.http import HttpApi
-from service.predictor import ModelFile, Predictor
+from service.predictor import Copies, ModelFile, Predictor
 from service.settings import Settings
 
 try:
@@ -45,39 +46,45 @@ limit_request_head_time(SETTINGS.header_timeout_s)
 restart_dead_workers_within(1.0)
 
 
-def pinned_tag(name: str) -> str:
-    """`name`'s store tag: the latest version, or the one its CIFAR10_<NAME>_VERSION pins."""
-    return f"{STORE_NAMES[name]}:{getattr(SETTINGS, version_setting(name).lower())}"
-
-
-def answering_resnet18() -> str:
-    """Which ResNet-18 answers: int8 on a CPU host when the store has it (`auto`), or the precision pinned."""
-    name = pick_variant("resnet18", SETTINGS.resnet18_precision, on_cpu=not ON_GPU)
-    if name != "resnet18" and SETTINGS.resnet18_precision == "auto":
-        try:
-            bentoml.models.get(pinned_tag(name))
-        except NotFound:  # e.g. a bento built for GPUs, which holds fp32 only
-            return "resnet18"
-    return name
-
-
-def served_model(arch: str) -> bentoml.models.BentoModel:
-    """The model to serve for `arch`: the store's latest, or the version its CIFAR10_<ARCH>_VERSION pins; checked
-    against its recorded sha256 and this service's input contract before anything is served."""
-    version = getattr(SETTINGS, version_setting(arch).lower())
-    tag = pinned_tag(arch)
+def stored_model(name: str) -> bentoml.models.BentoModel | None:
+    """Store model `name` (`resnet18`, `resnet18-int8`, `lenet`) at the version its CIFAR10_<NAME>_VERSION pins, or
+    None when the store lacks it; checked against its recorded sha256 and this service's input contract."""
+    version = getattr(SETTINGS, version_setting(name).lower())
+    tag = f"{STORE_NAMES[name]}:{version}"
     try:
         stored = bentoml.models.get(tag)
         verify_stored(Path(stored.path_of(MODEL_FILE)), stored.info.metadata, str(stored.tag))
     except NotFound:
         if version == "latest":
-            sys.exit(f"error: the model store has no {STORE_NAMES[arch]}; register the shipped models with "
-                     "`.venv/bin/python -m core.store` (make serve does)")
-        sys.exit(f"error: CIFAR10_{version_setting(arch)}={version}: the model store has no {tag}; "
-                 f"`.venv/bin/bentoml models list {STORE_NAMES[arch]}` lists its versions")
+            return None
+        sys.exit(f"error: CIFAR10_{version_setting(name)}={version}: the model store has no {tag}; "
+                 f"`.venv/bin/bentoml models list {STORE_NAMES[name]}` lists its versions")
     except UserError as exc:
         sys.exit(f"error: {exc}")
     return bentoml.models.BentoModel(tag)
+
+
+def stored_copies(name: str) -> dict[str, bentoml.models.BentoModel | None]:
+    """The copies of `name` this service may answer with: fp32 unless int8 is pinned; on a CPU host (or pinned)
+    the int8 copy, which answers only where its self-check passes (Predictor). The bento holds these."""
+    wants_int8 = name in INT8_VARIANTS and (SETTINGS.precision == "int8" or (SETTINGS.precision == "auto"
+                                                                             and not ON_GPU))
+    int8 = stored_model(INT8_VARIANTS[name]) if wants_int8 else None
+    fp32 = stored_model(name) if SETTINGS.precision != "int8" else None
+    if SETTINGS.precision == "int8" and int8 is None:
+        sys.exit(f"error: CIFAR10_PRECISION=int8: the model store has no {STORE_NAMES.get(INT8_VARIANTS.get(name), '')}"
+                 f" for {name}; quantize one with `cifar10 quantize`, or set CIFAR10_PRECISION=auto")
+    if fp32 is None and int8 is None:
+        sys.exit(f"error: the model store has no {STORE_NAMES[name]}; register the shipped models with "
+                 "`.venv/bin/python -m core.store` (make serve does)")
+    return {"fp32": fp32, "int8": int8}
+
+
+COPIES = {name: stored_copies(name) for name in ("resnet18", "lenet")}
+
+
+def stored_file(stored: bentoml.Model) -> ModelFile:
+    return ModelFile(str(stored.tag), Path(stored.path_of(MODEL_FILE)))
 
 
 @bentoml.service(
@@ -89,17 +96,20 @@ def served_model(arch: str) -> bentoml.models.BentoModel:
 )
 @bentoml.asgi_app(HTTP.app, path="/")
 class Classifier:
-    """ResNet-18 (int8 on a CPU host, fp32 with a GPU) and LeNet-5 CIFAR-10 classifiers in ONNX Runtime."""
+    """ResNet-18 (int8 on a CPU host where it passes its self-check, else fp32) and LeNet-5 CIFAR-10 classifiers in
+    ONNX Runtime."""
 
-    # Only the models that answer: they are what a bento built from this service holds.
-    resnet18_model = served_model(answering_resnet18())
-    lenet_model = served_model("lenet")
+    # The copies that may answer: they are what a bento built from this service holds.
+    resnet18_model = COPIES["resnet18"]["fp32"]
+    resnet18_int8_model = COPIES["resnet18"]["int8"]
+    lenet_model = COPIES["lenet"]["fp32"]
 
     def __init__(self) -> None:
-        """Load the models that answer (ResNet-18 in the precision chosen, LeNet) and run every batch shape they
-        will see once; BentoML's /readyz turns 200 only after this. It runs in the worker's event loop."""
-        stored = {"resnet18": self.resnet18_model, "lenet": self.lenet_model}
-        files = {arch: ModelFile(str(ref.tag), Path(ref.path_of(MODEL_FILE))) for arch, ref in stored.items()}
+        """Load the copy of each model that answers (int8 only where its self-check passes on this CPU) and run
+        every batch shape it will see once; BentoML's /readyz turns 200 only after this. It runs in the worker's
+        event loop."""
+        files = {name: Copies(**{precision: ref and stored_file(ref.resolve()) for precision, ref in copies.items()})
+                 for name, copies in COPIES.items()}
         # The workers' shared-cores file sits in BentoML's home, like their metrics files; their parent is the server.
         cores_file = bentoml_home() / f"cifar10-cores-{os.getppid()}"
         self.predictor = Predictor(files, SETTINGS, WORKERS, bentoml.server_context.worker_index or 0, cores_file)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from core.contract import PRECISIONS
 from core.errors import UserError
 from core.runtime import PROVIDER_CHOICES
+from core.selfcheck import MIN_AGREEMENT
 
 VERSION = r"[a-z0-9]+"  # BentoML's version strings; `latest` matches too
 
@@ -23,6 +24,10 @@ class SettingError(UserError):
 
 def _whole(low: int, high: int, meaning: str = "") -> dict:
     return {"low": low, "high": high, "meaning": meaning}
+
+
+def _fraction(meaning: str) -> dict:
+    return {"low": 0.0, "high": 1.0, "meaning": meaning, "real": True}
 
 
 @dataclass(frozen=True)
@@ -50,8 +55,9 @@ class Settings:
     resnet18_version: str = field(default="latest", metadata={"pattern": VERSION})
     resnet18_int8_version: str = field(default="latest", metadata={"pattern": VERSION})
     lenet_version: str = field(default="latest", metadata={"pattern": VERSION})
-    # Which ResNet-18 answers: auto = int8 on a CPU host, fp32 with a GPU (core.store.pick_variant).
-    resnet18_precision: str = field(default="auto", metadata={"choices": PRECISIONS})
+    # Which copy answers: auto = a model's int8 copy on a CPU host where it passes its self-check, else fp32.
+    precision: str = field(default="auto", metadata={"choices": PRECISIONS})
+    int8_min_agreement: float = field(default=MIN_AGREEMENT, metadata=_fraction("e.g. 0.99 for 99%"))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -65,7 +71,7 @@ class Settings:
         return cls(**values)
 
 
-def _parse(variable: str, raw: str, rules: Mapping) -> int | str:
+def _parse(variable: str, raw: str, rules: Mapping) -> int | float | str:
     if "pattern" in rules:
         if not re.fullmatch(rules["pattern"], raw.lower()):
             raise SettingError(f"{variable}={raw!r}: use latest or a version from `bentoml models list`")
@@ -74,13 +80,14 @@ def _parse(variable: str, raw: str, rules: Mapping) -> int | str:
         if raw.lower() not in rules["choices"]:
             raise SettingError(f"{variable}={raw!r}: use one of {', '.join(rules['choices'])}")
         return raw.lower()
-    allowed = f"a whole number from {rules['low']} to {rules['high']}"
+    kind = "number" if rules.get("real") else "whole number"
+    allowed = f"a {kind} from {rules['low']:g} to {rules['high']:g}"
     if rules["meaning"]:
         allowed += f" ({rules['meaning']})"
     try:
-        value = int(raw)
+        value = float(raw) if rules.get("real") else int(raw)
     except ValueError:
-        raise SettingError(f"{variable}={raw!r} is not a whole number; use {allowed}") from None
+        raise SettingError(f"{variable}={raw!r} is not a {kind}; use {allowed}") from None
     if not rules["low"] <= value <= rules["high"]:
         raise SettingError(f"{variable}={raw!r} is out of range; use {allowed}")
     return value

@@ -78,3 +78,23 @@ def near_tied_checkpoint(folder: Path) -> Path:
         last.bias[:2] = 5
     torch.save({"model": model.state_dict(), "config": {"arch": "lenet"}, "epoch": 1}, folder / "best.pt")
     return folder / "best.pt"
+
+
+def wrong_int8(source: Path, out: Path) -> Path:
+    """A copy of the int8 file `source` whose weights' scales are perturbed (per channel, by up to ~2x either way):
+    it loads, carries its self-check reference set, and is really wrong."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source))
+    initializers = {i.name: i for i in model.graph.initializer}
+    rng = np.random.default_rng(0)
+    for node in model.graph.node:
+        weights = initializers.get(node.input[0])
+        if node.op_type == "DequantizeLinear" and weights is not None and weights.data_type == onnx.TensorProto.INT8:
+            scale = initializers[node.input[1]]
+            values = numpy_helper.to_array(scale) * rng.lognormal(0, 0.5, numpy_helper.to_array(scale).shape)
+            scale.CopyFrom(numpy_helper.from_array(values.astype(np.float32), scale.name))
+    onnx.save(model, str(out))
+    return out

@@ -10,7 +10,7 @@ from core.runtime import OnnxModel
 from core.store import shipped_file
 from service.batching import Batcher, bucket_sizes
 from service.errors import Overloaded
-from service.predictor import ModelFile, Predictor
+from service.predictor import Copies, ModelFile, Predictor
 from service.settings import Settings
 
 
@@ -120,7 +120,7 @@ def test_start_up_runs_every_bucket_of_every_session_before_serving(monkeypatch)
     seen: list[int] = []
     real = OnnxModel.logits
     monkeypatch.setattr(OnnxModel, "logits", lambda self, batch: seen.append(len(batch)) or real(self, batch))
-    files = {arch: ModelFile(f"cifar10-{arch}:shipped", shipped_file(arch)) for arch in ("resnet18", "lenet")}
+    files = {arch: Copies(ModelFile(f"cifar10-{arch}:shipped", shipped_file(arch))) for arch in ("resnet18", "lenet")}
     predictor = Predictor(files, Settings(batch_buckets="on", max_batch_size=32), workers=1)
     assert predictor.bucket_sizes == (1, 2, 4, 8, 16, 32)
     assert seen == [*predictor.bucket_sizes] * 2  # both models, each shape once, in __init__

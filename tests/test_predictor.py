@@ -15,14 +15,14 @@ from core.store import shipped_file
 from harness.samples import REAL_IMAGES
 from service import predictor as predictor_module
 from service.errors import BadRequest
-from service.predictor import Label, ModelFile, Predictor
+from service.predictor import Copies, Label, ModelFile, Predictor
 from service.settings import Settings
 
 
 @pytest.fixture(scope="module")
 def predictor() -> Predictor:
-    files = {arch: ModelFile(f"cifar10-{arch}:shipped", shipped_file(arch)) for arch in ("resnet18", "lenet")}
-    return Predictor(files, Settings(max_batch_images=4), workers=1)
+    copies = {arch: Copies(ModelFile(f"cifar10-{arch}:shipped", shipped_file(arch))) for arch in ("resnet18", "lenet")}
+    return Predictor(copies, Settings(max_batch_images=4), workers=1)
 
 
 def png(width: int, height: int) -> bytes:

@@ -12,12 +12,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from core.errors import UserError
 from core.files import sha256_of
 from core.runtime import OnnxModel
+from core.selfcheck import choose, reference_of, self_check
 from core.store import PRETRAINED, shipped_file
 from harness.samples import ROOT
 from harness.server import free_port, serve_expecting_exit, start_server, stop_server
-from tests.conftest import near_tied_checkpoint, run_cli
+from tests.conftest import near_tied_checkpoint, run_cli, wrong_int8
 from tests.test_shipped import accuracy_on_2000_test_images
 
 
@@ -43,6 +45,10 @@ def test_quantize_writes_an_int8_file_with_its_provenance(quantized) -> None:
     assert info.quantization["calibration_images"] == 256 and info.quantization["calibration_seed"] == 0
     assert info.parity_images == 30 and info.parity_top1_agreement >= 0.95  # the tiny set holds 30 out
     assert info.test_accuracy is not None and "registered cifar10-resnet18-int8:" in result.stdout
+    assert "reduce_range" in info.quantization["weights"]  # 7-bit weights: no saturation without VNNI
+    pixels, answers = reference_of(OnnxModel(out, providers="cpu"))
+    assert pixels.shape[1:] == (32, 32, 3) and 0 < len(pixels) == len(answers) <= 30  # held-out images only
+    assert self_check(OnnxModel(out, providers="cpu")).passed  # by construction on the host that quantized it
 
 
 def test_quantize_refuses_a_copy_that_disagrees_with_fp32_and_writes_nothing(tmp_path: Path, tiny_data: Path) -> None:
@@ -67,12 +73,76 @@ def test_the_shipped_int8_file_matches_its_card() -> None:
     assert accuracy >= card["test"]["accuracy"] - 0.015, accuracy
 
 
+def test_the_shipped_int8_file_passes_its_self_check_on_this_cpu() -> None:
+    """7-bit weights make ONNX Runtime's int8 kernels compute the same on every x86-64 CPU with AVX2."""
+    check = self_check(OnnxModel(PRETRAINED / "resnet18-int8.onnx", providers="cpu"))
+    assert check.images == 256 and check.passed, check.summary()
+
+
+def test_a_wrong_int8_file_fails_its_self_check_and_fp32_answers_instead(tmp_path: Path) -> None:
+    wrong = OnnxModel(wrong_int8(PRETRAINED / "resnet18-int8.onnx", tmp_path / "wrong.onnx"), providers="cpu")
+    check = self_check(wrong)
+    assert not check.passed and check.agreement < 0.9, check.summary()
+    fp32 = OnnxModel(shipped_file("resnet18"), providers="cpu")
+    choice = choose("resnet18", lambda: fp32, lambda: wrong, "auto", on_cpu=True)
+    assert choice.model is fp32 and "failed its self-check" in choice.reason and choice.check == check
+    assert choose("resnet18", lambda: fp32, lambda: wrong, "int8", on_cpu=True).model is wrong  # pinned
+    assert choose("resnet18", lambda: fp32, lambda: wrong, "fp32", on_cpu=True).check is None  # never run
+    with pytest.raises(UserError, match="no fp32 copy to answer instead"):
+        choose("resnet18", None, lambda: wrong, "auto", on_cpu=True)
+
+
+@pytest.fixture(scope="module")
+def wrong_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding the shipped fp32 models and, as cifar10-resnet18-int8, a wrong int8 copy."""
+    home = tmp_path_factory.mktemp("wrong-int8")
+    wrong = wrong_int8(PRETRAINED / "resnet18-int8.onnx", home / "wrong.onnx")
+    env = {"BENTOML_HOME": str(home)}
+    for file, name in ((shipped_file("resnet18"), "cifar10-resnet18"), (shipped_file("lenet"), "cifar10-lenet"),
+                       (wrong, "cifar10-resnet18-int8")):
+        assert run_cli("register", str(file), "--name", name, env=env).returncode == 0
+    return home
+
+
+@pytest.mark.server
+def test_the_service_refuses_a_wrong_int8_copy_at_start_up_and_fp32_answers(wrong_store: Path, samples) -> None:
+    env = {**os.environ, "BENTOML_HOME": str(wrong_store)}
+    port = free_port()
+    process = start_server(["service.service:Classifier"], env, ROOT, port)
+    try:
+        resnet = httpx.get(f"http://127.0.0.1:{port}/models").json()["models"]["resnet18"]
+        answer = httpx.post(f"http://127.0.0.1:{port}/classify", files={"image": ("x.jpg", samples[0][1])})
+    finally:
+        stop_server(process)
+    assert resnet["precision"] == "fp32" and resnet["store_tag"].startswith("cifar10-resnet18:")
+    assert "failed its self-check" in resnet["precision_reason"] and not resnet["int8_self_check"]["passed"]
+    assert answer.status_code == 200
+    log = (wrong_store / f"serve-{port}.log").read_text()
+    lines = [line for line in log.splitlines() if "self-check" in line]
+    assert len(lines) == 1 and lines[0].startswith("cifar10: resnet18 answers in fp32: the int8 copy failed")
+    assert "below the 99% required" in lines[0] and "avx2" in lines[0]  # the CPU's instruction sets
+
+
+def test_predict_and_evaluate_fall_back_to_fp32_with_one_line(wrong_store: Path, samples, tmp_path: Path,
+                                                              tiny_data: Path) -> None:
+    env = {"BENTOML_HOME": str(wrong_store)}
+    (tmp_path / "cat.jpg").write_bytes(samples[0][1])
+    result = run_cli("predict", str(tmp_path / "cat.jpg"), "--format", "jsonl", env=env)
+    fp32 = run_cli("predict", str(tmp_path / "cat.jpg"), "--format", "jsonl", "--precision", "fp32", env=env)
+    warnings = [line for line in result.stderr.splitlines() if "self-check" in line]
+    assert result.returncode == 0 and len(warnings) == 1 and "fp32 answers" in warnings[0], result.stderr
+    assert result.stdout == fp32.stdout  # the fp32 model's answer
+    evaluated = run_cli("evaluate", "--data", str(tiny_data), "--model", "resnet18", env=env)
+    warnings = [line for line in evaluated.stderr.splitlines() if "self-check" in line]
+    assert evaluated.returncode == 0 and len(warnings) == 1 and "(fp32," in evaluated.stdout, evaluated.stderr
+
+
 @pytest.mark.server
 @pytest.mark.parametrize("precision", ["auto", "fp32"])
 def test_the_service_serves_int8_on_this_cpu_unless_fp32_is_pinned(quantized, precision: str, samples) -> None:
     _, home, result = quantized
     assert result.returncode == 0, result.stderr
-    env = {**os.environ, "BENTOML_HOME": str(home), "CIFAR10_RESNET18_PRECISION": precision, "CIFAR10_WORKERS": "1"}
+    env = {**os.environ, "BENTOML_HOME": str(home), "CIFAR10_PRECISION": precision, "CIFAR10_WORKERS": "1"}
     subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
     port = free_port()
     process = start_server(["service.service:Classifier"], env, ROOT, port)
@@ -103,6 +173,6 @@ def test_without_an_int8_copy_the_service_serves_fp32_and_a_pinned_int8_is_a_one
     finally:
         stop_server(process)
     assert resnet["precision"] == "fp32"
-    pinned = serve_expecting_exit(["service.service:Classifier"], {**env, "CIFAR10_RESNET18_PRECISION": "int8"}, ROOT)
+    pinned = serve_expecting_exit(["service.service:Classifier"], {**env, "CIFAR10_PRECISION": "int8"}, ROOT)
     lines = (pinned.stdout + pinned.stderr).strip().splitlines()
     assert pinned.returncode not in (0, -9) and len(lines) == 1 and "cifar10-resnet18-int8" in lines[0], lines

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from core import runtime
+from core import host, runtime
 from core.errors import UserError
 from harness.samples import ROOT
 
@@ -42,7 +42,7 @@ def test_loading_a_model_on_this_host_prints_no_cuda_errors() -> None:
                                                     ("50000 100000", 1), ("garbage", 2)])
 def test_usable_cores_follow_a_cgroup_cpu_quota(tmp_path, monkeypatch, cpu_max: str, expected: int) -> None:
     """`docker run --cpus 1` or a Kubernetes limit of 1 CPU on a big host: one worker, one ONNX Runtime thread."""
-    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda _: {0, 1})
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda _: {0, 1})
     (tmp_path / "cpu.max").write_text(cpu_max + "\n")
-    assert runtime.usable_cores(tmp_path / "cpu.max") == expected
-    assert runtime.usable_cores(tmp_path / "absent") == 2
+    assert host.usable_cores(tmp_path / "cpu.max") == expected
+    assert host.usable_cores(tmp_path / "absent") == 2

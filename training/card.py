@@ -3,7 +3,7 @@ evaluation.
 
     python -m training.card RUN_DIR FILE.onnx EVALUATION.json --machine "..." --out CARD.json
     python -m training.card - FILE-int8.onnx EVALUATION.json --int8 "cifar10 quantize ..." \
-        --throughput THROUGHPUT.json --out CARD.json
+        --throughput THROUGHPUT.json [--other-cpus OTHER.json] --out CARD.json
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ import onnx
 
 from core.contract import ModelInfo
 from core.files import sha256_of
+from core.host import describe_cpu
+from core.selfcheck import METADATA_KEY
 from models import get_model
+from training.quantize import REFERENCE_MARGIN
 
 
 def build_card(run_dir: Path, onnx_file: Path, evaluation: dict, machine: str, notes: str) -> dict:
@@ -60,9 +63,13 @@ def build_card(run_dir: Path, onnx_file: Path, evaluation: dict, machine: str, n
     }
 
 
-def build_int8_card(onnx_file: Path, evaluation: dict, command: str, throughput: dict, notes: str) -> dict:
-    """The card of a `cifar10 quantize` file: where it came from, how it was made, how it compares with fp32."""
-    info = ModelInfo.from_metadata({p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props})
+def build_int8_card(onnx_file: Path, evaluation: dict, command: str, throughput: dict, other_cpus: list[dict],
+                    notes: str) -> dict:
+    """The card of a `cifar10 quantize` file: where it came from, how it was made, how it compares with fp32, and
+    the CPU each figure was measured on (this one, unless `other_cpus` says otherwise)."""
+    props = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
+    info = ModelInfo.from_metadata(props)
+    cpu = describe_cpu()
     return {
         "name": f"cifar10-{info.arch}-int8",
         "file": onnx_file.name,
@@ -74,14 +81,22 @@ def build_int8_card(onnx_file: Path, evaluation: dict, command: str, throughput:
         "parity_with_fp32": {"images": info.parity_images, "top1_agreement": info.parity_top1_agreement,
                              "max_probability_diff": info.parity_max_probability_diff,
                              "max_abs_logit_diff": info.parity_max_abs_diff,
-                             "images_from": "the 5,000 training images held out for validation (not calibrated on)"},
+                             "images_from": "the 5,000 training images held out for validation (not calibrated on)",
+                             "cpu": cpu},
+        "self_check": {"images": json.loads(props[METADATA_KEY])["images"] if METADATA_KEY in props else 0,
+                       "images_from": "held-out validation images whose fp32 answer is clear (top class ahead by "
+                                      f"{REFERENCE_MARGIN:g} probability or more) and on which int8 agreed when "
+                                      "quantized",
+                       "run": "before the int8 copy answers on a CPU (service start-up, predict, evaluate)"},
         "test": {
             "images": evaluation["images"],
             "accuracy": evaluation["accuracy"],
             "per_class": evaluation["per_class"],
             "measured_by": "cifar10 evaluate --data cifar10-test.zip --model models/pretrained/" + onnx_file.name,
+            "cpu": cpu,
         },
-        "throughput": throughput,
+        "throughput": {**throughput, "cpu": cpu},
+        "other_cpus": other_cpus,
         "export_date": info.export_date,
         "card_date": dt.date.today().isoformat(),
         "notes": notes,
@@ -96,13 +111,15 @@ def main() -> None:
     parser.add_argument("--machine", help="where training ran, in words (fp32)")
     parser.add_argument("--int8", metavar="COMMAND", help="a `cifar10 quantize` file: the command that made it")
     parser.add_argument("--throughput", type=Path, help="JSON of images/s measured beside fp32 (--int8)")
+    parser.add_argument("--other-cpus", type=Path, help="JSON list of figures measured on other CPUs (--int8)")
     parser.add_argument("--notes", default="")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     evaluation = json.loads(args.evaluation.read_text())
     if args.int8:
+        others = json.loads(args.other_cpus.read_text()) if args.other_cpus else []
         card = build_int8_card(args.onnx_file, evaluation, args.int8, json.loads(args.throughput.read_text()),
-                               args.notes)
+                               others, args.notes)
     else:
         card = build_card(args.run_dir, args.onnx_file, evaluation, args.machine, args.notes)
     args.out.write_text(json.dumps(card, indent=2) + "\n")

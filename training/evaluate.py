@@ -24,10 +24,12 @@ BATCH = 256
 
 
 def _onnx_runner(spec: str, precision: str) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, str]:
-    from core.runtime import OnnxModel
-    from core.store import resolve
+    from core.store import load
 
-    model = OnnxModel(resolve(spec, precision))
+    choice = load(spec, precision)
+    model = choice.model
+    if choice.check and not choice.check.passed:
+        print(f"cifar10 evaluate: {spec}: {choice.reason}", file=sys.stderr)
     return model.logits, model.table, f"{model.path} ({model.info.precision}, {model.provider})"
 
 

@@ -121,11 +121,11 @@ def _export_to(path: Path, model: torch.nn.Module, state: dict, checkpoint: Path
     stamp_metadata(path, info)
 
 
-def stamp_metadata(path: Path, info: ModelInfo) -> None:
-    """Replace the ONNX file's metadata_props with `info`, and check the result."""
+def stamp_metadata(path: Path, info: ModelInfo, extra: dict[str, str] | None = None) -> None:
+    """Replace the ONNX file's metadata_props with `info` (and `extra` keys), and check the result."""
     proto = onnx.load(str(path))
     del proto.metadata_props[:]
-    for key, value in info.to_metadata().items():
+    for key, value in {**info.to_metadata(), **(extra or {})}.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
