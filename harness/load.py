@@ -1,5 +1,9 @@
 """A closed-loop HTTP load from Python clients that tells apart how each request ended: answered (with its
-status), refused (no connection), or cut (connection reset or closed before a complete answer)."""
+status), refused (no connection), or cut (connection reset or closed before a complete answer).
+
+Every run ends by itself: when `until()` says so, or after `max_s` seconds whatever the server does (a
+request in progress then waits at most REQUEST_TIMEOUT_S more).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,14 @@ from collections.abc import Callable
 
 import httpx
 
+REQUEST_TIMEOUT_S = 10
 
-async def _client(url: str, files: dict, data: dict, keep_alive: bool, until: Callable[[], bool],
+
+async def _client(url: str, files: dict, data: dict, keep_alive: bool, stop: Callable[[], bool],
                   outcomes: Counter, latencies: list[float]) -> None:
     limits = httpx.Limits(max_keepalive_connections=1 if keep_alive else 0, max_connections=1)
-    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
-        while not until():
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+        while not stop():
             began = time.perf_counter()
             try:
                 response = await client.post(url, files=files, data=data)
@@ -23,7 +29,7 @@ async def _client(url: str, files: dict, data: dict, keep_alive: bool, until: Ca
                 outcomes["refused"] += 1
                 await asyncio.sleep(0.01)
                 continue
-            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.TimeoutException):
                 outcomes["cut"] += 1
                 continue
             outcomes[response.status_code] += 1
@@ -32,11 +38,18 @@ async def _client(url: str, files: dict, data: dict, keep_alive: bool, until: Ca
 
 
 async def run_clients(url: str, image: bytes, clients: int, until: Callable[[], bool], keep_alive: bool = True,
-                      model: str = "lenet") -> tuple[Counter, list[float]]:
-    """`clients` clients POSTing `image` to `url` (a /classify URL) until `until()`; outcomes and 200 latencies."""
-    outcomes: Counter = Counter()
+                      model: str = "lenet", max_s: float = 60,
+                      outcomes: Counter | None = None) -> tuple[Counter, list[float]]:
+    """`clients` clients POSTing `image` to `url` (a /classify URL) until `until()` or `max_s` seconds; outcomes
+    (counted into `outcomes` as they happen, when given) and 200 latencies."""
+    outcomes = Counter() if outcomes is None else outcomes
     latencies: list[float] = []
+    deadline = time.monotonic() + max_s
+
+    def stop() -> bool:
+        return until() or time.monotonic() > deadline
+
     files, data = {"image": ("x.jpg", image)}, {"model": model}
-    await asyncio.gather(*(_client(url, files, data, keep_alive, until, outcomes, latencies)
+    await asyncio.gather(*(_client(url, files, data, keep_alive, stop, outcomes, latencies)
                            for _ in range(clients)))
     return outcomes, latencies

@@ -18,7 +18,7 @@ import pytest
 from harness.samples import REAL_IMAGES, ROOT, TEST_ZIP
 from harness.server import free_port
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.timeout(1200)]  # a fresh CI machine builds the image from nothing
 TAG = f"cifar10-classifier:cpu-test-{os.getpid()}"
 GRACE_S = 20  # CIFAR10_DRAIN_S's default
 
