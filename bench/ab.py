@@ -20,8 +20,10 @@ import tomllib
 import zipfile
 from pathlib import Path
 
-from bench.run import ROOT, Server, table, target_loads
+from bench.hey import target_loads
+from bench.report import ROOT, table
 from harness.samples import TEST_ZIP
+from harness.server import Server
 
 RESNET_PREDICT_IMAGES = 2000  # ResNet-18 runs ~130 images/s here: the whole test set would take 80 s a round
 

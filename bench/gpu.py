@@ -25,9 +25,10 @@ import httpx
 import psutil
 
 from bench import runtime
-from bench.load import multipart, run_load
-from bench.run import RESULTS, ROOT, Server, machine, table
+from bench.hey import multipart, run_load
+from bench.report import RESULTS, ROOT, machine, table
 from harness.samples import TEST_ZIP, cifar_samples
+from harness.server import Server
 
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 START, END = "<!-- gpu section: written by python -m bench.gpu -->", "<!-- end of gpu section -->"

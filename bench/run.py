@@ -7,10 +7,8 @@ is bounded in count and time and targets only a server this script starts on 127
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -20,17 +18,15 @@ import zipfile
 from pathlib import Path
 
 import httpx
-import psutil
 
-from bench import runtime
-from bench.load import multipart, run_load
+from bench import gpu, runtime
+from bench.hey import multipart, run_load, target_loads
+from bench.report import RESULTS, ROOT, machine, table, write_csv
 from core.runtime import OnnxModel, gpu_count
 from core.store import shipped_file
 from harness.samples import TEST_ZIP, cifar_samples
-from harness.server import free_port, start_server, stop_server
+from harness.server import Server
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 CONCURRENCY = (1, 8, 32, 64)
 
 
@@ -38,52 +34,6 @@ def requests_for(arch: str, concurrency: int, quick: bool) -> int:
     per_client = 20 if arch == "resnet18" else 150
     total = max(concurrency * per_client, 200 if arch == "resnet18" else 1500)
     return max(concurrency, total // (4 if quick else 1))
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    gpu = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip() if \
-        subprocess.run(["which", "nvidia-smi"], capture_output=True).returncode == 0 else "none"
-    return {"cores": os.cpu_count(), "cpu": cpu, "gpu": gpu or "none", "python": platform.python_version()}
-
-
-class Server:
-    """A `bentoml serve` of the shipped models with the given CIFAR10_* settings, from `checkout` (this one)."""
-
-    def __init__(self, home: Path, checkout: Path = ROOT, **settings: str) -> None:
-        self.port = free_port()
-        env = {**os.environ, "BENTOML_HOME": str(home), **{f"CIFAR10_{k.upper()}": v for k, v in settings.items()}}
-        self.process = start_server(["service.service:Classifier"], env, checkout, self.port)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def rss_mb(self) -> float:
-        tree = psutil.Process(self.process.pid)
-        return sum(p.memory_info().rss for p in [tree, *tree.children(recursive=True)]) / 2**20
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        stop_server(self.process)
-
-
-def write_csv(name: str, rows: list[dict]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with (RESULTS / name).open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()} for r in rows)
-
-
-def table(rows: list[dict], columns: list[str]) -> str:
-    def cell(v: object) -> str:
-        if isinstance(v, float):
-            return f"{v:,.2f}" if abs(v) < 10 else f"{v:,.1f}"
-        return json.dumps(v) if isinstance(v, dict) else str(v)
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def load_runs(server: Server, raw: list[dict], quick: bool, label: str = "") -> list[dict]:
@@ -149,23 +99,6 @@ def worker_runs(home: Path, quick: bool) -> list[dict]:
                 print(f"workers={workers} {arch} c={c}: {row['requests_per_s']:,.0f} req/s "
                       f"p50 {row['p50_ms']:.1f} ms", flush=True)
     return rows
-
-
-def target_loads(url: str, quick: bool) -> dict:
-    """The HTTP loads behind the targets, on a running server: ResNet-18 1 and 32 clients, LeNet 32 clients,
-    LeNet /classify_batch x64 at 8 clients."""
-    _, image = cifar_samples(1)[3]
-    bodies = {arch: multipart([("image", "x.jpg", image), ("model", "", arch.encode())])
-              for arch in ("resnet18", "lenet")}
-    batch_body = multipart([*[("images", f"{i}.jpg", d) for i, (_, d) in enumerate(cifar_samples(7)[:64])],
-                            ("model", "", b"lenet")])
-    return {
-        "resnet18 c=1": run_load(f"{url}/classify", *bodies["resnet18"], 1, 50 if quick else 200),
-        "resnet18 c=32": run_load(f"{url}/classify", *bodies["resnet18"], 32, 320 if quick else 960),
-        "lenet c=32": run_load(f"{url}/classify", *bodies["lenet"], 32, 1500 if quick else 6000),
-        "lenet batch64 c=8": run_load(f"{url}/classify_batch", *batch_body, 8, 80 if quick else 400,
-                                      images_per_request=64),
-    }
 
 
 def target_runs(home: Path, quick: bool, repeats: int = 3) -> list[dict]:
@@ -252,8 +185,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer requests and images: a smoke run")
     parser.add_argument("--gpu-quick", action="store_true", help="only the GPU section, in under 5 minutes")
     args = parser.parse_args()
-    from bench import gpu  # here: it builds on this module
-
     if args.gpu_quick:
         gpu.run(quick=True)
         return

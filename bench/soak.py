@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 import psutil
 
-from harness.load import run_clients
+from harness.clients import run_clients
 from harness.samples import ROOT, cifar_samples
 from harness.server import free_port, start_server
 

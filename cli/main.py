@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from core.contract import PRECISIONS
+from core.contract import PRECISIONS, SPLITS
 from core.errors import UserError
 
 
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix on a labelled split")
     p.add_argument("--data", required=True, help="zip, class-folder tree or cifar-10-batches-py root")
-    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--model", default="resnet18",
                    help="resnet18, resnet18-int8, lenet, a store tag, FILE.onnx or a .pt checkpoint")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",

@@ -1,38 +1,13 @@
-"""Every use of BentoML and uvicorn beyond their documented APIs, in one place (written against
-BentoML 1.4.40 and uvicorn 0.54).
-
-On an upgrade of either, re-check each item below; tests/test_bentoml_internals.py fails loudly
-when one of them has moved:
-- the model store's layout: `$BENTOML_HOME/models/NAME/latest` holds the newest version,
-  `NAME/VERSION/` its files (read directly: importing BentoML's store costs `predict` 0.4 s);
-- `BentoMLContainer.http.cors` and `.access_control_options`: the CORS settings;
-- the undocumented `service_class=` argument of `@bentoml.service`, and `Service.to_asgi(is_main)`,
-  through which the classification routes are put ahead of BentoML's per-request middleware;
-- `bentoml._internal.utils.circus.create_standalone_arbiter(check_delay=10)` and
-  `bentoml.serving.create_watcher(respawn=not running_inside_container())`: how often `bentoml
-  serve`'s process manager looks for dead workers, and whether it starts them again; both looked
-  up when the server starts, after it imports the service;
-- `bentoml.images.Image` inserts an `apt-get install build-essential git gnupg2 ...` (588 MB) before
-  anything else for every distro it knows (`CONTAINER_METADATA`), and none for a name it does not;
-- uvicorn's `protocols.http.auto.AutoHTTPProtocol` (what its default `http="auto"` resolves to when
-  BentoML's worker builds its uvicorn.Config, after importing the service) and the hooks of its
-  httptools protocol (`connection_made`, `on_headers_complete`, `on_response_complete`,
-  `connection_lost`, `shutdown`, `cycle`, `loop`), for a time limit on request heads that uvicorn
-  lacks, and for a last moment to send a request when a worker shuts down.
+"""BentoML's model store read directly, beyond its documented API (written against BentoML 1.4.40): its home
+folder, and its layout, `$BENTOML_HOME/models/NAME/latest` holding the newest version and `NAME/VERSION/` its
+files (importing BentoML's store costs `predict` 0.4 s). The serving internals are in
+service/bentoml_internals.py; tests/test_bentoml_internals.py fails loudly when either has moved.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import json
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-ASGIApp = Callable[..., Any]
-LAST_CALL_S = 0.5  # at shutdown, how long a connection without a request may still send one
 
 
 def bentoml_home() -> Path:
@@ -50,127 +25,3 @@ def stored_file(name: str, version: str, filename: str) -> Path | None:
     except OSError:
         return None
     return path if path.is_file() else None
-
-
-def cors_options() -> dict | None:
-    """Starlette CORSMiddleware options from BentoML's `http.cors` settings, or None when CORS is off."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
-    if not BentoMLContainer.http.cors.enabled.get():
-        return None
-    return BentoMLContainer.access_control_options.get()
-
-
-def service_class(wrap: Callable[[ASGIApp, dict | None], ASGIApp]) -> type:
-    """A `bentoml.Service` subclass whose ASGI app is `wrap(BentoML's app, cors_options())`."""
-    import bentoml
-
-    class WrappedService(bentoml.Service):
-        def to_asgi(self, is_main: bool = True) -> ASGIApp:
-            app = super().to_asgi(is_main)  # also loads this service's BentoML configuration
-            return wrap(app, cors_options())
-
-    return WrappedService
-
-
-def limit_request_head_time(seconds: float) -> None:
-    """Answer 408 and close a connection whose request line and headers take longer than `seconds` to arrive.
-
-    uvicorn has no such limit (its keep-alive timer stops at a connection's first byte), so a client
-    sending a header byte a second would hold its connection for ever. Call before uvicorn starts.
-    """
-    from uvicorn.protocols.http import auto
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    if not issubclass(auto.AutoHTTPProtocol, HttpToolsProtocol):  # h11 without httptools: left as it is
-        return
-    body = json.dumps({"error": f"the request headers did not arrive within {seconds:g} s"}).encode()
-    answer = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-              b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-
-    class HeadTimeLimit(HttpToolsProtocol):
-        head_timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:
-            super().connection_made(transport)
-            self._start_head_timer()
-
-        def on_headers_complete(self) -> None:
-            self._stop_head_timer()
-            super().on_headers_complete()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._start_head_timer()  # for the next request on this connection
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._stop_head_timer()
-            super().connection_lost(exc)
-
-        def shutdown(self) -> None:
-            """uvicorn's graceful shutdown closes a connection without a request in progress at once, cutting a
-            request that is on its way; give such a connection a last moment to send one instead."""
-            if self.cycle is None or self.cycle.response_complete:
-                self._start_head_timer(LAST_CALL_S)
-            else:
-                super().shutdown()
-
-        def _start_head_timer(self, limit: float = seconds) -> None:
-            self._stop_head_timer()
-            if not self.transport.is_closing():
-                self.head_timer = self.loop.call_later(limit, self._head_too_slow)
-
-        def _stop_head_timer(self) -> None:
-            if self.head_timer is not None:
-                self.head_timer.cancel()
-                self.head_timer = None
-
-        def _head_too_slow(self) -> None:
-            self.head_timer = None
-            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
-                self.transport.write(answer)
-                self.transport.close()
-
-    auto.AutoHTTPProtocol = HeadTimeLimit
-
-
-def restart_dead_workers_within(seconds: float) -> None:
-    """Have `bentoml serve`'s process manager restart a dead worker within `seconds`, in a container too.
-
-    BentoML looks for dead workers every 10 s (a killed worker's replacement came 8-9 s later), and in
-    a container (BENTOML_CONTAINERIZED) restarts none, leaving a pod with one worker less for good
-    while /readyz and /livez stay 200 on the others. Its 10 s dodged a conflict of its older runner
-    health checks; this service has no runners. Call while the service module is imported.
-    """
-    from bentoml import serving
-    from bentoml._internal.utils import circus
-
-    create_arbiter, create_watcher = circus.create_standalone_arbiter, serving.create_watcher
-    if getattr(create_arbiter, "check_delay", None) == seconds:  # imported twice (the server, then each worker)
-        return
-
-    @functools.wraps(create_arbiter)
-    def create_standalone_arbiter(watchers: list, **kwargs: Any) -> Any:
-        return create_arbiter(watchers, **{"check_delay": seconds, **kwargs})
-
-    @functools.wraps(create_watcher)
-    def create_respawning_watcher(name: str, args: list[str], **kwargs: Any) -> Any:
-        watcher = create_watcher(name, args, **kwargs)
-        watcher.respawn = True
-        return watcher
-
-    create_standalone_arbiter.check_delay = seconds
-    circus.create_standalone_arbiter = create_standalone_arbiter
-    serving.create_watcher = create_respawning_watcher
-
-
-def slim_image(python_version: str) -> Any:
-    """The bento's container image: python:<version>-slim as it is, without the compilers and git BentoML
-    installs for the distros it knows (588 MB: the CPU image went from 1,274 to ~690 MB). Every package
-    this service needs is a wheel, so nothing is compiled at build time."""
-    import bentoml
-
-    return bentoml.images.Image(base_image=f"python:{python_version}-slim", distro=WHEELS_ONLY)
-
-
-WHEELS_ONLY = "debian-slim-wheels-only"  # not one of BentoML's distros: it adds no apt-get step for it

@@ -15,6 +15,7 @@ INPUT_SIZE = 32
 # ImageNet statistics: the service reads them back from the ONNX metadata.
 MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+SPLITS = ("train", "test")  # of a labelled data set
 PRECISIONS = ("auto", "fp32", "int8")  # auto: int8 on a CPU host where its self-check passes (core/selfcheck.py)
 
 

@@ -10,12 +10,9 @@ from pathlib import Path
 
 
 def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file's content, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
+    """Hex sha256 of a file's content."""
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:

@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -47,6 +50,26 @@ def stop_server(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)  # the workers too, or they would outlive the test
         process.wait()
+
+
+class Server:
+    """A `bentoml serve` of the shipped models with the given CIFAR10_* settings, from `checkout` (this one)."""
+
+    def __init__(self, home: Path, checkout: Path = ROOT, **settings: str) -> None:
+        self.port = free_port()
+        env = {**os.environ, "BENTOML_HOME": str(home), **{f"CIFAR10_{k.upper()}": v for k, v in settings.items()}}
+        self.process = start_server(["service.service:Classifier"], env, checkout, self.port)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def rss_mb(self) -> float:
+        tree = psutil.Process(self.process.pid)
+        return sum(p.memory_info().rss for p in [tree, *tree.children(recursive=True)]) / 2**20
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        stop_server(self.process)
 
 
 def serve_expecting_exit(args: list[str], env: dict, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -1,7 +1,7 @@
 """The HTTP surface: the public routes (FastAPI, mounted on the BentoML service), the direct path to
 them, the page at / (BentoML's Swagger UI moves to /docs), and the one mapping from errors to HTTP answers.
 
-The classification routes are the hot path. `DirectRoutes` hands them to the public app
+The classification routes are the hot path. `Router` hands them to the public app
 ahead of BentoML's per-request middleware (tracing, access log, HTTP metrics, timeout),
 which cost about 2 ms of CPU per request and capped one worker at ~380 requests/s
 (BENCHMARKS.md). `Limits` and `RequestMetrics` keep what those routes still need:
@@ -37,7 +37,7 @@ from service.errors import (
     TooManyRequests,
 )
 from service.metrics import REQUEST_SECONDS, REQUESTS
-from service.predictor import DEFAULT_MODEL, Label, Predictor
+from service.predictor import DEFAULT_MODEL, Prediction, Predictor
 from service.settings import Settings
 
 RETRY_AFTER_S = "1"
@@ -83,7 +83,7 @@ class Limits:
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
         self.body_timeout_s = body_timeout_s
-        self.in_flight = 0
+        self.running = 0  # requests past their body read, against max_concurrency
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -91,14 +91,14 @@ class Limits:
         except (BodyTooLarge, SlowRequest) as exc:
             await error_response(exc)(scope, receive, send)
             return
-        if self.in_flight >= self.max_concurrency:
+        if self.running >= self.max_concurrency:
             await error_response(TooManyRequests("too many requests in flight; retry shortly"))(scope, receive, send)
             return
-        self.in_flight += 1
+        self.running += 1
         try:
             await self._limited(scope, _replay(body, receive), send)
         finally:
-            self.in_flight -= 1
+            self.running -= 1
 
     async def _body(self, scope: Scope, receive: Receive) -> bytes:
         too_large = BodyTooLarge(f"request body is larger than the {self.max_body_bytes / 2**20:g} MB limit; "
@@ -203,8 +203,8 @@ def _options(form: FormData) -> tuple[str, int]:
         raise BadRequest(f"top_k must be a whole number, got {top_k!r}") from None
 
 
-def _labels(labels: list[Label]) -> list[dict]:
-    return [label._asdict() for label in labels]
+def _predictions(predictions: list[Prediction]) -> list[dict]:
+    return [prediction._asdict() for prediction in predictions]
 
 
 class HttpApi:
@@ -220,11 +220,11 @@ class HttpApi:
     def attach(self, predictor: Predictor) -> None:
         self.predictor = predictor
 
-    def direct(self, bentoml_app: ASGIApp, cors: dict | None) -> DirectRoutes:
+    def router(self, bentoml_app: ASGIApp, cors: dict | None) -> Router:
         """BentoML's app with the classification routes put ahead of its middleware."""
         limited = Limits(self._endpoint, self.settings.max_body_bytes, self.settings.max_concurrency,
                          self.settings.timeout_s, self.settings.body_timeout_s)
-        return DirectRoutes(bentoml_app, self.routes, RequestMetrics(limited), self.drain, cors)
+        return Router(bentoml_app, self.routes, RequestMetrics(limited), self.drain, cors)
 
     async def classify(self, request: Request) -> Response:
         """Classify one image: the top_k CIFAR-10 labels with softmax probabilities."""
@@ -238,7 +238,7 @@ class HttpApi:
         except ANSWERED as exc:
             return error_response(exc)
         return JSONResponse({"model": model, "model_version": self.predictor.version(model),
-                             "predictions": _labels(result)})
+                             "predictions": _predictions(result)})
 
     async def classify_batch(self, request: Request) -> Response:
         """Classify several images: one result per image, in order, each `predictions` or `error`."""
@@ -253,7 +253,7 @@ class HttpApi:
         except ANSWERED as exc:
             return error_response(exc)
         return JSONResponse({"model": model, "model_version": self.predictor.version(model), "results": [
-            {"error": str(r), "status": status_of(r)} if isinstance(r, ImageError) else {"predictions": _labels(r)}
+            {"error": str(r), "status": status_of(r)} if isinstance(r, ImageError) else {"predictions": _predictions(r)}
             for r in results]})
 
     async def models(self) -> JSONResponse:
@@ -294,40 +294,24 @@ def _multipart_body(files: dict) -> dict:
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
-class DirectRoutes:
-    """The worker's outermost ASGI app: counts requests in flight for the drain, refuses new ones while it
-    drains, and runs POSTs to `routes` through `direct` (limits and metrics); everything else goes to BentoML."""
+class Router:
+    """The worker's outermost ASGI app: every request is tracked by the drain, refused while it drains, and
+    POSTs to `routes` run through `classification` (limits and metrics) ahead of BentoML's middleware;
+    everything else goes to BentoML."""
 
-    def __init__(self, bentoml_app: ASGIApp, routes: dict, direct: ASGIApp, drain: Drain,
+    def __init__(self, bentoml_app: ASGIApp, routes: dict, classification: ASGIApp, drain: Drain,
                  cors: dict | None = None) -> None:
         """`cors`: CORSMiddleware options when BentoML's CORS is on (its preflights stay BentoML's)."""
         self.bentoml_app = bentoml_app
         self.paths = set(routes)
-        self.direct = CORSMiddleware(direct, **cors) if cors else direct
+        self.classification = CORSMiddleware(classification, **cors) if cors else classification
         self.drain = drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.bentoml_app(scope, receive, send)
             return
-        drain = self.drain
-        counted = scope["method"] == "POST"  # the drain's summary counts requests, not probes and scrapes
-        drain.in_flight += 1
-        drain.received += counted
-        drain.last_request = time.monotonic()
-
-        async def closing_send(message: Message) -> None:
-            if message["type"] == "http.response.start" and drain.draining:  # no next request on this connection
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
-                message = {**message, "headers": [*headers, (b"connection", b"close")]}
-            elif message["type"] == "http.response.body" and not message.get("more_body"):
-                drain.answered += counted
-            await send(message)
-
-        try:
-            await self._route(scope, receive, closing_send)
-        finally:
-            drain.in_flight -= 1
+        await self.drain.track(scope, receive, send, self._route)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.drain.draining and scope["path"] not in STILL_SERVED_WHILE_DRAINING:
@@ -340,7 +324,7 @@ class DirectRoutes:
             await self.bentoml_app(scope, receive, send)
         else:
             try:
-                await self.direct(scope, receive, send)
+                await self.classification(scope, receive, send)
             except Exception as exc:  # a bug, not bad input: log it and answer in JSON like every other error
                 logger.exception("%s failed", scope["path"])
                 await error_response(exc)(scope, receive, send)

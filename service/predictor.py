@@ -4,6 +4,11 @@ The shape of a `@bentoml.api(batchable=True)` method (list in, list out), so it 
 behind BentoML's own API should BentoML's per-request overhead drop. Each image is decoded and
 validated on its own, so a bad one fails only itself; the normalized arrays then share model
 calls through one Batcher per model.
+
+The model types, which is which: `ModelInfo` (core/contract.py) is the metadata an ONNX file carries;
+`OnnxModel` (core/runtime.py) is one loaded ONNX Runtime session of a file; BentoML's `BentoModel`
+names a store model (service/service.py); here `ModelFile` is a stored file and its tag, `Copies` the
+fp32 and int8 files of one served model, and `ServedModel` the copy that answers, loaded.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ DEFAULT_MODEL = "resnet18"  # for requests that name no model
 INLINE_PIXELS = 256 * 256
 
 
-class Label(NamedTuple):
+class Prediction(NamedTuple):
     """One of an image's top-k classes (a NamedTuple: ~20x cheaper than a frozen dataclass to build and to turn
     into JSON, on a path that runs three times per request)."""
 
@@ -69,8 +74,8 @@ class ServedModel:
     `reason` says why this copy (fp32 or int8) answers."""
 
     store_tag: str
-    alone: OnnxModel
-    shared: OnnxModel | None
+    all_cores: OnnxModel
+    shared_cores: OnnxModel | None
     reason: str
     self_check: dict | None = None
 
@@ -108,13 +113,14 @@ class Predictor:
                 say(f"cifar10: {name} answers in {choice.model.info.precision}: {choice.reason}")
         self.cores: SharedCores | None = None
         if share < alone and worker and cores_file and on_cpu:
-            self.models = {name: replace(m, shared=OnnxModel(m.alone.path, settings.providers, share, spin=False))
+            self.models = {name: replace(m, shared_cores=OnnxModel(m.all_cores.path, settings.providers, share,
+                                                                   spin=False))
                            for name, m in self.models.items()}
             self.cores = SharedCores(cores_file, workers, worker - 1)
         buckets = settings.batch_buckets == "on" or (settings.batch_buckets == "auto" and not on_cpu)
         self.bucket_sizes = bucket_sizes(settings.max_batch_size) if buckets else ()
         for model in self.models.values():  # every shape a call will see, before /readyz turns 200
-            for session in filter(None, (model.alone, model.shared)):
+            for session in filter(None, (model.all_cores, model.shared_cores)):
                 for size in self.bucket_sizes or (1,):  # the first run allocates and picks kernels
                     session.logits(np.zeros((size, 3, 32, 32), np.float32))
         one_at_a_time = threading.Lock()  # the models share the device: never run two calls at once
@@ -124,13 +130,13 @@ class Predictor:
             for arch in self.models
         }
 
-    async def classify(self, images: list[bytes], model: str, top_k: int) -> list[list[Label] | ImageError]:
+    async def classify(self, images: list[bytes], model: str, top_k: int) -> list[list[Prediction] | ImageError]:
         """The top_k labels of each image, or the ImageError that image gave.
 
         Raises BadRequest for a bad option and Overloaded when the model's queue is too long.
         """
         self._check(model, top_k, len(images))
-        results: list[list[Label] | ImageError] = [[] for _ in images]
+        results: list[list[Prediction] | ImageError] = [[] for _ in images]
         good, pixels = [], []
         for i, data in enumerate(images):
             try:
@@ -139,11 +145,11 @@ class Predictor:
             except ImageError as exc:
                 results[i] = exc
         if good:
-            served = self.models[model].alone
+            served = self.models[model].all_cores
             logits = await self.batchers[model](normalize(np.stack(pixels), served.table))
             names = served.info.class_names
             for i, indices, probabilities in zip(good, *top_classes(logits, top_k), strict=True):
-                results[i] = [Label(names[j], j, p) for j, p in zip(indices, probabilities, strict=True)]
+                results[i] = [Prediction(names[j], j, p) for j, p in zip(indices, probabilities, strict=True)]
         return results
 
     def version(self, model: str) -> str:
@@ -154,8 +160,8 @@ class Predictor:
         first = next(iter(self.models.values()))
         return {
             "default": DEFAULT_MODEL,
-            "models": {arch: {"store_tag": m.store_tag, "version": m.version, "provider": m.alone.provider,
-                              **vars(m.alone.info), "precision_reason": m.reason,
+            "models": {arch: {"store_tag": m.store_tag, "version": m.version, "provider": m.all_cores.provider,
+                              **vars(m.all_cores.info), "precision_reason": m.reason,
                               **({"int8_self_check": m.self_check} if m.self_check else {})}
                        for arch, m in self.models.items()},
             "batching": {"max_batch_size": self.settings.max_batch_size,
@@ -163,7 +169,8 @@ class Predictor:
             "limits": {"max_batch_images": self.settings.max_batch_images,
                        "max_body_bytes": self.settings.max_body_bytes, "max_pixels": self.settings.max_pixels},
             "workers": self.workers,
-            "onnxruntime_threads": {"alone": first.alone.threads, "shared": (first.shared or first.alone).threads},
+            "onnxruntime_threads": {"alone": first.all_cores.threads,
+                                    "shared": (first.shared_cores or first.all_cores).threads},
         }
 
     def close(self) -> None:
@@ -173,7 +180,7 @@ class Predictor:
     def _check(self, model: str, top_k: int, images: int) -> None:
         if model not in self.models:
             raise BadRequest(f"unknown model {model!r}; choose one of: {', '.join(self.models)}")
-        classes = len(self.models[model].alone.info.class_names)
+        classes = len(self.models[model].all_cores.info.class_names)
         if not 1 <= top_k <= classes:
             raise BadRequest(f"top_k must be between 1 and {classes}, got {top_k}")
         if images > self.settings.max_batch_images:
@@ -192,7 +199,7 @@ class Predictor:
         started = time.perf_counter()
         model = self.models[arch]
         with self.cores.call() if self.cores else nullcontext(True) as alone:
-            logits = (model.alone if alone else model.shared).logits(batch)
+            logits = (model.all_cores if alone else model.shared_cores).logits(batch)
         MODEL_SECONDS.labels(model=arch).observe(time.perf_counter() - started)
         BATCH_SIZES.labels(model=arch).observe(len(batch))
         INFERENCES.labels(model=arch).inc(len(batch))

@@ -14,17 +14,12 @@ from pathlib import Path
 import bentoml
 from bentoml.exceptions import NotFound
 
-from core.bentoml_internals import (
-    bentoml_home,
-    limit_request_head_time,
-    restart_dead_workers_within,
-    service_class,
-    slim_image,
-)
+from core.bentoml_internals import bentoml_home
 from core.errors import UserError
 from core.host import gpu_count, usable_cores
 from core.runtime import CUDA, choose_providers
 from core.store import INT8_VARIANTS, MODEL_FILE, STORE_NAMES, verify_stored, version_setting
+from service.bentoml_internals import limit_request_head_time, restart_dead_workers_within, service_class, slim_image
 from service.drain import say
 from service.http import HttpApi
 from service.predictor import Copies, ModelFile, Predictor
@@ -37,8 +32,8 @@ except UserError as exc:  # one line, before BentoML sees any setting
 # A worker's HTTP handling needs a core of its own (LeNet: ~1,000 req/s per worker). On a CPU host the
 # model needs the cores too: one worker per core. On a GPU the HTTP layer is the limit (one worker
 # served 13,000 images/s of /classify_batch on an H100, four 39,500, eight 42,600; each holds a CUDA
-# context of ~1 GB): up to 8 per GPU, at most one per two cores. Not yet re-measured with the batch
-# buckets (issue 12).
+# context of ~1 GB): up to 8 per GPU, at most one per two cores (BENCHMARKS.md: not yet measured with the
+# batch buckets).
 ON_GPU = CUDA in choose_providers(SETTINGS.providers)
 WORKERS = SETTINGS.workers or (min(8 * gpu_count(), max(1, usable_cores() // 2)) if ON_GPU else usable_cores())
 HTTP = HttpApi(SETTINGS)
@@ -92,7 +87,7 @@ def stored_file(stored: bentoml.Model) -> ModelFile:
     image=slim_image("3.11"),  # the Python packages come from bentofile.yaml
     workers=WORKERS,
     traffic={"timeout": SETTINGS.timeout_s},
-    service_class=service_class(HTTP.direct),
+    service_class=service_class(HTTP.router),
 )
 @bentoml.asgi_app(HTTP.app, path="/")
 class Classifier:

@@ -126,4 +126,4 @@ def test_start_up_runs_every_bucket_of_every_session_before_serving(monkeypatch)
     assert seen == [*predictor.bucket_sizes] * 2  # both models, each shape once, in __init__
     assert predictor.describe()["batching"]["bucket_sizes"] == [1, 2, 4, 8, 16, 32]
     cpu = Predictor(files, Settings(), workers=1)  # auto: no buckets on a CPU host
-    assert cpu.bucket_sizes == () or cpu.models["lenet"].alone.provider != "CPUExecutionProvider"
+    assert cpu.bucket_sizes == () or cpu.models["lenet"].all_cores.provider != "CPUExecutionProvider"

@@ -1,5 +1,5 @@
-"""Each BentoML internal that core/bentoml_internals.py relies on is still where it was: on a BentoML
-upgrade, a failure here names what moved."""
+"""Each BentoML and uvicorn internal that core/bentoml_internals.py and service/bentoml_internals.py rely on is
+still where it was: on an upgrade, a failure here names what moved."""
 
 import inspect
 from pathlib import Path
@@ -7,8 +7,9 @@ from pathlib import Path
 import bentoml
 from bentoml._internal.configuration.containers import BentoMLContainer
 
-from core.bentoml_internals import bentoml_home, cors_options, service_class, stored_file
+from core.bentoml_internals import bentoml_home, stored_file
 from core.store import MODEL_FILE, register, shipped_file
+from service.bentoml_internals import WHEELS_ONLY, cors_options, service_class, slim_image
 
 
 def test_the_store_layout_is_read_as_bentoml_writes_it() -> None:
@@ -60,8 +61,6 @@ def test_uvicorns_protocol_hooks_are_where_they_were() -> None:
 
 def test_an_image_of_an_unknown_distro_gets_no_apt_step() -> None:
     from bentoml._internal.container.frontend.dockerfile import CONTAINER_METADATA
-
-    from core.bentoml_internals import WHEELS_ONLY, slim_image
 
     assert WHEELS_ONLY not in CONTAINER_METADATA
     assert not any("apt-get" in command for command in slim_image("3.11").commands)

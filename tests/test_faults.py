@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from core.store import MODEL_FILE
-from harness.load import run_clients
+from harness.clients import run_clients
 from harness.samples import ROOT
 from harness.server import free_port, serve_expecting_exit, start_server, stop_server
 

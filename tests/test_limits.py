@@ -66,7 +66,7 @@ def test_past_max_concurrency_is_a_429_with_retry_after() -> None:
     assert sorted(status for status, _, _ in results) == [200, 200, 429]
     refused = next(r for r in results if r[0] == 429)
     assert refused[1][b"retry-after"] == b"1" and "retry" in refused[2]["error"]
-    assert app.in_flight == 0
+    assert app.running == 0
 
 
 def test_a_request_past_the_timeout_is_a_504() -> None:

@@ -15,7 +15,7 @@ from core.store import shipped_file
 from harness.samples import REAL_IMAGES
 from service import predictor as predictor_module
 from service.errors import BadRequest
-from service.predictor import Copies, Label, ModelFile, Predictor
+from service.predictor import Copies, ModelFile, Prediction, Predictor
 from service.settings import Settings
 
 
@@ -35,7 +35,7 @@ def test_one_result_per_image_in_order_and_a_bad_image_fails_alone(predictor: Pr
     (label, first), (_, second) = samples[0], samples[-1]
     results = asyncio.run(predictor.classify([first, b"%PDF-1.7", second, b""], "resnet18", 3))
     assert [type(r) for r in results] == [list, UnsupportedImage, list, ImageError]
-    assert all(isinstance(x, Label) for x in results[0]) and len(results[0]) == 3
+    assert all(isinstance(x, Prediction) for x in results[0]) and len(results[0]) == 3
     if REAL_IMAGES:
         assert results[0][0].label == label
 

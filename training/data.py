@@ -24,7 +24,6 @@ from core.files import sha256_of, write_atomic
 from core.preprocess import decode_rgb
 
 CACHE_VERSION = "1"
-SPLITS = ("train", "test")
 BATCHES_DIR = "cifar-10-batches-py"
 
 

@@ -10,17 +10,15 @@ import functools
 import json
 import shlex
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from core.contract import CLASS_NAMES, MEAN, STD
-from core.preprocess import normalization_table, normalize
+from core.preprocess import normalization_table
 from training.data import load_split
-
-BATCH = 256
+from training.inference import predicted_classes
 
 
 def _onnx_runner(spec: str, precision: str) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, str]:
@@ -34,22 +32,10 @@ def _onnx_runner(spec: str, precision: str) -> tuple[Callable[[np.ndarray], np.n
 
 
 def _checkpoint_runner(path: str, _: str) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, str]:
-    from training.export import load_checkpoint, model_from_checkpoint, torch_logits
+    from training.inference import load_checkpoint, model_from_checkpoint, torch_logits
 
     model = model_from_checkpoint(load_checkpoint(path))
     return functools.partial(torch_logits, model), normalization_table(MEAN, STD), f"{path} (PyTorch eval mode, CPU)"
-
-
-def predicted_classes(run: Callable[[np.ndarray], np.ndarray], table: np.ndarray,
-                      images: np.ndarray) -> tuple[np.ndarray, float]:
-    """The top class of every uint8 NHWC image through `run`, and the seconds spent in `run`."""
-    predictions, seconds = [], 0.0
-    for start in range(0, len(images), BATCH):
-        batch = normalize(images[start : start + BATCH], table)
-        began = time.perf_counter()
-        predictions.append(run(batch).argmax(1))
-        seconds += time.perf_counter() - began
-    return np.concatenate(predictions), seconds
 
 
 def evaluate(data: str, model: str = "resnet18", split: str = "test", out: str | None = None,

@@ -5,52 +5,21 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
 
 from core.contract import CLASS_NAMES, INPUT_SIZE, MEAN, STD, ModelInfo
 from core.errors import UserError
 from core.files import sha256_of, write_atomic
 from core.preprocess import normalization_table, normalize
-from models import get_model
 from training.data import load_split
-from training.evaluate import predicted_classes
+from training.inference import load_checkpoint, model_from_checkpoint, onnx_runner, onnx_test_accuracy, torch_logits
+from training.onnx_metadata import package_version, stamp_metadata
 
 PARITY_ATOL = 1e-4
 PARITY_IMAGES = 256
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a training checkpoint with weights_only=True; a clear error for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load fails in many ways (pickle, zip, index errors) on a damaged file
-        raise UserError(f"{path} is not a readable training checkpoint ({type(exc).__name__}); "
-                        "pass RUN_DIR/best.pt or last.pt from `cifar10 train`") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise UserError(f"{path} is not a checkpoint written by `cifar10 train` (no model/config entries)")
-    return state
-
-
-def model_from_checkpoint(state: dict) -> torch.nn.Module:
-    model = get_model(state["config"]["arch"])
-    model.load_state_dict(state["model"])
-    return model.eval()
-
-
-def torch_logits(model: torch.nn.Module, batch: np.ndarray) -> np.ndarray:
-    """Eval-mode PyTorch logits for a normalized float32 NCHW batch."""
-    with torch.no_grad():
-        return model(torch.from_numpy(batch)).numpy()
 
 
 def parity_pixels(data: str | None) -> np.ndarray:
@@ -121,38 +90,6 @@ def _export_to(path: Path, model: torch.nn.Module, state: dict, checkpoint: Path
     stamp_metadata(path, info)
 
 
-def stamp_metadata(path: Path, info: ModelInfo, extra: dict[str, str] | None = None) -> None:
-    """Replace the ONNX file's metadata_props with `info` (and `extra` keys), and check the result."""
-    proto = onnx.load(str(path))
-    del proto.metadata_props[:]
-    for key, value in {**info.to_metadata(), **(extra or {})}.items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(path))
-
-
-def onnx_runner(onnx_path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """Logits of a normalized float32 NCHW batch from ONNX Runtime on the CPU."""
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda batch: session.run(None, {name: batch})[0]
-
-
-def onnx_test_accuracy(run: Callable[[np.ndarray], np.ndarray], data: str | None) -> float | None:
-    """The exported file's own accuracy on the test split of `data`, through the service's preprocessing: the
-    figure `cifar10 evaluate` reproduces and `/models` reports. None without a test split."""
-    try:
-        test = load_split(data, "test") if data else None
-    except UserError:
-        return None
-    if test is None:
-        return None
-    predicted, _ = predicted_classes(run, normalization_table(MEAN, STD), test.images)
-    accuracy = float((predicted == test.labels).mean())
-    print(f"test accuracy of the ONNX file on {len(test):,} test images: {accuracy:.4f}")
-    return accuracy
-
-
 def top_class_flips(expected: np.ndarray, got: np.ndarray) -> int:
     """Images whose top class differs between the two sets of logits."""
     return int((expected.argmax(1) != got.argmax(1)).sum())
@@ -169,10 +106,3 @@ def parity_problem(expected: np.ndarray, got: np.ndarray) -> str | None:
     if diff > PARITY_ATOL:
         return f"ONNX output differs from PyTorch: max |logit diff| {diff:.2e} > {PARITY_ATOL:g}"
     return None
-
-
-def package_version() -> str:
-    try:
-        return version("cifar10-service")
-    except PackageNotFoundError:
-        return "0+unknown"

@@ -23,7 +23,8 @@ from core.preprocess import normalize
 from core.runtime import OnnxModel, softmax
 from core.selfcheck import METADATA_KEY, encode_reference
 from training.data import load_split
-from training.export import onnx_runner, onnx_test_accuracy, package_version, stamp_metadata
+from training.inference import onnx_runner, onnx_test_accuracy
+from training.onnx_metadata import package_version, stamp_metadata
 from training.train import split_validation
 
 MIN_AGREEMENT = 0.99  # default top-1 agreement with fp32 on the held-out images, or nothing is written

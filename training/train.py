@@ -24,6 +24,7 @@ from tqdm import tqdm
 from core.contract import CLASS_NAMES, MEAN, STD
 from core.errors import UserError
 from core.files import write_atomic
+from core.host import instruction_sets
 from core.preprocess import normalization_table
 from models import get_model
 from training.data import DataError, Split, load_split
@@ -103,13 +104,7 @@ def device_name(device: torch.device) -> str:
 
 def bf16_is_fast(device: torch.device) -> bool:
     """CUDA always; a CPU only with native bf16 (AVX512-BF16 or AMX), where autocast emulation is ~10x slower."""
-    if device.type == "cuda":
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return device.type == "cuda" or bool({"avx512_bf16", "amx_bf16"} & set(instruction_sets()))
 
 
 def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
@@ -174,7 +169,7 @@ def epoch_plan(n: int, epoch: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Split, aug: Augmenter, device: torch.device, amp: bool) -> dict:
+def split_metrics(model: nn.Module, data: Split, aug: Augmenter, device: torch.device, amp: bool) -> dict:
     """Loss, accuracy and per-class accuracy on a split, without augmentation."""
     model.eval()
     images = torch.from_numpy(data.images).to(device)
@@ -317,7 +312,7 @@ def _train(cfg: TrainConfig, state: dict | None, device: torch.device, rank: int
         if world > 1:
             dist.all_reduce(totals)
         seconds = time.perf_counter() - started
-        val = evaluate(model, val_data, aug, device, cfg.amp)
+        val = split_metrics(model, val_data, aug, device, cfg.amp)
         metrics = {
             "epoch": epoch,
             "train_loss": totals[0].item() / totals[2].item(),
@@ -405,7 +400,7 @@ def _finish(cfg: TrainConfig, device: torch.device, out: Path, history: list[dic
         "config": asdict(cfg), "val_images": val_images,
     }
     if test is not None:
-        result = evaluate(model, test, Augmenter(device), device, cfg.amp)
+        result = split_metrics(model, test, Augmenter(device), device, cfg.amp)
         summary.update(test_acc=result["accuracy"], test_per_class=result["per_class"])
         print(f"test accuracy of best.pt (epoch {best['epoch']}): {result['accuracy']:.4f}", flush=True)
     write_atomic(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2, default=float) + "\n"))

@@ -10,6 +10,8 @@ import uuid
 
 import numpy as np
 
+from harness.samples import cifar_samples
+
 
 def multipart(fields: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
     """(name, filename or '', data) parts -> body and Content-Type."""
@@ -50,3 +52,20 @@ def run_load(url: str, body: bytes, content_type: str, concurrency: int, request
             "errors": {k: v for k, v in statuses.items() if k != "200"},
             "requests_per_s": len(rows) / wall, "images_per_s": ok * images_per_request / wall,
             "p50_ms": p50, "p90_ms": p90, "p95_ms": p95, "p99_ms": p99}
+
+
+def target_loads(url: str, quick: bool) -> dict:
+    """The HTTP loads behind the targets, on a running server: ResNet-18 1 and 32 clients, LeNet 32 clients,
+    LeNet /classify_batch x64 at 8 clients."""
+    _, image = cifar_samples(1)[3]
+    bodies = {arch: multipart([("image", "x.jpg", image), ("model", "", arch.encode())])
+              for arch in ("resnet18", "lenet")}
+    batch_body = multipart([*[("images", f"{i}.jpg", d) for i, (_, d) in enumerate(cifar_samples(7)[:64])],
+                            ("model", "", b"lenet")])
+    return {
+        "resnet18 c=1": run_load(f"{url}/classify", *bodies["resnet18"], 1, 50 if quick else 200),
+        "resnet18 c=32": run_load(f"{url}/classify", *bodies["resnet18"], 32, 320 if quick else 960),
+        "lenet c=32": run_load(f"{url}/classify", *bodies["lenet"], 32, 1500 if quick else 6000),
+        "lenet batch64 c=8": run_load(f"{url}/classify_batch", *batch_body, 8, 80 if quick else 400,
+                                      images_per_request=64),
+    }
