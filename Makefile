@@ -29,6 +29,7 @@ serve: register-shipped
 
 test: $(VENV)/.all
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 

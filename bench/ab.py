@@ -30,10 +30,22 @@ RESNET_PREDICT_IMAGES = 2000  # ResNet-18 runs ~130 images/s here: the whole tes
 
 def predict_command(checkout: Path, folder: str, model: str) -> list[str]:
     """`cifar10 predict` through the checkout's own entry point (from its pyproject.toml), with this Python."""
-    module, function = tomllib.loads((checkout / "pyproject.toml").read_text())["project"]["scripts"]["cifar10"] \
-        .split(":")
-    return [sys.executable, "-c", f"import sys; from {module} import {function}; sys.exit({function}())",
-            "predict", folder, "--recursive", "--model", model, "--out", "-", "--quiet"]
+    module, function = tomllib.loads((checkout / "pyproject.toml").read_text())["project"]["scripts"]["cifar10"].split(
+        ":"
+    )
+    return [
+        sys.executable,
+        "-c",
+        f"import sys; from {module} import {function}; sys.exit({function}())",
+        "predict",
+        folder,
+        "--recursive",
+        "--model",
+        model,
+        "--out",
+        "-",
+        "--quiet",
+    ]
 
 
 def measure(checkout: Path, home: Path, folders: dict[str, str], quick: bool) -> dict[str, float]:
@@ -74,10 +86,18 @@ def main() -> None:
             for name, checkout in checkouts.items():
                 runs[name].append(measure(checkout, Path(home), folders, args.quick))
                 print(f"round {round_ + 1} {name}: {runs[name][-1]}", flush=True)
-    rows = [{"measure": key, **{name: f"{statistics.median(r[key] for r in runs[name]):,.1f} ("
-                                      + ", ".join(f"{r[key]:,.1f}" for r in runs[name]) + ")"
-                                for name in checkouts}}
-            for key in runs["after"][0]]
+    rows = [
+        {
+            "measure": key,
+            **{
+                name: f"{statistics.median(r[key] for r in runs[name]):,.1f} ("
+                + ", ".join(f"{r[key]:,.1f}" for r in runs[name])
+                + ")"
+                for name in checkouts
+            },
+        }
+        for key in runs["after"][0]
+    ]
     print("\n" + table(rows, ["measure", *checkouts]))
 
 

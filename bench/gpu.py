@@ -34,17 +34,25 @@ BENCHMARKS = ROOT / "BENCHMARKS.md"
 START, END = "<!-- gpu section: written by python -m bench.gpu -->", "<!-- end of gpu section -->"
 RAW_BATCHES = (1, 8, 64, 256, 1024)
 # Issue 12's targets on one H100 or H200 with 16 cores.
-TARGETS = {"resnet18 /classify c=64 req/s": 3000, "resnet18 /classify c=256 req/s": 5000,
-           "lenet /classify c=64 req/s": 5000, "resnet18 /classify_batch x64 images/s": 40000,
-           "predict resnet18 images/s": 5000}
+TARGETS = {
+    "resnet18 /classify c=64 req/s": 3000,
+    "resnet18 /classify c=256 req/s": 5000,
+    "lenet /classify c=64 req/s": 5000,
+    "resnet18 /classify_batch x64 images/s": 40000,
+    "predict resnet18 images/s": 5000,
+}
 
 
 def gpu_memory_mb(server: Server) -> dict[int, float]:
     """GPU memory of each of the server's processes, from nvidia-smi (empty without one)."""
     pids = {p.pid for p in [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(True)]}
     try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
     except OSError:
         return {}
     rows = (line.split(",") for line in out.strip().splitlines() if line.strip())
@@ -53,8 +61,26 @@ def gpu_memory_mb(server: Server) -> dict[int, float]:
 
 def predict_seconds(model: str, folder: str) -> float:
     began = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "cli.main", "predict", folder, "--recursive", "--model", model,
-                    "--precision", "fp32", "--out", "-", "--quiet"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "predict",
+            folder,
+            "--recursive",
+            "--model",
+            model,
+            "--precision",
+            "fp32",
+            "--out",
+            "-",
+            "--quiet",
+        ],
+        check=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
     return time.perf_counter() - began
 
 
@@ -62,25 +88,49 @@ def run(quick: bool, dry_run: bool = False) -> dict:
     info = machine()
     print(json.dumps(info), flush=True)
     providers = "cpu" if dry_run else "cuda"
-    raw = runtime.run(archs=("resnet18", "lenet"), threads=(psutil.cpu_count() or 1,), providers=providers,
-                      seconds=0.5 if quick else 2.0, batch_sizes=RAW_BATCHES[:3] if dry_run else RAW_BATCHES)
+    raw = runtime.run(
+        archs=("resnet18", "lenet"),
+        threads=(psutil.cpu_count() or 1,),
+        providers=providers,
+        seconds=0.5 if quick else 2.0,
+        batch_sizes=RAW_BATCHES[:3] if dry_run else RAW_BATCHES,
+    )
     _, image = cifar_samples(1)[3]
     loads, scale = [], 8 if quick else 1
     with tempfile.TemporaryDirectory() as home:
-        subprocess.run([sys.executable, "-m", "core.store"], env={**os.environ, "BENTOML_HOME": home}, cwd=ROOT,
-                       check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "core.store"],
+            env={**os.environ, "BENTOML_HOME": home},
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
         with Server(Path(home), providers=providers) as server:
             described = httpx.get(f"{server.url}/models").json()
             for arch, clients in [(a, c) for a in ("resnet18", "lenet") for c in (1, 64, 256)]:
                 body = multipart([("image", "x.jpg", image), ("model", "", arch.encode())])
                 count = max(clients * 20, 4000 if clients > 1 else 500) // scale
-                loads.append({"endpoint": "/classify", "model": arch, **run_load(f"{server.url}/classify", *body,
-                                                                                  clients, count)})
+                loads.append(
+                    {
+                        "endpoint": "/classify",
+                        "model": arch,
+                        **run_load(f"{server.url}/classify", *body, clients, count),
+                    }
+                )
                 print(f"gpu load {arch} c={clients}: {loads[-1]['requests_per_s']:,.0f} req/s", flush=True)
-            batch = multipart([*[("images", f"{i}.jpg", d) for i, (_, d) in enumerate(cifar_samples(7)[:64])],
-                               ("model", "", b"resnet18")])
-            loads.append({"endpoint": "/classify_batch x64", "model": "resnet18",
-                          **run_load(f"{server.url}/classify_batch", *batch, 8, 800 // scale, images_per_request=64)})
+            batch = multipart(
+                [
+                    *[("images", f"{i}.jpg", d) for i, (_, d) in enumerate(cifar_samples(7)[:64])],
+                    ("model", "", b"resnet18"),
+                ]
+            )
+            loads.append(
+                {
+                    "endpoint": "/classify_batch x64",
+                    "model": "resnet18",
+                    **run_load(f"{server.url}/classify_batch", *batch, 8, 800 // scale, images_per_request=64),
+                }
+            )
             memory = gpu_memory_mb(server)
     predict = {}
     if TEST_ZIP.exists():
@@ -95,13 +145,19 @@ def run(quick: bool, dry_run: bool = False) -> dict:
         "resnet18 /classify_batch x64 images/s": loads[-1]["images_per_s"],
         "predict resnet18 images/s": predict.get("resnet18", 0.0),
     }
-    summary = {"machine": info, "provider": described["models"]["resnet18"]["provider"],
-               "workers": described["workers"], "bucket_sizes": described["batching"]["bucket_sizes"],
-               "raw": raw, "loads": loads, "predict_images_per_s": predict, "gpu_memory_mb_per_process": memory,
-               "errors": sum(sum(load["errors"].values()) for load in loads),
-               "resnet18 c=1 p50 ms": _find(loads, "resnet18", 1)["p50_ms"],
-               "targets": {k: {"measured": figures[k], "target": v, "met": figures[k] >= v}
-                           for k, v in TARGETS.items()}}
+    summary = {
+        "machine": info,
+        "provider": described["models"]["resnet18"]["provider"],
+        "workers": described["workers"],
+        "bucket_sizes": described["batching"]["bucket_sizes"],
+        "raw": raw,
+        "loads": loads,
+        "predict_images_per_s": predict,
+        "gpu_memory_mb_per_process": memory,
+        "errors": sum(sum(load["errors"].values()) for load in loads),
+        "resnet18 c=1 p50 ms": _find(loads, "resnet18", 1)["p50_ms"],
+        "targets": {k: {"measured": figures[k], "target": v, "met": figures[k] >= v} for k, v in TARGETS.items()},
+    }
     if dry_run:
         print(json.dumps(summary["targets"], indent=2))
         return summary
@@ -112,28 +168,50 @@ def run(quick: bool, dry_run: bool = False) -> dict:
 
 
 def _find(loads: list[dict], model: str, clients: int) -> dict:
-    return next(r for r in loads
-                if r["model"] == model and r["endpoint"] == "/classify" and r["concurrency"] == clients)
+    return next(
+        r for r in loads if r["model"] == model and r["endpoint"] == "/classify" and r["concurrency"] == clients
+    )
 
 
 def write_section(summary: dict, quick: bool) -> None:
     """Replace the GPU section of BENCHMARKS.md (between its markers) with this run's tables."""
-    targets = [{"target": k, "measured": v["measured"], "needed": v["target"], "met": "met" if v["met"] else "MISSED"}
-               for k, v in summary["targets"].items()]
-    section = "\n\n".join([
-        START, f"## GPU ({'quick run' if quick else 'full run'}: {summary['machine']['gpu']}, "
-               f"{summary['machine']['cores']} cores, {summary['workers']} workers, buckets "
-               f"{summary['bucket_sizes']})",
-        table(targets, ["target", "measured", "needed", "met"]),
-        f"ResNet-18 1 client p50: {summary['resnet18 c=1 p50 ms']:.2f} ms (target 2 ms); errors: {summary['errors']};"
-        f" GPU memory per process (MB): {json.dumps(summary['gpu_memory_mb_per_process'])}",
-        "Raw ONNX Runtime (CUDA provider):\n\n" + table(summary["raw"], ["model", "batch", "images_per_s", "p50_ms"]),
-        "The service:\n\n" + table(summary["loads"], ["model", "endpoint", "concurrency", "requests", "errors",
-                                                    "requests_per_s", "images_per_s", "p50_ms", "p99_ms"]),
-        END])
+    targets = [
+        {"target": k, "measured": v["measured"], "needed": v["target"], "met": "met" if v["met"] else "MISSED"}
+        for k, v in summary["targets"].items()
+    ]
+    section = "\n\n".join(
+        [
+            START,
+            f"## GPU ({'quick run' if quick else 'full run'}: {summary['machine']['gpu']}, "
+            f"{summary['machine']['cores']} cores, {summary['workers']} workers, buckets "
+            f"{summary['bucket_sizes']})",
+            table(targets, ["target", "measured", "needed", "met"]),
+            f"ResNet-18 1 client p50: {summary['resnet18 c=1 p50 ms']:.2f} ms (target 2 ms); "
+            f"errors: {summary['errors']}; GPU memory per process (MB): "
+            f"{json.dumps(summary['gpu_memory_mb_per_process'])}",
+            "Raw ONNX Runtime (CUDA provider):\n\n"
+            + table(summary["raw"], ["model", "batch", "images_per_s", "p50_ms"]),
+            "The service:\n\n"
+            + table(
+                summary["loads"],
+                [
+                    "model",
+                    "endpoint",
+                    "concurrency",
+                    "requests",
+                    "errors",
+                    "requests_per_s",
+                    "images_per_s",
+                    "p50_ms",
+                    "p99_ms",
+                ],
+            ),
+            END,
+        ]
+    )
     text = BENCHMARKS.read_text()
     if START in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
+        text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     BENCHMARKS.write_text(text)

@@ -30,14 +30,40 @@ def hey_path() -> str:
     return path
 
 
-def run_load(url: str, body: bytes, content_type: str, concurrency: int, requests: int,
-             images_per_request: int = 1, timeout_s: int = 120) -> dict:
+def run_load(
+    url: str,
+    body: bytes,
+    content_type: str,
+    concurrency: int,
+    requests: int,
+    images_per_request: int = 1,
+    timeout_s: int = 120,
+) -> dict:
     """One closed-loop run: `requests` requests from `concurrency` clients; latency from hey's CSV."""
     requests = max(requests, concurrency)
     result = subprocess.run(
-        [hey_path(), "-n", str(requests), "-c", str(concurrency), "-m", "POST", "-T", content_type,
-         "-t", "60", "-o", "csv", "-D", "/dev/stdin", url],
-        input=body, capture_output=True, timeout=timeout_s, check=True,
+        [
+            hey_path(),
+            "-n",
+            str(requests),
+            "-c",
+            str(concurrency),
+            "-m",
+            "POST",
+            "-T",
+            content_type,
+            "-t",
+            "60",
+            "-o",
+            "csv",
+            "-D",
+            "/dev/stdin",
+            url,
+        ],
+        input=body,
+        capture_output=True,
+        timeout=timeout_s,
+        check=True,
     )
     rows = list(csv.DictReader(io.StringIO(result.stdout.decode())))
     latencies = np.array([float(r["response-time"]) for r in rows]) * 1000
@@ -48,24 +74,35 @@ def run_load(url: str, body: bytes, content_type: str, concurrency: int, request
         statuses[r["status-code"]] = statuses.get(r["status-code"], 0) + 1
     ok = statuses.get("200", 0)
     p50, p90, p95, p99 = np.percentile(latencies, [50, 90, 95, 99]) if len(rows) else [float("nan")] * 4
-    return {"concurrency": concurrency, "requests": len(rows), "ok": ok,
-            "errors": {k: v for k, v in statuses.items() if k != "200"},
-            "requests_per_s": len(rows) / wall, "images_per_s": ok * images_per_request / wall,
-            "p50_ms": p50, "p90_ms": p90, "p95_ms": p95, "p99_ms": p99}
+    return {
+        "concurrency": concurrency,
+        "requests": len(rows),
+        "ok": ok,
+        "errors": {k: v for k, v in statuses.items() if k != "200"},
+        "requests_per_s": len(rows) / wall,
+        "images_per_s": ok * images_per_request / wall,
+        "p50_ms": p50,
+        "p90_ms": p90,
+        "p95_ms": p95,
+        "p99_ms": p99,
+    }
 
 
 def target_loads(url: str, quick: bool) -> dict:
     """The HTTP loads behind the targets, on a running server: ResNet-18 1 and 32 clients, LeNet 32 clients,
     LeNet /classify_batch x64 at 8 clients."""
     _, image = cifar_samples(1)[3]
-    bodies = {arch: multipart([("image", "x.jpg", image), ("model", "", arch.encode())])
-              for arch in ("resnet18", "lenet")}
-    batch_body = multipart([*[("images", f"{i}.jpg", d) for i, (_, d) in enumerate(cifar_samples(7)[:64])],
-                            ("model", "", b"lenet")])
+    bodies = {
+        arch: multipart([("image", "x.jpg", image), ("model", "", arch.encode())]) for arch in ("resnet18", "lenet")
+    }
+    batch_body = multipart(
+        [*[("images", f"{i}.jpg", d) for i, (_, d) in enumerate(cifar_samples(7)[:64])], ("model", "", b"lenet")]
+    )
     return {
         "resnet18 c=1": run_load(f"{url}/classify", *bodies["resnet18"], 1, 50 if quick else 200),
         "resnet18 c=32": run_load(f"{url}/classify", *bodies["resnet18"], 32, 320 if quick else 960),
         "lenet c=32": run_load(f"{url}/classify", *bodies["lenet"], 32, 1500 if quick else 6000),
-        "lenet batch64 c=8": run_load(f"{url}/classify_batch", *batch_body, 8, 80 if quick else 400,
-                                      images_per_request=64),
+        "lenet batch64 c=8": run_load(
+            f"{url}/classify_batch", *batch_body, 8, 80 if quick else 400, images_per_request=64
+        ),
     }

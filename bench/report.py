@@ -23,8 +23,14 @@ def machine() -> dict:
     gpu = "none"
     if shutil.which("nvidia-smi"):
         gpu = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip() or "none"
-    return {"cores": usable_cores(), "cpu": cpu_model(), "instruction_sets": list(instruction_sets()), "gpu": gpu,
-            "python": platform.python_version(), "onnxruntime": ort.__version__}
+    return {
+        "cores": usable_cores(),
+        "cpu": cpu_model(),
+        "instruction_sets": list(instruction_sets()),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+    }
 
 
 def machine_line(info: dict) -> str:
@@ -53,6 +59,7 @@ def table(rows: list[dict], columns: list[str]) -> str:
         if isinstance(v, float):
             return f"{v:,.2f}" if abs(v) < 10 else f"{v:,.1f}"
         return json.dumps(v) if isinstance(v, dict) else str(v)
+
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
     return "\n".join(lines)

@@ -46,25 +46,39 @@ def load_runs(server: Server, raw: list[dict], quick: bool, label: str = "") -> 
         body, ctype = multipart([("image", "x.jpg", image), ("model", "", arch.encode())])
         raw_name = arch if served[arch]["precision"] == "fp32" else f"{arch}-{served[arch]['precision']}"
         ceiling = runtime.best(raw, raw_name)
-        batch1 = next(r for r in raw if r["model"] == raw_name and r["batch"] == 1
-                      and r["threads"] == ceiling["threads"])
+        batch1 = next(
+            r for r in raw if r["model"] == raw_name and r["batch"] == 1 and r["threads"] == ceiling["threads"]
+        )
         for c in CONCURRENCY:
-            row = {"model": arch, "precision": served[arch]["precision"], "endpoint": "/classify", "server": label,
-                   **run_load(f"{server.url}/classify", body, ctype, c, requests_for(arch, c, quick))}
+            row = {
+                "model": arch,
+                "precision": served[arch]["precision"],
+                "endpoint": "/classify",
+                "server": label,
+                **run_load(f"{server.url}/classify", body, ctype, c, requests_for(arch, c, quick)),
+            }
             row["ratio_to_raw_best"] = row["images_per_s"] / ceiling["images_per_s"]
             row["ratio_to_raw_fp32_best"] = row["images_per_s"] / runtime.best(raw, arch)["images_per_s"]
             row["raw_batch1_p50_ms"] = batch1["p50_ms"]
             rows.append(row)
-            print(f"load {arch:<8} {row['precision']} c={c:<3} {row['requests_per_s']:>8,.0f} req/s  "
-                  f"p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms  errors {row['errors']}", flush=True)
+            print(
+                f"load {arch:<8} {row['precision']} c={c:<3} {row['requests_per_s']:>8,.0f} req/s  "
+                f"p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms  errors {row['errors']}",
+                flush=True,
+            )
     images = [("images", f"{i}.jpg", data) for i, (_, data) in enumerate(cifar_samples(7)[:64])]
     body, ctype = multipart([*images, ("model", "", b"lenet")])
     for c in (2, 8):
-        row = {"model": "lenet", "precision": served["lenet"]["precision"], "endpoint": "/classify_batch x64",
-               "server": label,
-               **run_load(f"{server.url}/classify_batch", body, ctype, c, 40 if quick else 150, images_per_request=64)}
-        row["ratio_to_raw_best"] = row["ratio_to_raw_fp32_best"] = \
+        row = {
+            "model": "lenet",
+            "precision": served["lenet"]["precision"],
+            "endpoint": "/classify_batch x64",
+            "server": label,
+            **run_load(f"{server.url}/classify_batch", body, ctype, c, 40 if quick else 150, images_per_request=64),
+        }
+        row["ratio_to_raw_best"] = row["ratio_to_raw_fp32_best"] = (
             row["images_per_s"] / runtime.best(raw, "lenet")["images_per_s"]
+        )
         row["raw_batch1_p50_ms"] = None
         rows.append(row)
         print(f"load lenet batch64 c={c}: {row['images_per_s']:,.0f} images/s errors {row['errors']}", flush=True)
@@ -77,11 +91,17 @@ def batching_runs(home: Path, quick: bool) -> list[dict]:
     rows = []
     for size, latency in ((1, 5000), (8, 5000), (32, 5000), (64, 5000), (64, 200)):
         with Server(home, max_batch_size=str(size), max_latency_ms=str(latency)) as server:
-            row = {"max_batch_size": size, "max_latency_ms": latency,
-                   **run_load(f"{server.url}/classify", body, ctype, 32, 200 if quick else 600)}
+            row = {
+                "max_batch_size": size,
+                "max_latency_ms": latency,
+                **run_load(f"{server.url}/classify", body, ctype, 32, 200 if quick else 600),
+            }
         rows.append(row)
-        print(f"batching size={size} latency={latency}: {row['requests_per_s']:,.0f} req/s p99 "
-              f"{row['p99_ms']:.0f} ms errors {row['errors']}", flush=True)
+        print(
+            f"batching size={size} latency={latency}: {row['requests_per_s']:,.0f} req/s p99 "
+            f"{row['p99_ms']:.0f} ms errors {row['errors']}",
+            flush=True,
+        )
     return rows
 
 
@@ -93,11 +113,16 @@ def worker_runs(home: Path, quick: bool) -> list[dict]:
         with Server(home, workers=str(workers)) as server:
             for arch, c, n in (("resnet18", 1, 200), ("resnet18", 32, 640), ("lenet", 32, 4000)):
                 body, ctype = multipart([("image", "x.jpg", image), ("model", "", arch.encode())])
-                row = {"workers": workers, "model": arch,
-                       **run_load(f"{server.url}/classify", body, ctype, c, n // (4 if quick else 1))}
+                row = {
+                    "workers": workers,
+                    "model": arch,
+                    **run_load(f"{server.url}/classify", body, ctype, c, n // (4 if quick else 1)),
+                }
                 rows.append(row)
-                print(f"workers={workers} {arch} c={c}: {row['requests_per_s']:,.0f} req/s "
-                      f"p50 {row['p50_ms']:.1f} ms", flush=True)
+                print(
+                    f"workers={workers} {arch} c={c}: {row['requests_per_s']:,.0f} req/s p50 {row['p50_ms']:.1f} ms",
+                    flush=True,
+                )
     return rows
 
 
@@ -113,14 +138,18 @@ def target_runs(home: Path, quick: bool, repeats: int = 3) -> list[dict]:
             loads = target_loads(server.url, quick)
         best, best_int8 = (max(r["images_per_s"] for r in rows.values()) for rows in (raw, raw_int8))
         lenet = loads["lenet c=32"]
-        runs.append({
-            "resnet18 (int8) c=32 / raw fp32 best": loads["resnet18 c=32"]["images_per_s"] / best,
-            "resnet18 (int8) c=32 / raw int8 best": loads["resnet18 c=32"]["images_per_s"] / best_int8,
-            "resnet18 (int8) c=1 p50 ms (limit: 1.5 x raw int8 b1 + 5)":
-                (loads["resnet18 c=1"]["p50_ms"], 1.5 * raw_int8[1]["p50_ms"] + 5),
-            "lenet c=32 req/s": lenet["requests_per_s"] if not lenet["errors"] else 0.0,
-            "lenet /classify_batch x64 images/s": loads["lenet batch64 c=8"]["images_per_s"],
-        })
+        runs.append(
+            {
+                "resnet18 (int8) c=32 / raw fp32 best": loads["resnet18 c=32"]["images_per_s"] / best,
+                "resnet18 (int8) c=32 / raw int8 best": loads["resnet18 c=32"]["images_per_s"] / best_int8,
+                "resnet18 (int8) c=1 p50 ms (limit: 1.5 x raw int8 b1 + 5)": (
+                    loads["resnet18 c=1"]["p50_ms"],
+                    1.5 * raw_int8[1]["p50_ms"] + 5,
+                ),
+                "lenet c=32 req/s": lenet["requests_per_s"] if not lenet["errors"] else 0.0,
+                "lenet /classify_batch x64 images/s": loads["lenet batch64 c=8"]["images_per_s"],
+            }
+        )
         print(f"targets run {len(runs)}: " + json.dumps(runs[-1]), flush=True)
     return runs
 
@@ -134,8 +163,13 @@ def target_summary(runs: list[dict]) -> list[dict]:
             shown = ", ".join(f"{v[0]:.1f} (limit {v[1]:.1f})" for v in values)
             rows.append({"measure": measure, "median": f"{median[0]:.1f} (limit {median[1]:.1f})", "runs": shown})
         else:
-            rows.append({"measure": measure, "median": statistics.median(values),
-                         "runs": ", ".join(f"{v:,.2f}" if v < 10 else f"{v:,.0f}" for v in values)})
+            rows.append(
+                {
+                    "measure": measure,
+                    "median": statistics.median(values),
+                    "runs": ", ".join(f"{v:,.2f}" if v < 10 else f"{v:,.0f}" for v in values),
+                }
+            )
     return rows
 
 
@@ -166,17 +200,44 @@ def predict_runs(raw: list[dict], quick: bool) -> list[dict]:
             times = []
             for _ in range(repeats):  # wall clock of the whole command, start-up included
                 began = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "cli.main", "predict", folder, "--recursive", "--model",
-                                arch, "--batch-size", "64", "--out", str(out), "--quiet", "--force"],
-                               check=True, cwd=ROOT)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "cli.main",
+                        "predict",
+                        folder,
+                        "--recursive",
+                        "--model",
+                        arch,
+                        "--batch-size",
+                        "64",
+                        "--out",
+                        str(out),
+                        "--quiet",
+                        "--force",
+                    ],
+                    check=True,
+                    cwd=ROOT,
+                )
                 times.append(time.perf_counter() - began)
             seconds = statistics.median(times)
             raw64 = max((r for r in raw if r["model"] == arch and r["batch"] == 64), key=lambda r: r["images_per_s"])
-            rows.append({"model": arch, "images": len(names), "seconds": seconds,
-                         "images_per_s": len(names) / seconds, "raw_fp32_batch64_images_per_s": raw64["images_per_s"],
-                         "ratio_to_raw_fp32": len(names) / seconds / raw64["images_per_s"]})
-            print(f"predict {arch}: {rows[-1]['images_per_s']:,.0f} images/s "
-                  f"({rows[-1]['ratio_to_raw_fp32']:.2f} x raw fp32 batch 64)", flush=True)
+            rows.append(
+                {
+                    "model": arch,
+                    "images": len(names),
+                    "seconds": seconds,
+                    "images_per_s": len(names) / seconds,
+                    "raw_fp32_batch64_images_per_s": raw64["images_per_s"],
+                    "ratio_to_raw_fp32": len(names) / seconds / raw64["images_per_s"],
+                }
+            )
+            print(
+                f"predict {arch}: {rows[-1]['images_per_s']:,.0f} images/s "
+                f"({rows[-1]['ratio_to_raw_fp32']:.2f} x raw fp32 batch 64)",
+                flush=True,
+            )
     return rows
 
 
@@ -200,8 +261,11 @@ def main() -> None:
             load = load_runs(server, raw, args.quick, "defaults")
             memory = memory_run(server, args.quick)
         with Server(Path(home), precision="fp32") as server:  # side by side: ResNet-18 pinned to fp32
-            load += [row for row in load_runs(server, raw, args.quick, "fp32 pinned") if row["model"] == "resnet18"
-                     and row["endpoint"] == "/classify"]
+            load += [
+                row
+                for row in load_runs(server, raw, args.quick, "fp32 pinned")
+                if row["model"] == "resnet18" and row["endpoint"] == "/classify"
+            ]
         batching = batching_runs(Path(home), args.quick)
         workers = worker_runs(Path(home), args.quick)
         targets = target_runs(Path(home), args.quick)
@@ -212,22 +276,53 @@ def main() -> None:
     write_csv("targets.csv", targets)
     if cli:
         write_csv("predict.csv", cli)
-    (RESULTS / "summary.json").write_text(json.dumps({"machine": info, "provider": provider, "memory": memory},
-                                                     indent=2) + "\n")
-    print("\n## Raw ONNX Runtime\n" + table(raw, ["model", "provider", "threads", "batch", "images_per_s", "p50_ms",
-                                                 "p99_ms"]))
-    print("\n## Service under load\n" + table(load, [
-        "server", "model", "precision", "endpoint", "concurrency", "requests", "errors", "requests_per_s",
-        "images_per_s", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "ratio_to_raw_best", "ratio_to_raw_fp32_best"]))
-    print("\n## Batching settings (ResNet-18, 32 clients)\n" + table(batching, [
-        "max_batch_size", "max_latency_ms", "requests_per_s", "p50_ms", "p99_ms", "errors"]))
-    print("\n## Workers (one: ONNX Runtime on all cores, spinning; several: sharing the cores)\n" + table(workers, [
-        "workers", "model", "concurrency", "requests_per_s", "p50_ms", "p99_ms", "errors"]))
-    print("\n## Targets (median of runs on fresh servers)\n" + table(target_summary(targets), [
-        "measure", "median", "runs"]))
+    (RESULTS / "summary.json").write_text(
+        json.dumps({"machine": info, "provider": provider, "memory": memory}, indent=2) + "\n"
+    )
+    print(
+        "\n## Raw ONNX Runtime\n"
+        + table(raw, ["model", "provider", "threads", "batch", "images_per_s", "p50_ms", "p99_ms"])
+    )
+    print(
+        "\n## Service under load\n"
+        + table(
+            load,
+            [
+                "server",
+                "model",
+                "precision",
+                "endpoint",
+                "concurrency",
+                "requests",
+                "errors",
+                "requests_per_s",
+                "images_per_s",
+                "p50_ms",
+                "p90_ms",
+                "p95_ms",
+                "p99_ms",
+                "ratio_to_raw_best",
+                "ratio_to_raw_fp32_best",
+            ],
+        )
+    )
+    print(
+        "\n## Batching settings (ResNet-18, 32 clients)\n"
+        + table(batching, ["max_batch_size", "max_latency_ms", "requests_per_s", "p50_ms", "p99_ms", "errors"])
+    )
+    print(
+        "\n## Workers (one: ONNX Runtime on all cores, spinning; several: sharing the cores)\n"
+        + table(workers, ["workers", "model", "concurrency", "requests_per_s", "p50_ms", "p99_ms", "errors"])
+    )
+    print(
+        "\n## Targets (median of runs on fresh servers)\n"
+        + table(target_summary(targets), ["measure", "median", "runs"])
+    )
     if cli:
-        print("\n## cifar10 predict\n" + table(cli, ["model", "images", "images_per_s",
-                                                     "raw_fp32_batch64_images_per_s", "ratio_to_raw_fp32"]))
+        print(
+            "\n## cifar10 predict\n"
+            + table(cli, ["model", "images", "images_per_s", "raw_fp32_batch64_images_per_s", "ratio_to_raw_fp32"])
+        )
     print(f"\n## Memory\n{json.dumps(memory)}\nprovider: {provider}; machine: {json.dumps(info)}")
     if gpu_count() > 0:  # on a CUDA host: the GPU section of BENCHMARKS.md too
         gpu.run(quick=args.quick)

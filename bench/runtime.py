@@ -31,19 +31,32 @@ def measure(model: OnnxModel, batch_size: int, seconds: float = 2.0, repeats: in
     return {"images_per_s": statistics.median(rates), "p50_ms": float(lat[0]), "p99_ms": float(lat[1])}
 
 
-def run(archs: tuple[str, ...] = ("resnet18", "resnet18-int8", "lenet"), threads: tuple[int, ...] = (1, 2),
-        seconds: float = 2.0, providers: str = "auto", batch_sizes: tuple[int, ...] = BATCH_SIZES) -> list[dict]:
+def run(
+    archs: tuple[str, ...] = ("resnet18", "resnet18-int8", "lenet"),
+    threads: tuple[int, ...] = (1, 2),
+    seconds: float = 2.0,
+    providers: str = "auto",
+    batch_sizes: tuple[int, ...] = BATCH_SIZES,
+) -> list[dict]:
     """Each shipped model alone, on each thread count, at each batch size."""
     rows = []
     for arch in archs:
         for n_threads in threads:
             model = OnnxModel(shipped_file(arch), providers=providers, threads=n_threads)
             for batch_size in batch_sizes:
-                row = {"model": arch, "provider": model.provider, "threads": n_threads, "batch": batch_size,
-                       **measure(model, batch_size, seconds)}
+                row = {
+                    "model": arch,
+                    "provider": model.provider,
+                    "threads": n_threads,
+                    "batch": batch_size,
+                    **measure(model, batch_size, seconds),
+                }
                 rows.append(row)
-                print(f"runtime {arch:<8} threads {n_threads} batch {batch_size:>3}: "
-                      f"{row['images_per_s']:>9,.0f} images/s  p50 {row['p50_ms']:.2f} ms", flush=True)
+                print(
+                    f"runtime {arch:<8} threads {n_threads} batch {batch_size:>3}: "
+                    f"{row['images_per_s']:>9,.0f} images/s  p50 {row['p50_ms']:.2f} ms",
+                    flush=True,
+                )
     return rows
 
 

@@ -65,8 +65,9 @@ class Soak:
                 data = BAD[i // 10 % len(BAD)] if i % 10 == 9 else self.images[i % len(self.images)]
                 await self.routing.wait()  # held while no server is in rotation, like a load balancer holds it
                 try:
-                    response = await client.post(f"{self.url}/classify", files={"image": ("x.jpg", data)},
-                                                 data={"model": self.model})
+                    response = await client.post(
+                        f"{self.url}/classify", files={"image": ("x.jpg", data)}, data={"model": self.model}
+                    )
                     outcome = str(response.status_code)
                 except httpx.HTTPError as exc:
                     outcome = type(exc).__name__
@@ -76,12 +77,15 @@ class Soak:
         subprocess.run([sys.executable, "-m", "core.store"], env=self.env, cwd=ROOT, check=True, capture_output=True)
         self.process = self.start()
         until = time.monotonic() + 10
-        outcomes, _ = await run_clients(f"{self.url}/classify", self.images[0], CONNECTIONS,
-                                        lambda: time.monotonic() > until, model=self.model)
+        outcomes, _ = await run_clients(
+            f"{self.url}/classify", self.images[0], CONNECTIONS, lambda: time.monotonic() > until, model=self.model
+        )
         capacity = outcomes[200] / 10
         rate = self.load * capacity
-        print(f"capacity {capacity:,.0f} req/s ({CONNECTIONS} clients, closed loop); soak at {rate:,.0f} req/s",
-              flush=True)
+        print(
+            f"capacity {capacity:,.0f} req/s ({CONNECTIONS} clients, closed loop); soak at {rate:,.0f} req/s",
+            flush=True,
+        )
         self.routing.set()
         seconds = self.minutes * 60
         queue: asyncio.Queue = asyncio.Queue()
@@ -120,9 +124,12 @@ class Soak:
         self.process = await asyncio.to_thread(self.start)
         self.restart["resumed"] = time.perf_counter() - began
         self.routing.set()
-        print(f"restart: SIGTERM at {self.restart['paused']:.0f} s, exited after "
-              f"{self.restart['exited'] - self.restart['paused']:.2f} s, ready again after "
-              f"{self.restart['resumed'] - self.restart['paused']:.1f} s", flush=True)
+        print(
+            f"restart: SIGTERM at {self.restart['paused']:.0f} s, exited after "
+            f"{self.restart['exited'] - self.restart['paused']:.2f} s, ready again after "
+            f"{self.restart['resumed'] - self.restart['paused']:.1f} s",
+            flush=True,
+        )
 
     def minutes_table(self) -> list[dict]:
         rows = []
@@ -131,15 +138,20 @@ class Soak:
             good = np.array([r[1] for r in mine if r[2] == "200"]) * 1000
             statuses = Counter(r[2] for r in mine)
             rss = [m for t, m in self.rss if minute * 60 <= t < (minute + 1) * 60]
-            rows.append({
-                "minute": minute + 1, "requests": len(mine), "requests_per_s": len(mine) / 60,
-                "p50_ms": float(np.percentile(good, 50)) if len(good) else float("nan"),
-                "p99_ms": float(np.percentile(good, 99)) if len(good) else float("nan"),
-                "ok": statuses["200"], "4xx": sum(v for k, v in statuses.items() if k.startswith("4")),
-                "5xx": sum(v for k, v in statuses.items() if k.startswith("5")),
-                "failed": sum(v for k, v in statuses.items() if not k[0].isdigit()),
-                "rss_mb": max(rss) if rss else float("nan"),
-            })
+            rows.append(
+                {
+                    "minute": minute + 1,
+                    "requests": len(mine),
+                    "requests_per_s": len(mine) / 60,
+                    "p50_ms": float(np.percentile(good, 50)) if len(good) else float("nan"),
+                    "p99_ms": float(np.percentile(good, 99)) if len(good) else float("nan"),
+                    "ok": statuses["200"],
+                    "4xx": sum(v for k, v in statuses.items() if k.startswith("4")),
+                    "5xx": sum(v for k, v in statuses.items() if k.startswith("5")),
+                    "failed": sum(v for k, v in statuses.items() if not k[0].isdigit()),
+                    "rss_mb": max(rss) if rss else float("nan"),
+                }
+            )
         return rows
 
 
@@ -151,13 +163,27 @@ def plot(rows: list[dict], restart: dict, path: Path) -> None:
 
     minutes = [r["minute"] for r in rows]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    panels = ((axes[0, 0], {"200 answers/s": [r["ok"] / 60 for r in rows], "4xx/s (bad input)":
-                            [r["4xx"] / 60 for r in rows]}, "answers per second", False),
-              (axes[0, 1], {"p50": [r["p50_ms"] for r in rows], "p99": [r["p99_ms"] for r in rows]},
-               "latency of 200s from when due, ms (log)", True),
-              (axes[1, 0], {"5xx": [r["5xx"] for r in rows], "no answer": [r["failed"] for r in rows]},
-               "failures per minute", False),
-              (axes[1, 1], {"RSS": [r["rss_mb"] for r in rows]}, "server memory (RSS), MB", False))
+    panels = (
+        (
+            axes[0, 0],
+            {"200 answers/s": [r["ok"] / 60 for r in rows], "4xx/s (bad input)": [r["4xx"] / 60 for r in rows]},
+            "answers per second",
+            False,
+        ),
+        (
+            axes[0, 1],
+            {"p50": [r["p50_ms"] for r in rows], "p99": [r["p99_ms"] for r in rows]},
+            "latency of 200s from when due, ms (log)",
+            True,
+        ),
+        (
+            axes[1, 0],
+            {"5xx": [r["5xx"] for r in rows], "no answer": [r["failed"] for r in rows]},
+            "failures per minute",
+            False,
+        ),
+        (axes[1, 1], {"RSS": [r["rss_mb"] for r in rows]}, "server memory (RSS), MB", False),
+    )
     for ax, series, title, log in panels:
         for label, values in series.items():
             ax.plot(minutes, values, marker="o", label=label)
@@ -191,9 +217,11 @@ def main() -> None:
     for row in rows:
         print(" | ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     second, last = rows[1], rows[-1]
-    print(f"5xx: {sum(r['5xx'] for r in rows)}; failed: {sum(r['failed'] for r in rows)}; RSS minute 2 -> "
-          f"{last['minute']}: {last['rss_mb'] / second['rss_mb'] - 1:+.1%}; p99 last minute / minute 2: "
-          f"{last['p99_ms'] / second['p99_ms']:.2f}; wrote {OUT / 'soak.csv'} and {OUT / 'soak.png'}")
+    print(
+        f"5xx: {sum(r['5xx'] for r in rows)}; failed: {sum(r['failed'] for r in rows)}; RSS minute 2 -> "
+        f"{last['minute']}: {last['rss_mb'] / second['rss_mb'] - 1:+.1%}; p99 last minute / minute 2: "
+        f"{last['p99_ms'] / second['p99_ms']:.2f}; wrote {OUT / 'soak.csv'} and {OUT / 'soak.png'}"
+    )
 
 
 if __name__ == "__main__":

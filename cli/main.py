@@ -17,9 +17,21 @@ def _train(args: argparse.Namespace) -> int:
     from training.train import TrainConfig, train
 
     cfg = TrainConfig(
-        arch=args.arch, data=args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        cutout=args.cutout, seed=args.seed, device=args.device, amp=args.amp, resume=args.resume,
-        download=args.download, val_size=args.val_size, stop_after=args.stop_after, command=["cifar10", *sys.argv[1:]],
+        arch=args.arch,
+        data=args.data,
+        out=args.out,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        cutout=args.cutout,
+        seed=args.seed,
+        device=args.device,
+        amp=args.amp,
+        resume=args.resume,
+        download=args.download,
+        val_size=args.val_size,
+        stop_after=args.stop_after,
+        command=["cifar10", *sys.argv[1:]],
     )
     train(cfg)
     return 0
@@ -36,8 +48,9 @@ def _quantize(args: argparse.Namespace) -> int:
     from training.quantize import quantize
 
     agreement = {} if args.min_agreement is None else {"min_agreement": args.min_agreement}
-    quantize(args.model, args.out, args.data, images=args.images, seed=args.seed, register_as=args.register,
-             **agreement)
+    quantize(
+        args.model, args.out, args.data, images=args.images, seed=args.seed, register_as=args.register, **agreement
+    )
     return 0
 
 
@@ -58,9 +71,20 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from cli.predict import predict
 
-    return predict(args.inputs, model=args.model, top_k=args.top_k, batch_size=args.batch_size, out=args.out,
-                   fmt=args.format, workers=args.workers, server=args.server, recursive=args.recursive,
-                   force=args.force, quiet=args.quiet, precision=args.precision)
+    return predict(
+        args.inputs,
+        model=args.model,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        out=args.out,
+        fmt=args.format,
+        workers=args.workers,
+        server=args.server,
+        recursive=args.recursive,
+        force=args.force,
+        quiet=args.quiet,
+        precision=args.precision,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,20 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", required=True, choices=("lenet", "resnet18"))
     p.add_argument("--data", required=True, help="zip, class-folder tree or cifar-10-batches-py root")
     p.add_argument("--out", required=True, help="run folder for checkpoints, metrics and curves")
-    p.add_argument("--epochs", type=int, help="default: the architecture's recipe; with --resume, more than the run's "
-                   "extends it")
+    p.add_argument(
+        "--epochs", type=int, help="default: the architecture's recipe; with --resume, more than the run's extends it"
+    )
     p.add_argument("--batch-size", type=int, help="global batch size; default: the recipe's")
     p.add_argument("--lr", type=float, help="peak learning rate; default: the recipe's")
     p.add_argument("--cutout", type=int, help="side of the square Cutout erases, 0 for none; default: the recipe's")
     p.add_argument("--val-size", type=int, help="training images held out for validation (default 5000)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, help="default 0")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last.pt, with the run's own settings")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last.pt, with the run's own settings"
+    )
     p.add_argument("--stop-after", type=int, metavar="EPOCH", help="end after this epoch; finish later with --resume")
     p.add_argument("--download", action="store_true", help="fetch the official CIFAR-10 release into --data")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on for CUDA and for CPUs with native bf16)")
+    p.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast (default: on for CUDA and for CPUs with native bf16)",
+    )
     p.set_defaults(func=_train)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX and check parity")
@@ -100,9 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="FILE.onnx to write")
     p.add_argument("--images", type=int, default=512, help="calibration images, drawn from the train split")
     p.add_argument("--seed", type=int, default=0, help="for drawing the calibration images")
-    p.add_argument("--min-agreement", type=float,
-                   help="top-1 agreement with fp32 on held-out training images below which nothing is written "
-                   "(default 0.99)")
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        help="top-1 agreement with fp32 on held-out training images below which nothing is written (default 0.99)",
+    )
     p.add_argument("--register", metavar="NAME", help="also store it in the BentoML model store")
     p.set_defaults(func=_quantize)
 
@@ -115,14 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, globs, or - for paths on stdin")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders (and ** in globs)")
     p.add_argument("--model", default="resnet18", help="resnet18, resnet18-int8, lenet, a store tag or FILE.onnx")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="resnet18 in int8 or fp32; auto: int8 on a CPU host, fp32 with a GPU")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="resnet18 in int8 or fp32; auto: int8 on a CPU host, fp32 with a GPU",
+    )
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", default="-", help="FILE.csv, FILE.jsonl or - for stdout (default)")
     p.add_argument("--format", choices=("csv", "jsonl"), help="default: from the --out suffix, else csv")
-    p.add_argument("--workers", type=int,
-                   help="decoding processes (local; default: one per core) or requests in flight (server; default 4)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="decoding processes (local; default: one per core) or requests in flight (server; default 4)",
+    )
     p.add_argument("--server", metavar="URL", help="use a running service, e.g. http://localhost:3000")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -131,10 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix on a labelled split")
     p.add_argument("--data", required=True, help="zip, class-folder tree or cifar-10-batches-py root")
     p.add_argument("--split", default="test", choices=SPLITS)
-    p.add_argument("--model", default="resnet18",
-                   help="resnet18, resnet18-int8, lenet, a store tag, FILE.onnx or a .pt checkpoint")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="resnet18 in int8 or fp32; auto: int8 on a CPU host, fp32 with a GPU")
+    p.add_argument(
+        "--model", default="resnet18", help="resnet18, resnet18-int8, lenet, a store tag, FILE.onnx or a .pt checkpoint"
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="resnet18 in int8 or fp32; auto: int8 on a CPU host, fp32 with a GPU",
+    )
     p.add_argument("--out", help="folder for evaluation.json and confusion.png")
     p.set_defaults(func=_evaluate)
     return parser

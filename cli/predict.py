@@ -67,8 +67,10 @@ def files_in(folder: str, recursive: bool) -> Iterator[str]:
         elif entry.is_file():
             yield entry.path
     if skipped:
-        print(f"cifar10 predict: skipped {plural(skipped, 'sub-folder')} of {folder}; add --recursive to include them",
-              file=sys.stderr)
+        print(
+            f"cifar10 predict: skipped {plural(skipped, 'sub-folder')} of {folder}; add --recursive to include them",
+            file=sys.stderr,
+        )
 
 
 def plural(count: int, noun: str) -> str:
@@ -166,8 +168,10 @@ class ServerPredictor:
         self.client = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=workers))
         self.retrying = tenacity.Retrying(
             retry=tenacity.retry_if_result(lambda response: response.status_code in RETRY_STATUSES),
-            wait=_retry_after_doubled, stop=tenacity.stop_after_attempt(MAX_RETRIES + 1),
-            retry_error_callback=lambda state: state.outcome.result())
+            wait=_retry_after_doubled,
+            stop=tenacity.stop_after_attempt(MAX_RETRIES + 1),
+            retry_error_callback=lambda state: state.outcome.result(),
+        )
         try:
             self.client.get(f"{self.url}/readyz").raise_for_status()
         except httpx.HTTPError as exc:
@@ -237,13 +241,29 @@ class Writer:
         self.rows += 1
         label, probability = row.top[0] if row.top else ("", None)
         if self.csv:
-            self.csv.writerow([row.path, label, "" if probability is None else f"{probability:.6f}",
-                               ";".join(n for n, _ in row.top), ";".join(f"{p:.6f}" for _, p in row.top), row.error])
+            self.csv.writerow(
+                [
+                    row.path,
+                    label,
+                    "" if probability is None else f"{probability:.6f}",
+                    ";".join(n for n, _ in row.top),
+                    ";".join(f"{p:.6f}" for _, p in row.top),
+                    row.error,
+                ]
+            )
         else:
-            self.stream.write(json.dumps({
-                "path": row.path, "label": label or None, "probability": probability,
-                "top_k": [{"label": n, "probability": p} for n, p in row.top], "error": row.error or None,
-            }) + "\n")
+            self.stream.write(
+                json.dumps(
+                    {
+                        "path": row.path,
+                        "label": label or None,
+                        "probability": probability,
+                        "top_k": [{"label": n, "probability": p} for n, p in row.top],
+                        "error": row.error or None,
+                    }
+                )
+                + "\n"
+            )
 
     def close(self, complete: bool) -> None:
         if self.partial is None:
@@ -284,9 +304,20 @@ class Progress:
         return f"{plural(self.images, 'image')}, {plural(self.errors, 'error')}, {rate:,.0f} images/s{where}"
 
 
-def predict(inputs: list[str], model: str = "resnet18", top_k: int = 3, batch_size: int = 64, out: str = "-",
-            fmt: str | None = None, workers: int | None = None, server: str | None = None, recursive: bool = False,
-            force: bool = False, quiet: bool = False, precision: str = "auto") -> int:
+def predict(
+    inputs: list[str],
+    model: str = "resnet18",
+    top_k: int = 3,
+    batch_size: int = 64,
+    out: str = "-",
+    fmt: str | None = None,
+    workers: int | None = None,
+    server: str | None = None,
+    recursive: bool = False,
+    force: bool = False,
+    quiet: bool = False,
+    precision: str = "auto",
+) -> int:
     """Run the whole command; returns the exit status."""
     if not 1 <= top_k <= 10:
         raise UserError(f"--top-k must be between 1 and 10, got {top_k}")

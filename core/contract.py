@@ -8,8 +8,16 @@ from dataclasses import asdict, dataclass
 from core.errors import UserError
 
 CLASS_NAMES: tuple[str, ...] = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 INPUT_SIZE = 32
 # ImageNet statistics: the service reads them back from the ONNX metadata.

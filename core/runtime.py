@@ -40,8 +40,9 @@ def choose_providers(requested: str = "auto") -> list[str]:
 class OnnxModel:
     """An ONNX Runtime session plus the metadata and normalization table that belong to it."""
 
-    def __init__(self, path: str | os.PathLike, providers: str = "auto", threads: int = 0, spin: bool = True,
-                 device_id: int = 0) -> None:
+    def __init__(
+        self, path: str | os.PathLike, providers: str = "auto", threads: int = 0, spin: bool = True, device_id: int = 0
+    ) -> None:
         """`threads` 0: one per usable core. `spin=False` when other processes share the cores: idle ONNX Runtime
         threads then sleep instead of spinning. `device_id`: the GPU, when CUDA is used."""
         path = Path(path)
@@ -54,8 +55,10 @@ class OnnxModel:
         options.log_severity_level = 3
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         try:
-            chosen = [(CUDA, {**CUDA_OPTIONS, "device_id": device_id}) if name == CUDA else name
-                      for name in choose_providers(providers)]
+            chosen = [
+                (CUDA, {**CUDA_OPTIONS, "device_id": device_id}) if name == CUDA else name
+                for name in choose_providers(providers)
+            ]
             self.session = ort.InferenceSession(str(path), options, providers=chosen)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise UserError(f"cannot load {path} as an ONNX model: {exc}") from None

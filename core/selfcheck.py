@@ -27,8 +27,13 @@ MIN_AGREEMENT = 0.99
 
 def encode_reference(pixels: np.ndarray, answers: np.ndarray) -> str:
     """uint8 (N, 32, 32, 3) images and their fp32 top-1 classes -> the metadata value `reference_of` reads."""
-    return json.dumps({"images": len(pixels), "pixels": base64.b64encode(pixels.astype(np.uint8).tobytes()).decode(),
-                       "fp32_top1": [int(a) for a in answers]})
+    return json.dumps(
+        {
+            "images": len(pixels),
+            "pixels": base64.b64encode(pixels.astype(np.uint8).tobytes()).decode(),
+            "fp32_top1": [int(a) for a in answers],
+        }
+    )
 
 
 def reference_of(model: OnnxModel) -> tuple[np.ndarray, np.ndarray] | None:
@@ -42,8 +47,9 @@ def reference_of(model: OnnxModel) -> tuple[np.ndarray, np.ndarray] | None:
         pixels = pixels.reshape(stored["images"], INPUT_SIZE, INPUT_SIZE, 3)
         return pixels, np.asarray(stored["fp32_top1"], np.int64)
     except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{model.path}: its self-check reference set is unreadable ({exc}); quantize it "
-                        "again") from None
+        raise UserError(
+            f"{model.path}: its self-check reference set is unreadable ({exc}); quantize it again"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -66,12 +72,19 @@ class SelfCheck:
     def summary(self) -> str:
         if not self.images:
             return "it carries no reference set (quantized before self-checks existed); quantize it again"
-        return (f"{self.agreed}/{self.images} = {self.agreement:.1%} of its reference images agree with fp32, "
-                f"{'meeting' if self.passed else 'below'} the {self.min_agreement:.0%} required, on {self.cpu}")
+        return (
+            f"{self.agreed}/{self.images} = {self.agreement:.1%} of its reference images agree with fp32, "
+            f"{'meeting' if self.passed else 'below'} the {self.min_agreement:.0%} required, on {self.cpu}"
+        )
 
     def as_dict(self) -> dict:
-        return {"passed": self.passed, "agreement": round(self.agreement, 4), "images": self.images,
-                "min_agreement": self.min_agreement, "cpu": self.cpu}
+        return {
+            "passed": self.passed,
+            "agreement": round(self.agreement, 4),
+            "images": self.images,
+            "min_agreement": self.min_agreement,
+            "cpu": self.cpu,
+        }
 
 
 def self_check(model: OnnxModel, min_agreement: float = MIN_AGREEMENT) -> SelfCheck:
@@ -80,8 +93,9 @@ def self_check(model: OnnxModel, min_agreement: float = MIN_AGREEMENT) -> SelfCh
     if reference is None:
         return SelfCheck(0, 0, min_agreement, describe_cpu())
     pixels, answers = reference
-    top1 = np.concatenate([model.logits(normalize(pixels[i : i + 64], model.table)).argmax(1)
-                           for i in range(0, len(pixels), 64)])
+    top1 = np.concatenate(
+        [model.logits(normalize(pixels[i : i + 64], model.table)).argmax(1) for i in range(0, len(pixels), 64)]
+    )
     return SelfCheck(len(answers), int((top1 == answers).sum()), min_agreement, describe_cpu())
 
 
@@ -94,8 +108,14 @@ class Choice:
     check: SelfCheck | None = None
 
 
-def choose(name: str, fp32: Callable[[], OnnxModel] | None, int8: Callable[[], OnnxModel] | None, precision: str,
-           on_cpu: bool, min_agreement: float = MIN_AGREEMENT) -> Choice:
+def choose(
+    name: str,
+    fp32: Callable[[], OnnxModel] | None,
+    int8: Callable[[], OnnxModel] | None,
+    precision: str,
+    on_cpu: bool,
+    min_agreement: float = MIN_AGREEMENT,
+) -> Choice:
     """Load the model that answers for `name`: `fp32` or `int8` (loaders; None where there is no such copy).
 
     `auto`: int8 on a CPU host when its self-check passes there, else fp32. `int8` serves int8 whatever the
@@ -113,8 +133,10 @@ def choose(name: str, fp32: Callable[[], OnnxModel] | None, int8: Callable[[], O
         if precision == "int8":
             return Choice(model, f"int8 is pinned, though it failed its self-check: {check.summary()}", check)
         if fp32 is None:
-            raise UserError(f"{name}: the int8 copy failed its self-check and there is no fp32 copy to answer "
-                            f"instead: {check.summary()}")
+            raise UserError(
+                f"{name}: the int8 copy failed its self-check and there is no fp32 copy to answer "
+                f"instead: {check.summary()}"
+            )
         return Choice(fp32(), f"the int8 copy failed its self-check, so fp32 answers: {check.summary()}", check)
     if fp32 is None:
         raise UserError(f"{name} has no fp32 copy; register one, or use precision int8")

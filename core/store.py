@@ -59,8 +59,9 @@ def resolve(spec: str) -> Path:
         return found
     if spec in STORE_NAMES and shipped_file(spec).is_file():
         return shipped_file(spec)
-    raise UserError(f"no model {spec!r}: use {', '.join(STORE_NAMES)}, a store tag (see `bentoml models list`) "
-                    "or FILE.onnx")
+    raise UserError(
+        f"no model {spec!r}: use {', '.join(STORE_NAMES)}, a store tag (see `bentoml models list`) or FILE.onnx"
+    )
 
 
 def load(spec: str, precision: str = "auto", min_agreement: float = MIN_AGREEMENT, **session: Any) -> Choice:
@@ -102,12 +103,16 @@ def verify_stored(path: Path, metadata: dict, tag: str) -> None:
     service's (class names, input size); models registered before sha256 was recorded are checked on the contract."""
     recorded = metadata.get("sha256")
     if recorded and sha256_of(path) != recorded:
-        raise UserError(f"{tag}: {path} is not the file that was registered (sha256 differs): it is corrupt or "
-                        f"was changed; register the model again")
+        raise UserError(
+            f"{tag}: {path} is not the file that was registered (sha256 differs): it is corrupt or "
+            f"was changed; register the model again"
+        )
     classes, size = tuple(metadata.get("class_names", ())), metadata.get("input_size")
     if classes != CLASS_NAMES or size != INPUT_SIZE:
-        raise UserError(f"{tag} does not fit this service: classes {list(classes)}, input size {size}; it expects "
-                        f"the {len(CLASS_NAMES)} CIFAR-10 classes at {INPUT_SIZE}x{INPUT_SIZE}")
+        raise UserError(
+            f"{tag} does not fit this service: classes {list(classes)}, input size {size}; it expects "
+            f"the {len(CLASS_NAMES)} CIFAR-10 classes at {INPUT_SIZE}x{INPUT_SIZE}"
+        )
 
 
 def register_and_compare(onnx_file: str | os.PathLike, name: str) -> str:
@@ -125,12 +130,15 @@ def register_and_compare(onnx_file: str | os.PathLike, name: str) -> str:
         before = bentoml.models.get(f"{name}:{previous.parent.name}").info.metadata.get("test_accuracy")
         lines.append(f"the latest before it: {name}:{previous.parent.name} ({_percent(before)})")
         if accuracy is not None and before is not None and accuracy < before:
-            lines.append(f"warning: {name}:{version} is less accurate than {name}:{previous.parent.name} "
-                         "and is now the latest")
+            lines.append(
+                f"warning: {name}:{version} is less accurate than {name}:{previous.parent.name} and is now the latest"
+            )
     arch = next((arch for arch, stored in STORE_NAMES.items() if stored == name), None)
     if arch:
-        lines.append(f"a running service serves it after a restart; to serve another version, set "
-                     f"CIFAR10_{version_setting(arch)}={version}")
+        lines.append(
+            f"a running service serves it after a restart; to serve another version, set "
+            f"CIFAR10_{version_setting(arch)}={version}"
+        )
     return "\n".join(lines)
 
 

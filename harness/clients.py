@@ -17,8 +17,15 @@ import httpx
 REQUEST_TIMEOUT_S = 10
 
 
-async def _client(url: str, files: dict, data: dict, keep_alive: bool, stop: Callable[[], bool],
-                  outcomes: Counter, latencies: list[float]) -> None:
+async def _client(
+    url: str,
+    files: dict,
+    data: dict,
+    keep_alive: bool,
+    stop: Callable[[], bool],
+    outcomes: Counter,
+    latencies: list[float],
+) -> None:
     limits = httpx.Limits(max_keepalive_connections=1 if keep_alive else 0, max_connections=1)
     async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
         while not stop():
@@ -37,9 +44,16 @@ async def _client(url: str, files: dict, data: dict, keep_alive: bool, stop: Cal
                 latencies.append(time.perf_counter() - began)
 
 
-async def run_clients(url: str, image: bytes, clients: int, until: Callable[[], bool], keep_alive: bool = True,
-                      model: str = "lenet", max_s: float = 60,
-                      outcomes: Counter | None = None) -> tuple[Counter, list[float]]:
+async def run_clients(
+    url: str,
+    image: bytes,
+    clients: int,
+    until: Callable[[], bool],
+    keep_alive: bool = True,
+    model: str = "lenet",
+    max_s: float = 60,
+    outcomes: Counter | None = None,
+) -> tuple[Counter, list[float]]:
     """`clients` clients POSTing `image` to `url` (a /classify URL) until `until()` or `max_s` seconds; outcomes
     (counted into `outcomes` as they happen, when given) and 200 latencies."""
     outcomes = Counter() if outcomes is None else outcomes
@@ -50,6 +64,5 @@ async def run_clients(url: str, image: bytes, clients: int, until: Callable[[], 
         return until() or time.monotonic() > deadline
 
     files, data = {"image": ("x.jpg", image)}, {"model": model}
-    await asyncio.gather(*(_client(url, files, data, keep_alive, stop, outcomes, latencies)
-                           for _ in range(clients)))
+    await asyncio.gather(*(_client(url, files, data, keep_alive, stop, outcomes, latencies) for _ in range(clients)))
     return outcomes, latencies

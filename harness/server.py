@@ -25,9 +25,14 @@ def free_port() -> int:
 def start_server(args: list[str], env: dict, cwd: Path, port: int, timeout: float = 120) -> subprocess.Popen:
     """Start `bentoml serve ARGS` on `port` and wait until /readyz answers 200."""
     log = open(Path(env.get("BENTOML_HOME", cwd)) / f"serve-{port}.log", "w")  # noqa: SIM115
-    process = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", *args, "--port", str(port),
-                                "--host", "127.0.0.1"], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)  # its own process group: stop_server can end it all
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "bentoml"), "serve", *args, "--port", str(port), "--host", "127.0.0.1"],
+        cwd=cwd,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # its own process group: stop_server can end it all
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -74,10 +79,18 @@ class Server:
 
 def serve_expecting_exit(args: list[str], env: dict, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     """`bentoml serve ARGS` that should stop by itself (a bad setting or model); killed with its workers if not."""
-    command = [str(Path(sys.executable).parent / "bentoml"), "serve", *args, "--host", "127.0.0.1", "--port",
-               str(free_port())]
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    command = [
+        str(Path(sys.executable).parent / "bentoml"),
+        "serve",
+        *args,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+    ]
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

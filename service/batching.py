@@ -70,8 +70,15 @@ def _hand_back(results: list[tuple[_Pending, np.ndarray | BaseException]]) -> No
 class Batcher:
     """Queue and model thread for one model; `await batcher(inputs)` returns that request's rows of the output."""
 
-    def __init__(self, name: str, run: Callable[[np.ndarray], np.ndarray], max_batch_size: int,
-                 max_latency_s: float, device_lock: threading.Lock, bucket_sizes: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[np.ndarray], np.ndarray],
+        max_batch_size: int,
+        max_latency_s: float,
+        device_lock: threading.Lock,
+        bucket_sizes: tuple[int, ...] = (),
+    ) -> None:
         """`run` is the blocking model call; `device_lock` is shared by the models that share the cores.
         `bucket_sizes`: the only batch sizes `run` sees (a batch is padded with zeros up to the next one and the
         padding's rows dropped), for runtimes that pay for every new shape; empty: any size."""
@@ -79,10 +86,12 @@ class Batcher:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_latency_s <= 0:
             raise ValueError(f"max_latency_s must be positive, got {max_latency_s}")
-        if bucket_sizes and (list(bucket_sizes) != sorted(set(bucket_sizes)) or bucket_sizes[0] < 1
-                             or bucket_sizes[-1] < max_batch_size):
-            raise ValueError(f"bucket_sizes must rise from 1 or more up to max_batch_size {max_batch_size}, "
-                             f"got {bucket_sizes}")
+        if bucket_sizes and (
+            list(bucket_sizes) != sorted(set(bucket_sizes)) or bucket_sizes[0] < 1 or bucket_sizes[-1] < max_batch_size
+        ):
+            raise ValueError(
+                f"bucket_sizes must rise from 1 or more up to max_batch_size {max_batch_size}, got {bucket_sizes}"
+            )
         self.bucket_sizes = bucket_sizes
         self.run = run
         self.max_batch_size = max_batch_size
@@ -145,8 +154,9 @@ class Batcher:
         return batch
 
     def _overloaded(self) -> Overloaded:
-        return Overloaded(f"the server is overloaded (requests would wait over {self.max_latency_s * 1000:g} ms); "
-                          "retry shortly")
+        return Overloaded(
+            f"the server is overloaded (requests would wait over {self.max_latency_s * 1000:g} ms); retry shortly"
+        )
 
     def _call(self, batch: list[_Pending]) -> None:
         inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])

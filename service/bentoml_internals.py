@@ -64,8 +64,10 @@ def limit_request_head_time(seconds: float) -> None:
     if not issubclass(auto.AutoHTTPProtocol, HttpToolsProtocol):  # h11 without httptools: left as it is
         return
     body = json.dumps({"error": f"the request headers did not arrive within {seconds:g} s"}).encode()
-    answer = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-              b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    answer = (
+        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
 
     class HeadTimeLimit(HttpToolsProtocol):
         head_timer: asyncio.TimerHandle | None = None

@@ -68,13 +68,19 @@ class Drain:
                 if not self.in_flight and time.monotonic() - self.last_request >= QUIET_S:
                     break
                 await asyncio.sleep(0.01)
-            say(f"cifar10 drain: stopping after {time.monotonic() - started:.2f} s with {self.in_flight} requests "
-                "in flight")
+            say(
+                f"cifar10 drain: stopping after {time.monotonic() - started:.2f} s with {self.in_flight} requests "
+                "in flight"
+            )
         finally:  # whatever happened above, the worker must stop
             self.previous[signal.SIGTERM](signal.SIGTERM, None)  # uvicorn: close the listener, finish, exit
             # Past the grace period uvicorn must not wait any longer (a Ctrl-C to a stopping uvicorn forces it).
-            self.loop.call_at(self.loop.time() + started + self.grace_s - time.monotonic(),
-                              self.previous[signal.SIGINT], signal.SIGINT, None)
+            self.loop.call_at(
+                self.loop.time() + started + self.grace_s - time.monotonic(),
+                self.previous[signal.SIGINT],
+                signal.SIGINT,
+                None,
+            )
 
     async def track(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
         """Run `app` for one request, counted as in flight (POSTs also as received, then answered); an answer sent

@@ -47,8 +47,15 @@ logger = logging.getLogger("cifar10.http")
 
 # Most specific first: the first match gives the status.
 STATUSES: tuple[tuple[type[Exception], int], ...] = (
-    (ImageTooLarge, 413), (UnsupportedImage, 415), (ImageError, 400), (BadRequest, 400),
-    (BodyTooLarge, 413), (SlowRequest, 408), (TooManyRequests, 429), (Overloaded, 503), (ShuttingDown, 503),
+    (ImageTooLarge, 413),
+    (UnsupportedImage, 415),
+    (ImageError, 400),
+    (BadRequest, 400),
+    (BodyTooLarge, 413),
+    (SlowRequest, 408),
+    (TooManyRequests, 429),
+    (Overloaded, 503),
+    (ShuttingDown, 503),
     (TimedOut, 504),
 )
 ANSWERED = tuple(kind for kind, _ in STATUSES)
@@ -76,8 +83,9 @@ class Limits:
     a connection, never a place among the requests being served.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, max_concurrency: int, timeout_s: float,
-                 body_timeout_s: float = 30) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, max_concurrency: int, timeout_s: float, body_timeout_s: float = 30
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.max_concurrency = max_concurrency
@@ -101,8 +109,9 @@ class Limits:
             self.running -= 1
 
     async def _body(self, scope: Scope, receive: Receive) -> bytes:
-        too_large = BodyTooLarge(f"request body is larger than the {self.max_body_bytes / 2**20:g} MB limit; "
-                                 "send a smaller image")
+        too_large = BodyTooLarge(
+            f"request body is larger than the {self.max_body_bytes / 2**20:g} MB limit; send a smaller image"
+        )
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise too_large
@@ -120,8 +129,10 @@ class Limits:
                     if not message.get("more_body"):
                         break
         except TimeoutError:
-            raise SlowRequest(f"the request body did not arrive within {self.body_timeout_s:g} s; "
-                              "send it faster or send a smaller image") from None
+            raise SlowRequest(
+                f"the request body did not arrive within {self.body_timeout_s:g} s; "
+                "send it faster or send a smaller image"
+            ) from None
         return b"".join(chunks)
 
     async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -222,8 +233,13 @@ class HttpApi:
 
     def router(self, bentoml_app: ASGIApp, cors: dict | None) -> Router:
         """BentoML's app with the classification routes put ahead of its middleware."""
-        limited = Limits(self._endpoint, self.settings.max_body_bytes, self.settings.max_concurrency,
-                         self.settings.timeout_s, self.settings.body_timeout_s)
+        limited = Limits(
+            self._endpoint,
+            self.settings.max_body_bytes,
+            self.settings.max_concurrency,
+            self.settings.timeout_s,
+            self.settings.body_timeout_s,
+        )
         return Router(bentoml_app, self.routes, RequestMetrics(limited), self.drain, cors)
 
     async def classify(self, request: Request) -> Response:
@@ -237,8 +253,9 @@ class HttpApi:
                 raise result
         except ANSWERED as exc:
             return error_response(exc)
-        return JSONResponse({"model": model, "model_version": self.predictor.version(model),
-                             "predictions": _predictions(result)})
+        return JSONResponse(
+            {"model": model, "model_version": self.predictor.version(model), "predictions": _predictions(result)}
+        )
 
     async def classify_batch(self, request: Request) -> Response:
         """Classify several images: one result per image, in order, each `predictions` or `error`."""
@@ -252,9 +269,18 @@ class HttpApi:
             results = await self.predictor.classify(items, model, top_k)
         except ANSWERED as exc:
             return error_response(exc)
-        return JSONResponse({"model": model, "model_version": self.predictor.version(model), "results": [
-            {"error": str(r), "status": status_of(r)} if isinstance(r, ImageError) else {"predictions": _predictions(r)}
-            for r in results]})
+        return JSONResponse(
+            {
+                "model": model,
+                "model_version": self.predictor.version(model),
+                "results": [
+                    {"error": str(r), "status": status_of(r)}
+                    if isinstance(r, ImageError)
+                    else {"predictions": _predictions(r)}
+                    for r in results
+                ],
+            }
+        )
 
     async def models(self) -> JSONResponse:
         """The served models, their versions, input contract, accuracy and execution provider."""
@@ -267,17 +293,30 @@ class HttpApi:
     def _app(self) -> FastAPI:
         """The public routes, mounted on the BentoML service; BentoML merges them into its OpenAPI spec."""
         app = FastAPI(title="cifar10-classifier")
-        errors = {s: {"description": d, "content": {"application/json": {"example": {"error": "..."}}}} for s, d in (
-            (400, "bad input"), (408, "headers or body too slow"), (413, "too large"), (415, "unsupported type"),
-            (429, "too many requests"), (503, "overloaded, or shutting down"), (504, "timed out"))}
+        errors = {
+            s: {"description": d, "content": {"application/json": {"example": {"error": "..."}}}}
+            for s, d in (
+                (400, "bad input"),
+                (408, "headers or body too slow"),
+                (413, "too large"),
+                (415, "unsupported type"),
+                (429, "too many requests"),
+                (503, "overloaded, or shutting down"),
+                (504, "timed out"),
+            )
+        }
         image = {"type": "string", "format": "binary", "description": "an image file (JPEG, PNG, WebP, GIF, BMP, TIFF)"}
-        images = {"type": "array", "items": image,
-                  "description": f"repeated field; at most {self.settings.max_batch_images}"}
+        images = {
+            "type": "array",
+            "items": image,
+            "description": f"repeated field; at most {self.settings.max_batch_images}",
+        }
         # The routes read their form themselves: FastAPI's per-field parsing and validation cost
         # ~30% of a LeNet request. The body schemas are declared here for the docs instead.
         for path, files in (("/classify", {"image": image}), ("/classify_batch", {"images": images})):
-            app.add_api_route(path, self.routes[path], methods=["POST"], responses=errors,
-                              openapi_extra=_multipart_body(files))
+            app.add_api_route(
+                path, self.routes[path], methods=["POST"], responses=errors, openapi_extra=_multipart_body(files)
+            )
         app.add_api_route("/models", self.models, methods=["GET"])
         app.mount("/page", StaticFiles(directory=PAGE), name="page")  # the page's script and style sheet
         return app
@@ -299,8 +338,9 @@ class Router:
     POSTs to `routes` run through `classification` (limits and metrics) ahead of BentoML's middleware;
     everything else goes to BentoML."""
 
-    def __init__(self, bentoml_app: ASGIApp, routes: dict, classification: ASGIApp, drain: Drain,
-                 cors: dict | None = None) -> None:
+    def __init__(
+        self, bentoml_app: ASGIApp, routes: dict, classification: ASGIApp, drain: Drain, cors: dict | None = None
+    ) -> None:
         """`cors`: CORSMiddleware options when BentoML's CORS is on (its preflights stay BentoML's)."""
         self.bentoml_app = bentoml_app
         self.paths = set(routes)
@@ -338,7 +378,8 @@ async def _refuse(scope: Scope, receive: Receive, send: Send) -> None:
             while (await receive()).get("more_body"):
                 pass
     await error_response(ShuttingDown("this server is shutting down; retry, another replica will answer"))(
-        scope, receive, send)
+        scope, receive, send
+    )
 
 
 # While draining: liveness, readiness (503 then, from the service's __is_ready__) and metrics.

@@ -87,8 +87,14 @@ class ServedModel:
 class Predictor:
     """The served models, their batchers and the per-image pipeline of decode, normalize, batch, top-k."""
 
-    def __init__(self, copies: Mapping[str, Copies], settings: Settings, workers: int = 1, worker: int = 0,
-                 cores_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        copies: Mapping[str, Copies],
+        settings: Settings,
+        workers: int = 1,
+        worker: int = 0,
+        cores_file: Path | None = None,
+    ) -> None:
         """Choose and load each model's answering copy (the int8 one only where its self-check passes on this CPU)
         and run each batch shape it will see once. `worker` is this process's 1-based index among `workers` (0: not
         under a server); with several CPU workers, `cores_file` is their shared-cores file."""
@@ -104,18 +110,21 @@ class Predictor:
 
         self.models = {}
         for name, copy in copies.items():
-            choice = choose(name, loader(copy.fp32), loader(copy.int8), settings.precision, on_cpu,
-                            settings.int8_min_agreement)
+            choice = choose(
+                name, loader(copy.fp32), loader(copy.int8), settings.precision, on_cpu, settings.int8_min_agreement
+            )
             file = copy.int8 if copy.int8 and choice.model.path == copy.int8.path else copy.fp32
-            self.models[name] = ServedModel(file.store_tag, choice.model, None, choice.reason,
-                                            choice.check and choice.check.as_dict())
+            self.models[name] = ServedModel(
+                file.store_tag, choice.model, None, choice.reason, choice.check and choice.check.as_dict()
+            )
             if choice.check and worker <= 1:  # one line per server, not one per worker
                 say(f"cifar10: {name} answers in {choice.model.info.precision}: {choice.reason}")
         self.cores: SharedCores | None = None
         if share < alone and worker and cores_file and on_cpu:
-            self.models = {name: replace(m, shared_cores=OnnxModel(m.all_cores.path, settings.providers, share,
-                                                                   spin=False))
-                           for name, m in self.models.items()}
+            self.models = {
+                name: replace(m, shared_cores=OnnxModel(m.all_cores.path, settings.providers, share, spin=False))
+                for name, m in self.models.items()
+            }
             self.cores = SharedCores(cores_file, workers, worker - 1)
         buckets = settings.batch_buckets == "on" or (settings.batch_buckets == "auto" and not on_cpu)
         self.bucket_sizes = bucket_sizes(settings.max_batch_size) if buckets else ()
@@ -125,8 +134,14 @@ class Predictor:
                     session.logits(np.zeros((size, 3, 32, 32), np.float32))
         one_at_a_time = threading.Lock()  # the models share the device: never run two calls at once
         self.batchers = {
-            arch: Batcher(arch, functools.partial(self._run, arch), settings.max_batch_size,
-                          settings.max_latency_ms / 1000, one_at_a_time, self.bucket_sizes)
+            arch: Batcher(
+                arch,
+                functools.partial(self._run, arch),
+                settings.max_batch_size,
+                settings.max_latency_ms / 1000,
+                one_at_a_time,
+                self.bucket_sizes,
+            )
             for arch in self.models
         }
 
@@ -160,17 +175,32 @@ class Predictor:
         first = next(iter(self.models.values()))
         return {
             "default": DEFAULT_MODEL,
-            "models": {arch: {"store_tag": m.store_tag, "version": m.version, "provider": m.all_cores.provider,
-                              **vars(m.all_cores.info), "precision_reason": m.reason,
-                              **({"int8_self_check": m.self_check} if m.self_check else {})}
-                       for arch, m in self.models.items()},
-            "batching": {"max_batch_size": self.settings.max_batch_size,
-                         "max_latency_ms": self.settings.max_latency_ms, "bucket_sizes": list(self.bucket_sizes)},
-            "limits": {"max_batch_images": self.settings.max_batch_images,
-                       "max_body_bytes": self.settings.max_body_bytes, "max_pixels": self.settings.max_pixels},
+            "models": {
+                arch: {
+                    "store_tag": m.store_tag,
+                    "version": m.version,
+                    "provider": m.all_cores.provider,
+                    **vars(m.all_cores.info),
+                    "precision_reason": m.reason,
+                    **({"int8_self_check": m.self_check} if m.self_check else {}),
+                }
+                for arch, m in self.models.items()
+            },
+            "batching": {
+                "max_batch_size": self.settings.max_batch_size,
+                "max_latency_ms": self.settings.max_latency_ms,
+                "bucket_sizes": list(self.bucket_sizes),
+            },
+            "limits": {
+                "max_batch_images": self.settings.max_batch_images,
+                "max_body_bytes": self.settings.max_body_bytes,
+                "max_pixels": self.settings.max_pixels,
+            },
             "workers": self.workers,
-            "onnxruntime_threads": {"alone": first.all_cores.threads,
-                                    "shared": (first.shared_cores or first.all_cores).threads},
+            "onnxruntime_threads": {
+                "alone": first.all_cores.threads,
+                "shared": (first.shared_cores or first.all_cores).threads,
+            },
         }
 
     def close(self) -> None:

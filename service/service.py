@@ -52,8 +52,10 @@ def stored_model(name: str) -> bentoml.models.BentoModel | None:
     except NotFound:
         if version == "latest":
             return None
-        sys.exit(f"error: CIFAR10_{version_setting(name)}={version}: the model store has no {tag}; "
-                 f"`.venv/bin/bentoml models list {STORE_NAMES[name]}` lists its versions")
+        sys.exit(
+            f"error: CIFAR10_{version_setting(name)}={version}: the model store has no {tag}; "
+            f"`.venv/bin/bentoml models list {STORE_NAMES[name]}` lists its versions"
+        )
     except UserError as exc:
         sys.exit(f"error: {exc}")
     return bentoml.models.BentoModel(tag)
@@ -62,16 +64,21 @@ def stored_model(name: str) -> bentoml.models.BentoModel | None:
 def stored_copies(name: str) -> dict[str, bentoml.models.BentoModel | None]:
     """The copies of `name` this service may answer with: fp32 unless int8 is pinned; on a CPU host (or pinned)
     the int8 copy, which answers only where its self-check passes (Predictor). The bento holds these."""
-    wants_int8 = name in INT8_VARIANTS and (SETTINGS.precision == "int8" or (SETTINGS.precision == "auto"
-                                                                             and not ON_GPU))
+    wants_int8 = name in INT8_VARIANTS and (
+        SETTINGS.precision == "int8" or (SETTINGS.precision == "auto" and not ON_GPU)
+    )
     int8 = stored_model(INT8_VARIANTS[name]) if wants_int8 else None
     fp32 = stored_model(name) if SETTINGS.precision != "int8" else None
     if SETTINGS.precision == "int8" and int8 is None:
-        sys.exit(f"error: CIFAR10_PRECISION=int8: the model store has no {STORE_NAMES.get(INT8_VARIANTS.get(name), '')}"
-                 f" for {name}; quantize one with `cifar10 quantize`, or set CIFAR10_PRECISION=auto")
+        sys.exit(
+            f"error: CIFAR10_PRECISION=int8: the model store has no {STORE_NAMES.get(INT8_VARIANTS.get(name), '')}"
+            f" for {name}; quantize one with `cifar10 quantize`, or set CIFAR10_PRECISION=auto"
+        )
     if fp32 is None and int8 is None:
-        sys.exit(f"error: the model store has no {STORE_NAMES[name]}; register the shipped models with "
-                 "`.venv/bin/python -m core.store` (make serve does)")
+        sys.exit(
+            f"error: the model store has no {STORE_NAMES[name]}; register the shipped models with "
+            "`.venv/bin/python -m core.store` (make serve does)"
+        )
     return {"fp32": fp32, "int8": int8}
 
 
@@ -103,8 +110,10 @@ class Classifier:
         """Load the copy of each model that answers (int8 only where its self-check passes on this CPU) and run
         every batch shape it will see once; BentoML's /readyz turns 200 only after this. It runs in the worker's
         event loop."""
-        files = {name: Copies(**{precision: ref and stored_file(ref.resolve()) for precision, ref in copies.items()})
-                 for name, copies in COPIES.items()}
+        files = {
+            name: Copies(**{precision: ref and stored_file(ref.resolve()) for precision, ref in copies.items()})
+            for name, copies in COPIES.items()
+        }
         # The workers' shared-cores file sits in BentoML's home, like their metrics files; their parent is the server.
         cores_file = bentoml_home() / f"cifar10-cores-{os.getppid()}"
         self.predictor = Predictor(files, SETTINGS, WORKERS, bentoml.server_context.worker_index or 0, cores_file)

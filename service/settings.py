@@ -41,8 +41,10 @@ class Settings:
     max_batch_images: int = field(default=64, metadata=_whole(1, 1000))  # per /classify_batch request
     max_concurrency: int = field(default=256, metadata=_whole(1, 100_000))  # POSTs in flight per worker before 429
     timeout_s: int = field(default=60, metadata=_whole(1, 3600))  # then 504
-    workers: int = field(default=0, metadata=_whole(0, 256, "0: one per core on a CPU host; with GPUs up to 8 per "
-                                                             "GPU, one per two cores"))
+    workers: int = field(
+        default=0,
+        metadata=_whole(0, 256, "0: one per core on a CPU host; with GPUs up to 8 per GPU, one per two cores"),
+    )
     ort_threads: int = field(default=0, metadata=_whole(0, 1024, "0: all cores alone, a share beside other workers"))
     providers: str = field(default="auto", metadata={"choices": PROVIDER_CHOICES})
     # Batch sizes a model sees: auto = powers of two up to max_batch_size on a GPU (each new shape costs

@@ -58,8 +58,7 @@ def test_a_failing_call_fails_its_own_requests_only(lenet) -> None:
     bad[0, 0, 0, 0] = np.nan
 
     async def main() -> list:
-        return await asyncio.gather(batcher(inputs(1, 1)), batcher(bad), batcher(inputs(1, 2)),
-                                    return_exceptions=True)
+        return await asyncio.gather(batcher(inputs(1, 1)), batcher(bad), batcher(inputs(1, 2)), return_exceptions=True)
 
     good1, failed, good2 = asyncio.run(main())
     assert isinstance(failed, ValueError)
@@ -80,8 +79,9 @@ def test_work_that_cannot_be_served_in_time_is_shed(lenet) -> None:
 
 def test_a_model_slower_than_max_latency_still_serves_a_lone_request(lenet) -> None:
     """Shedding looks at the wait before a call, so an empty queue always admits (no starvation)."""
-    batcher = Batcher("lenet", Recorded(lenet, delay_s=0.05), max_batch_size=1, max_latency_s=0.02,
-                      device_lock=threading.Lock())
+    batcher = Batcher(
+        "lenet", Recorded(lenet, delay_s=0.05), max_batch_size=1, max_latency_s=0.02, device_lock=threading.Lock()
+    )
 
     async def main() -> list[np.ndarray]:
         return [await batcher(inputs(1, i)) for i in range(3)]
@@ -100,8 +100,9 @@ def test_bucket_sizes_are_powers_of_two_up_to_the_largest_batch() -> None:
 def test_with_buckets_every_model_call_sees_a_bucket_size_and_padding_changes_no_answer(lenet) -> None:
     run = Recorded(lenet, delay_s=0.02)
     buckets = bucket_sizes(16)
-    batcher = Batcher("lenet", run, max_batch_size=16, max_latency_s=5, device_lock=threading.Lock(),
-                      bucket_sizes=buckets)
+    batcher = Batcher(
+        "lenet", run, max_batch_size=16, max_latency_s=5, device_lock=threading.Lock(), bucket_sizes=buckets
+    )
     requests = [inputs(1 + i % 5, seed=i) for i in range(30)]  # 1-5 images each: odd totals per call
 
     async def main() -> list[np.ndarray]:

@@ -28,10 +28,11 @@ def readme_deployment_command(start: str) -> list[str]:
 def bento(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict]:
     """The README's `make bento`, in a fresh BENTOML_HOME: registers the shipped models and builds."""
     # As from a user's shell: under `make test`, the inherited MAKELEVEL makes make name its directory last.
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MAKE")},
-           "BENTOML_HOME": str(tmp_path_factory.mktemp("bento-home"))}
-    result = subprocess.run(readme_deployment_command("make bento"), env=env, cwd=ROOT, capture_output=True,
-                            text=True)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MAKE")},
+        "BENTOML_HOME": str(tmp_path_factory.mktemp("bento-home")),
+    }
+    result = subprocess.run(readme_deployment_command("make bento"), env=env, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     tag = result.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"cifar10-classifier:[a-z0-9]+", tag), result.stdout
@@ -43,13 +44,19 @@ def test_bento_holds_the_service_its_models_and_no_training_code(bento) -> None:
     _, path, _ = bento
     files = {str(p.relative_to(path / "src")) for p in (path / "src").rglob("*") if p.is_file()}
     assert {"service/service.py", "core/preprocess.py", "core/contract.py"} <= files
-    assert not any(f.startswith(("tests/", "training/", "cli/", "models/", "data/"))
-                   or f.endswith((".pt", ".onnx", ".zip")) for f in files)
-    models = {m["tag"].split(":")[0] for s in yaml.safe_load((path / "bento.yaml").read_text())["services"]
-              for m in s["models"]}
+    assert not any(
+        f.startswith(("tests/", "training/", "cli/", "models/", "data/")) or f.endswith((".pt", ".onnx", ".zip"))
+        for f in files
+    )
+    models = {
+        m["tag"].split(":")[0]
+        for s in yaml.safe_load((path / "bento.yaml").read_text())["services"]
+        for m in s["models"]
+    }
     # The copies that may answer on this host, no other: on a CPU host int8 where its self-check passes, else fp32.
-    resnet18 = {"cifar10-resnet18"} if choose_providers("auto")[0] == CUDA else {"cifar10-resnet18",
-                                                                                 "cifar10-resnet18-int8"}
+    resnet18 = (
+        {"cifar10-resnet18"} if choose_providers("auto")[0] == CUDA else {"cifar10-resnet18", "cifar10-resnet18-int8"}
+    )
     assert models == {*resnet18, "cifar10-lenet"}
 
 
@@ -70,8 +77,9 @@ def test_readme_serve_command_serves_the_bento_from_another_directory(bento, sam
     try:
         label, data = samples[0]
         for model in ("resnet18", "lenet"):
-            response = httpx.post(f"http://127.0.0.1:{port}/classify", files={"image": ("x.jpg", data)},
-                                  data={"model": model}, timeout=60)
+            response = httpx.post(
+                f"http://127.0.0.1:{port}/classify", files={"image": ("x.jpg", data)}, data={"model": model}, timeout=60
+            )
             assert response.status_code == 200, response.text
             if REAL_IMAGES:
                 assert response.json()["predictions"][0]["label"] == label

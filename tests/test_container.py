@@ -41,10 +41,18 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tool = engine()
     if tool is None:
         pytest.skip("neither a docker engine nor podman is here (.ci/setup installs podman)")
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MAKE")},
-           "BENTOML_HOME": str(tmp_path_factory.mktemp("home"))}
-    build = subprocess.run([*readme_command("make image-cpu"), f"IMAGE_CPU={TAG}"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=900)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MAKE")},
+        "BENTOML_HOME": str(tmp_path_factory.mktemp("home")),
+    }
+    build = subprocess.run(
+        [*readme_command("make image-cpu"), f"IMAGE_CPU={TAG}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     last = build.stdout.strip().splitlines()[-1]
     assert last.startswith(f"{TAG}: ") and last.split()[1].isdigit(), last
@@ -54,13 +62,22 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_the_cpu_image_is_lean_and_runs_as_a_user(image: str) -> None:
-    size_mb = int(subprocess.run([image, "image", "inspect", TAG, "--format", "{{.Size}}"], capture_output=True,
-                                 text=True, check=True).stdout) / 1e6
+    size_mb = (
+        int(
+            subprocess.run(
+                [image, "image", "inspect", TAG, "--format", "{{.Size}}"], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        / 1e6
+    )
     assert size_mb <= 800, size_mb
     user = subprocess.run([image, "run", "--rm", "--entrypoint", "id", TAG, "-u"], capture_output=True, text=True)
     assert user.stdout.strip() not in ("", "0"), user.stdout + user.stderr
-    packages = subprocess.run([image, "run", "--rm", "--entrypoint", "sh", TAG, "-c",
-                               "ls /app/.venv/lib/*/site-packages"], capture_output=True, text=True).stdout.split()
+    packages = subprocess.run(
+        [image, "run", "--rm", "--entrypoint", "sh", TAG, "-c", "ls /app/.venv/lib/*/site-packages"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     # nvidia/ holds the CUDA and cuDNN wheels' libraries (nvidia_ml_py, a BentoML dependency, is not one of them)
     assert "onnxruntime" in packages and "nvidia" not in packages
     assert not any(name.startswith("onnxruntime_gpu") for name in packages)
@@ -92,8 +109,9 @@ def test_the_readmes_run_command_serves_and_stops_cleanly_on_sigterm(image: str,
         if REAL_IMAGES:
             with zipfile.ZipFile(TEST_ZIP) as archive:
                 for label in ("cat", "ship", "truck"):
-                    answer = httpx.post(f"{url}/classify", files={"image": ("x.jpg", archive.read(
-                        f"test/{label}/0000.jpg"))}).json()
+                    answer = httpx.post(
+                        f"{url}/classify", files={"image": ("x.jpg", archive.read(f"test/{label}/0000.jpg"))}
+                    ).json()
                     assert answer["predictions"][0]["label"] == label
         else:
             assert httpx.post(f"{url}/classify", files={"image": ("x.jpg", samples[0][1])}).status_code == 200
@@ -101,8 +119,9 @@ def test_the_readmes_run_command_serves_and_stops_cleanly_on_sigterm(image: str,
         subprocess.run([image, "stop", "-t", str(GRACE_S + 10), name], check=True, capture_output=True)
         stopped_s = time.monotonic() - began
         logs = subprocess.run([image, "logs", name], capture_output=True, text=True)
-        exit_code = subprocess.run([image, "inspect", name, "--format", "{{.State.ExitCode}}"], capture_output=True,
-                                   text=True).stdout.strip()
+        exit_code = subprocess.run(
+            [image, "inspect", name, "--format", "{{.State.ExitCode}}"], capture_output=True, text=True
+        ).stdout.strip()
         print(f"\nready {ready_s:.1f} s after run; stopped {stopped_s:.1f} s after SIGTERM, exit code {exit_code}")
         assert stopped_s < GRACE_S and exit_code == "0"
         assert "cifar10 drain: " in logs.stdout + logs.stderr

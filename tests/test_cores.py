@@ -29,8 +29,13 @@ def test_a_call_runs_on_all_cores_only_while_no_other_worker_is_in_one(path) -> 
     cores = SharedCores(path, 2, 0)
     with cores.call() as alone:
         assert alone
-    other = subprocess.Popen([sys.executable, "-c", OTHER_WORKER, str(path)], cwd=ROOT, stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+    other = subprocess.Popen(
+        [sys.executable, "-c", OTHER_WORKER, str(path)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert other.stdout.readline().strip() == "True"  # this worker is idle
         assert cores.others_busy()

@@ -73,14 +73,17 @@ def test_sigterm_under_load_answers_every_request_it_received(keep_alive: bool, 
 
         async def main() -> None:
             stopper = asyncio.create_task(stop_midway())
-            await run_clients(f"{url}/classify", samples[0][1], 32, lambda: "done" in seen, keep_alive,
-                              max_s=90, outcomes=outcomes)
+            await run_clients(
+                f"{url}/classify", samples[0][1], 32, lambda: "done" in seen, keep_alive, max_s=90, outcomes=outcomes
+            )
             await stopper
 
         asyncio.run(main())
     received, answered = drain_counts(log)
-    print(f"\nclients: {dict(outcomes)}; workers: received {received}, answered {answered}; "
-          f"exit {seen['exit_s']:.2f} s after SIGTERM")
+    print(
+        f"\nclients: {dict(outcomes)}; workers: received {received}, answered {answered}; "
+        f"exit {seen['exit_s']:.2f} s after SIGTERM"
+    )
     assert received == answered == outcomes[200] + outcomes[503]
     assert set(outcomes) <= {200, 503, "refused", "cut"} and outcomes[200] >= ANSWERS_BEFORE_SIGTERM
     assert seen["exit_s"] < GRACE_S + 3  # the grace period, and the process manager's teardown
@@ -88,8 +91,10 @@ def test_sigterm_under_load_answers_every_request_it_received(keep_alive: bool, 
 
 def drain_counts(log: Path) -> tuple[int, int]:
     """POST requests received and answered, from the line each worker prints when its drain ends (both must)."""
-    summaries = [tuple(map(int, m)) for m in re.findall(r"cifar10 drain: (\d+) POST requests received, (\d+) answered",
-                                                        log.read_text())]
+    summaries = [
+        tuple(map(int, m))
+        for m in re.findall(r"cifar10 drain: (\d+) POST requests received, (\d+) answered", log.read_text())
+    ]
     assert len(summaries) == 2, summaries  # both workers drained to the end (none forced past the grace period)
     received, answered = (sum(column) for column in zip(*summaries, strict=True))
     return received, answered
@@ -106,10 +111,10 @@ def test_while_draining_readyz_is_503_and_new_requests_are_refused_with_retry_af
     """A request decoding for seconds holds the drain open, however fast or slow the host: meanwhile /readyz
     answers 503 and a new request 503 + Retry-After + Connection: close; then the slow one is answered."""
     with server(tmp_path, drain_s="20", workers="1") as (process, url, log):
+
         async def main() -> tuple[httpx.Response, int, httpx.Response]:
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-                slow = asyncio.create_task(client.post("/classify_batch", files=slow_batch(),
-                                                       data={"model": "lenet"}))
+                slow = asyncio.create_task(client.post("/classify_batch", files=slow_batch(), data={"model": "lenet"}))
                 await asyncio.sleep(0.5)  # in flight: its body is read at once, its decoding takes seconds
                 process.send_signal(signal.SIGTERM)
                 began, readyz = time.monotonic(), 200
@@ -193,8 +198,10 @@ async def slowly(port: int, head: bytes, seconds: float) -> bytes:
 
 
 SLOW_HEADERS = b"POST /classify HTTP/1.1\r\nHost: x\r\nX-Slow: "
-SLOW_BODY = (b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-             b"Content-Length: 100000\r\n\r\n")
+SLOW_BODY = (
+    b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    b"Content-Length: 100000\r\n\r\n"
+)
 
 
 def test_slow_clients_are_cut_while_normal_ones_are_served(samples, tmp_path: Path) -> None:
@@ -202,8 +209,7 @@ def test_slow_clients_are_cut_while_normal_ones_are_served(samples, tmp_path: Pa
     ones get a 408 at their time limit, the normal ones are all answered (their p99 is printed)."""
     with server(tmp_path, header_timeout_s="2", body_timeout_s="2") as (_, url, _log):
         port = int(url.rsplit(":", 1)[1])
-        alone, quiet_latencies = asyncio.run(run_clients(f"{url}/classify", samples[0][1], 8,
-                                                         _for(2.0)))
+        alone, quiet_latencies = asyncio.run(run_clients(f"{url}/classify", samples[0][1], 8, _for(2.0)))
 
         async def main():
             slow = [slowly(port, head, 6) for head in [SLOW_HEADERS] * 100 + [SLOW_BODY] * 100]
@@ -214,8 +220,10 @@ def test_slow_clients_are_cut_while_normal_ones_are_served(samples, tmp_path: Pa
         (beside, latencies), answers = asyncio.run(main())
     p99 = sorted(latencies)[int(0.99 * len(latencies))]
     quiet_p99 = sorted(quiet_latencies)[int(0.99 * len(quiet_latencies))]
-    print(f"\nnormal clients: alone {dict(alone)} p99 {quiet_p99 * 1000:.1f} ms; beside 200 slow connections "
-          f"{dict(beside)} p99 {p99 * 1000:.1f} ms")
+    print(
+        f"\nnormal clients: alone {dict(alone)} p99 {quiet_p99 * 1000:.1f} ms; beside 200 slow connections "
+        f"{dict(beside)} p99 {p99 * 1000:.1f} ms"
+    )
     assert set(alone) == set(beside) == {200}  # the latencies are figures for BENCHMARKS.md, not a guarantee
     assert all(answer.startswith(b"HTTP/1.1 408 ") for answer in answers), {a[:40] for a in answers}
     assert sum(b"request headers did not arrive within 2 s" in a for a in answers) == 100
@@ -256,8 +264,10 @@ def test_a_model_for_other_classes_stops_the_server_with_one_line(store: Path) -
         "tag = register(shipped_file('lenet'), 'cifar10-lenet')\n"
         "metadata = {**bentoml.models.get(tag).info.metadata, 'class_names': ['cat', 'dog']}\n"
         "with bentoml.models.create('cifar10-lenet', metadata=metadata) as model:\n"
-        "    open(model.path_of(MODEL_FILE), 'wb').write(shipped_file('lenet').read_bytes())\n")
-    subprocess.run([sys.executable, "-c", other_classes], env={**os.environ, "BENTOML_HOME": str(store)}, cwd=ROOT,
-                   check=True)
+        "    open(model.path_of(MODEL_FILE), 'wb').write(shipped_file('lenet').read_bytes())\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", other_classes], env={**os.environ, "BENTOML_HOME": str(store)}, cwd=ROOT, check=True
+    )
     lines = serve_and_fail(store)
     assert len(lines) == 1 and "does not fit this service: classes ['cat', 'dog']" in lines[0], lines

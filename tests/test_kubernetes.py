@@ -59,9 +59,11 @@ def problems(objects: list[dict], overlay: str) -> list[str]:
     if container["image"] != image:
         found.append(f"image {container['image']} is not what make builds for {overlay}: {image}")
     labels = pod["metadata"]["labels"]
-    for kind, selector in (("Deployment", deployment["spec"]["selector"]["matchLabels"]),
-                           ("Service", service["spec"]["selector"]),
-                           ("PodDisruptionBudget", by_kind["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"])):
+    for kind, selector in (
+        ("Deployment", deployment["spec"]["selector"]["matchLabels"]),
+        ("Service", service["spec"]["selector"]),
+        ("PodDisruptionBudget", by_kind["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]),
+    ):
         if not selector or any(labels.get(k) != v for k, v in selector.items()):
             found.append(f"the {kind} selector {selector} does not select the pods {labels}")
     if by_kind["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] != deployment["metadata"]["name"]:
@@ -78,8 +80,9 @@ def test_each_overlay_renders_and_passes_the_strict_schema(overlay: Path, tmp_pa
     rendered = tmp_path / f"{overlay.name}.yaml"
     rendered.write_text(yaml.safe_dump_all(objects))
     validate = Path(sys.executable).parent / "kubernetes-validate"
-    result = subprocess.run([str(validate), "--strict", "-k", KUBERNETES, str(rendered)], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [str(validate), "--strict", "-k", KUBERNETES, str(rendered)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

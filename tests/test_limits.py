@@ -19,8 +19,15 @@ async def slow_echo(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": b"{}"})
 
 
-async def call(app, body: bytes = b"", delay: float = 0, chunk: int = 1024, path: str = "/classify",
-               headers: list | None = None, pause: float = 0) -> tuple[int, dict, dict]:
+async def call(
+    app,
+    body: bytes = b"",
+    delay: float = 0,
+    chunk: int = 1024,
+    path: str = "/classify",
+    headers: list | None = None,
+    pause: float = 0,
+) -> tuple[int, dict, dict]:
     """One POST through `app`, the body sent in chunks `pause` seconds apart; returns status, headers and JSON."""
     chunks = [body[i : i + chunk] for i in range(0, len(body), chunk)] or [b""]
     messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
@@ -34,8 +41,13 @@ async def call(app, body: bytes = b"", delay: float = 0, chunk: int = 1024, path
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": path, "headers": headers or [],
-             "query_string": str(delay).encode()}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "headers": headers or [],
+        "query_string": str(delay).encode(),
+    }
     await app(scope, receive, send)
     start = sent[0]
     body_out = b"".join(m.get("body", b"") for m in sent[1:])
@@ -74,11 +86,19 @@ def test_a_request_past_the_timeout_is_a_504() -> None:
     assert status == 504 and "0.1 s" in body["error"]
 
 
-@pytest.mark.parametrize(("error", "status", "retry"), [
-    (ImageTooLarge("big"), 413, False), (UnsupportedImage("pdf"), 415, False), (ImageError("bad"), 400, False),
-    (BadRequest("option"), 400, False), (TooManyRequests("many"), 429, True), (Overloaded("busy"), 503, True),
-    (TimedOut("late"), 504, False), (RuntimeError("a bug"), 500, False),
-])
+@pytest.mark.parametrize(
+    ("error", "status", "retry"),
+    [
+        (ImageTooLarge("big"), 413, False),
+        (UnsupportedImage("pdf"), 415, False),
+        (ImageError("bad"), 400, False),
+        (BadRequest("option"), 400, False),
+        (TooManyRequests("many"), 429, True),
+        (Overloaded("busy"), 503, True),
+        (TimedOut("late"), 504, False),
+        (RuntimeError("a bug"), 500, False),
+    ],
+)
 def test_each_error_has_one_answer(error: Exception, status: int, retry: bool) -> None:
     response = error_response(error)
     assert response.status_code == status and ("retry-after" in response.headers) == retry

@@ -28,9 +28,18 @@ def browser() -> Iterator:
 
     with sync_playwright() as playwright:
         # Headless, and nothing that reaches beyond this machine (its network is closed).
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         yield browser
         browser.close()
 
@@ -64,8 +73,10 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def top_labels(page) -> dict[str, str]:
     """Each result's file name and its top-1 label, once every result has arrived."""
     page.wait_for_function("document.querySelectorAll('.result[aria-busy=true]').length === 0")
-    return {node.query_selector(".name").inner_text(): (node.query_selector(".bars .label") or node).inner_text()
-            for node in page.query_selector_all(".result")}
+    return {
+        node.query_selector(".name").inner_text(): (node.query_selector(".bars .label") or node).inner_text()
+        for node in page.query_selector_all(".result")
+    }
 
 
 def test_three_images_show_their_classes_and_a_pdf_shows_the_apis_error(page, images, tmp_path: Path) -> None:

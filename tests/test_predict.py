@@ -65,8 +65,12 @@ def test_csv_and_jsonl_agree(mixed_folder: Path, tmp_path: Path) -> None:
 
 def test_paths_from_stdin_and_stdout_output(mixed_folder: Path) -> None:
     paths = "\n".join(str(p) for p in sorted(mixed_folder.glob("*.jpg"))) + "\n"
-    result = subprocess.run([sys.executable, "-m", "cli.main", "predict", "-", "--model", "lenet",
-                             "--format", "jsonl"], input=paths, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "predict", "-", "--model", "lenet", "--format", "jsonl"],
+        input=paths,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0
     assert len(result.stdout.splitlines()) == len(paths.split())
 
@@ -74,15 +78,29 @@ def test_paths_from_stdin_and_stdout_output(mixed_folder: Path) -> None:
 def test_local_and_server_predictions_agree(mixed_folder: Path, tmp_path: Path, server: str) -> None:
     """Compared by probability per class (all ten): the order of two near-equal classes is not an answer."""
     local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
-    assert run_cli("predict", str(mixed_folder), "--model", "lenet", "--top-k", "10", "--out",
-                   str(local)).returncode == 0
-    result = run_cli("predict", str(mixed_folder), "--model", "lenet", "--top-k", "10", "--out", str(remote),
-                     "--server", server, "--batch-size", "4")
+    assert (
+        run_cli("predict", str(mixed_folder), "--model", "lenet", "--top-k", "10", "--out", str(local)).returncode == 0
+    )
+    result = run_cli(
+        "predict",
+        str(mixed_folder),
+        "--model",
+        "lenet",
+        "--top-k",
+        "10",
+        "--out",
+        str(remote),
+        "--server",
+        server,
+        "--batch-size",
+        "4",
+    )
     assert result.returncode == 0, result.stderr
     for a, b in zip(read_jsonl(local), read_jsonl(remote), strict=True):
         assert (a["path"], bool(a["error"])) == (b["path"], bool(b["error"]))
-        assert {x["label"]: x["probability"] for x in a["top_k"]} == \
-            pytest.approx({y["label"]: y["probability"] for y in b["top_k"]}, abs=1e-5)
+        assert {x["label"]: x["probability"] for x in a["top_k"]} == pytest.approx(
+            {y["label"]: y["probability"] for y in b["top_k"]}, abs=1e-5
+        )
 
 
 def test_existing_output_is_kept_without_force(mixed_folder: Path, tmp_path: Path) -> None:
@@ -120,8 +138,12 @@ def test_evaluate_matches_counting_predict_output(tiny_data: Path, tmp_path: Pat
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert (tmp_path / "eval" / "confusion.png").is_file()
     out = tmp_path / "p.jsonl"
-    assert run_cli("predict", str(tiny_data / "test"), "--recursive", "--model", "lenet", "--out", str(out),
-                   "--top-k", "1").returncode == 0
+    assert (
+        run_cli(
+            "predict", str(tiny_data / "test"), "--recursive", "--model", "lenet", "--out", str(out), "--top-k", "1"
+        ).returncode
+        == 0
+    )
     rows = read_jsonl(out)
     correct = sum(Path(r["path"]).parent.name == r["label"] for r in rows)
     assert report["images"] == len(rows)
@@ -142,12 +164,15 @@ def test_folders_list_in_path_order(tmp_path: Path) -> None:
         list(files_in(str(tmp_path / "gone"), recursive=True))
 
 
-def test_evaluate_without_matplotlib_writes_the_json_and_names_the_install_command(tiny_data: Path,
-                                                                                   tmp_path: Path) -> None:
+def test_evaluate_without_matplotlib_writes_the_json_and_names_the_install_command(
+    tiny_data: Path, tmp_path: Path
+) -> None:
     """As after `make serve` alone: the serving set has no matplotlib."""
-    script = ("import sys; sys.modules['matplotlib'] = None\nfrom cli.main import main\n"
-              f"sys.exit(main(['evaluate', '--data', {str(tiny_data)!r}, '--model', 'lenet', '--out', "
-              f"{str(tmp_path / 'eval')!r}]))")
+    script = (
+        "import sys; sys.modules['matplotlib'] = None\nfrom cli.main import main\n"
+        f"sys.exit(main(['evaluate', '--data', {str(tiny_data)!r}, '--model', 'lenet', '--out', "
+        f"{str(tmp_path / 'eval')!r}]))"
+    )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "eval" / "evaluation.json").is_file() and not (tmp_path / "eval" / "confusion.png").exists()

@@ -34,8 +34,9 @@ def jpeg_variants() -> list[tuple[str, bytes]]:
     """32x32 JPEGs in the encodings a client may produce: qualities, chroma subsampling, progressive, gray."""
     pixels = np.random.default_rng(7).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     rgb = Image.fromarray(pixels)
-    variants = [(f"q{q}-ss{ss}", encode(rgb, "JPEG", quality=q, subsampling=ss)) for q in (30, 75, 95, 100)
-                for ss in (0, 1, 2)]
+    variants = [
+        (f"q{q}-ss{ss}", encode(rgb, "JPEG", quality=q, subsampling=ss)) for q in (30, 75, 95, 100) for ss in (0, 1, 2)
+    ]
     variants += [("progressive", encode(rgb, "JPEG", progressive=True)), ("gray", encode(rgb.convert("L"), "JPEG"))]
     return variants
 
@@ -52,8 +53,12 @@ def test_fast_jpeg_path_leaves_the_rest_to_pillow(kind: str) -> None:
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     exif = Image.Exif()
     exif[0x0112] = 6
-    data = {"exif": encode(image, "JPEG", exif=exif), "cmyk": encode(image.convert("CMYK"), "JPEG"),
-            "64x64": encode(image.resize((64, 64)), "JPEG"), "png": encode(image, "PNG")}[kind]
+    data = {
+        "exif": encode(image, "JPEG", exif=exif),
+        "cmyk": encode(image.convert("CMYK"), "JPEG"),
+        "64x64": encode(image.resize((64, 64)), "JPEG"),
+        "png": encode(image, "PNG"),
+    }[kind]
     assert decode_plain_jpeg(data) is None
     assert decode_rgb(data).shape == (32, 32, 3)
 

@@ -28,9 +28,21 @@ def quantized(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     """The shipped ResNet-18 quantized on the tiny data set's training images, and registered as the int8 variant."""
     home = tmp_path_factory.mktemp("home")
     out = home / "resnet18-int8.onnx"
-    result = run_cli("quantize", str(shipped_file("resnet18")), "--data", str(tiny_data), "--out", str(out),
-                     "--images", "256", "--register", "cifar10-resnet18-int8",
-                     "--min-agreement", "0.95", env={"BENTOML_HOME": str(home)})  # 30 held-out images: 1 may flip
+    result = run_cli(
+        "quantize",
+        str(shipped_file("resnet18")),
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(out),
+        "--images",
+        "256",
+        "--register",
+        "cifar10-resnet18-int8",
+        "--min-agreement",
+        "0.95",
+        env={"BENTOML_HOME": str(home)},
+    )  # 30 held-out images: 1 may flip
     return out, home, result
 
 
@@ -55,8 +67,16 @@ def test_quantize_refuses_a_copy_that_disagrees_with_fp32_and_writes_nothing(tmp
     """A LeNet whose top two logits tie within 1e-6: int8 rounding decides half of its answers differently."""
     checkpoint = near_tied_checkpoint(tmp_path)
     assert run_cli("export", str(checkpoint), "--out", str(tmp_path / "tied.onnx")).returncode == 0
-    result = run_cli("quantize", str(tmp_path / "tied.onnx"), "--data", str(tiny_data), "--out",
-                     str(tmp_path / "int8.onnx"), "--images", "64")
+    result = run_cli(
+        "quantize",
+        str(tmp_path / "tied.onnx"),
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(tmp_path / "int8.onnx"),
+        "--images",
+        "64",
+    )
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "below the 99% required" in lines[0], result.stderr
     assert not (tmp_path / "int8.onnx").exists() and not list(tmp_path.glob("*.tmp"))
@@ -98,8 +118,11 @@ def wrong_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("wrong-int8")
     wrong = wrong_int8(PRETRAINED / "resnet18-int8.onnx", home / "wrong.onnx")
     env = {"BENTOML_HOME": str(home)}
-    for file, name in ((shipped_file("resnet18"), "cifar10-resnet18"), (shipped_file("lenet"), "cifar10-lenet"),
-                       (wrong, "cifar10-resnet18-int8")):
+    for file, name in (
+        (shipped_file("resnet18"), "cifar10-resnet18"),
+        (shipped_file("lenet"), "cifar10-lenet"),
+        (wrong, "cifar10-resnet18-int8"),
+    ):
         assert run_cli("register", str(file), "--name", name, env=env).returncode == 0
     return home
 
@@ -123,8 +146,9 @@ def test_the_service_refuses_a_wrong_int8_copy_at_start_up_and_fp32_answers(wron
     assert "below the 99% required" in lines[0] and "avx2" in lines[0]  # the CPU's instruction sets
 
 
-def test_predict_and_evaluate_fall_back_to_fp32_with_one_line(wrong_store: Path, samples, tmp_path: Path,
-                                                              tiny_data: Path) -> None:
+def test_predict_and_evaluate_fall_back_to_fp32_with_one_line(
+    wrong_store: Path, samples, tmp_path: Path, tiny_data: Path
+) -> None:
     env = {"BENTOML_HOME": str(wrong_store)}
     (tmp_path / "cat.jpg").write_bytes(samples[0][1])
     result = run_cli("predict", str(tmp_path / "cat.jpg"), "--format", "jsonl", env=env)

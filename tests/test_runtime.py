@@ -29,8 +29,10 @@ def test_unknown_provider_setting_is_a_user_error() -> None:
 
 
 def test_loading_a_model_on_this_host_prints_no_cuda_errors() -> None:
-    script = ("from core.runtime import OnnxModel, gpu_count; from core.store import shipped_file;"
-              "m = OnnxModel(shipped_file('lenet')); print(gpu_count(), m.provider)")
+    script = (
+        "from core.runtime import OnnxModel, gpu_count; from core.store import shipped_file;"
+        "m = OnnxModel(shipped_file('lenet')); print(gpu_count(), m.provider)"
+    )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     if result.stdout.split()[0] == "0":
@@ -38,8 +40,10 @@ def test_loading_a_model_on_this_host_prints_no_cuda_errors() -> None:
         assert "cuda" not in result.stderr.lower()
 
 
-@pytest.mark.parametrize(("cpu_max", "expected"), [("max 100000", 2), ("150000 100000", 2), ("100000 100000", 1),
-                                                    ("50000 100000", 1), ("garbage", 2)])
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [("max 100000", 2), ("150000 100000", 2), ("100000 100000", 1), ("50000 100000", 1), ("garbage", 2)],
+)
 def test_usable_cores_follow_a_cgroup_cpu_quota(tmp_path, monkeypatch, cpu_max: str, expected: int) -> None:
     """`docker run --cpus 1` or a Kubernetes limit of 1 CPU on a big host: one worker, one ONNX Runtime thread."""
     monkeypatch.setattr(host.os, "sched_getaffinity", lambda _: {0, 1})

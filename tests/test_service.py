@@ -32,10 +32,15 @@ def as_format(jpeg: bytes, fmt: str, mode: str = "RGB") -> bytes:
     return buffer.getvalue()
 
 
-def classify(server: str, data: bytes, name: str = "x", content_type: str = "application/octet-stream",
-             **fields) -> httpx.Response:
-    return httpx.post(f"{server}/classify", files={"image": (name, data, content_type)},
-                      data={k: str(v) for k, v in fields.items()}, timeout=60)
+def classify(
+    server: str, data: bytes, name: str = "x", content_type: str = "application/octet-stream", **fields
+) -> httpx.Response:
+    return httpx.post(
+        f"{server}/classify",
+        files={"image": (name, data, content_type)},
+        data={k: str(v) for k, v in fields.items()},
+        timeout=60,
+    )
 
 
 def check_schema(body: dict, model: str, top_k: int) -> None:
@@ -90,14 +95,23 @@ def test_png_sent_as_jpeg_is_judged_by_its_bytes(server: str, samples) -> None:
 
 def test_batch_keeps_order_and_isolates_bad_items(server: str, samples) -> None:
     good = [data for _, data in samples[:4]]
-    files = [("images", ("a.jpg", good[0])), ("images", ("b.txt", b"plain text")),
-             ("images", ("c.png", as_format(good[1], "PNG"))), ("images", ("d.jpg", good[2][:200])),
-             ("images", ("e.jpg", good[3]))]
+    files = [
+        ("images", ("a.jpg", good[0])),
+        ("images", ("b.txt", b"plain text")),
+        ("images", ("c.png", as_format(good[1], "PNG"))),
+        ("images", ("d.jpg", good[2][:200])),
+        ("images", ("e.jpg", good[3])),
+    ]
     response = httpx.post(f"{server}/classify_batch", files=files, data={"model": "lenet", "top_k": "2"}, timeout=60)
     assert response.status_code == 200
     results = response.json()["results"]
     assert [("predictions" in r, r.get("status")) for r in results] == [
-        (True, None), (False, 415), (True, None), (False, 400), (True, None)]
+        (True, None),
+        (False, 415),
+        (True, None),
+        (False, 400),
+        (True, None),
+    ]
     single = classify(server, good[0], model="lenet", top_k=2).json()["predictions"]
     assert [p["probability"] for p in results[0]["predictions"]] == pytest.approx([p["probability"] for p in single])
 
@@ -162,10 +176,12 @@ def test_a_bad_image_among_concurrent_good_ones_fails_alone(server: str, samples
 
     async def main() -> list[int]:
         async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+
             async def one(i: int) -> int:
                 data = b"not an image at all \xff\xfe" if i % 7 == 3 else samples[i % len(samples)][1]
                 response = await client.post("/classify", files={"image": ("x", data)}, data={"model": "lenet"})
                 return response.status_code
+
             return await asyncio.gather(*(one(i) for i in range(32)))
 
     statuses = asyncio.run(main())
@@ -209,9 +225,14 @@ def test_builtin_endpoints_still_work(server: str, samples) -> None:
     assert "<title>CIFAR-10 classifier</title>" in httpx.get(f"{server}/").text
     assert "/classify" in httpx.get(f"{server}/docs.json").json()["paths"]
     metrics = httpx.get(f"{server}/metrics").text
-    for name in ("cifar10_inference_images_total", "cifar10_inference_batch_size_bucket",
-                 "cifar10_inference_seconds_bucket", 'model="lenet"', "cifar10_http_request_seconds_bucket",
-                 'cifar10_http_requests_total{endpoint="/classify",status="200"}'):
+    for name in (
+        "cifar10_inference_images_total",
+        "cifar10_inference_batch_size_bucket",
+        "cifar10_inference_seconds_bucket",
+        'model="lenet"',
+        "cifar10_http_request_seconds_bucket",
+        'cifar10_http_requests_total{endpoint="/classify",status="200"}',
+    ):
         assert name in metrics
 
 
@@ -231,13 +252,18 @@ def own_server(home: Path, **env: str) -> Iterator[str]:
 
 def test_overload_is_answered_with_retry_after_and_the_server_recovers(samples, tmp_path) -> None:
     """A second server (one worker, tight limits) sheds load with 429/503 + Retry-After, never a 500, and recovers."""
-    with own_server(tmp_path / "home", CIFAR10_WORKERS="1", CIFAR10_MAX_CONCURRENCY="8",
-                    CIFAR10_MAX_LATENCY_MS="20") as url:
+    with own_server(
+        tmp_path / "home", CIFAR10_WORKERS="1", CIFAR10_MAX_CONCURRENCY="8", CIFAR10_MAX_LATENCY_MS="20"
+    ) as url:
+
         async def main() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-                return await asyncio.gather(*(
-                    client.post("/classify", files={"image": ("x.jpg", samples[i % len(samples)][1])})
-                    for i in range(48)))
+                return await asyncio.gather(
+                    *(
+                        client.post("/classify", files={"image": ("x.jpg", samples[i % len(samples)][1])})
+                        for i in range(48)
+                    )
+                )
 
         responses = asyncio.run(main())
         statuses = {r.status_code for r in responses}
@@ -268,9 +294,12 @@ def test_concurrent_requests_are_batched_and_match_unbatched_results(server: str
 
     async def main() -> list[dict]:
         async with httpx.AsyncClient(base_url=server, timeout=60) as client:
-            responses = await asyncio.gather(*(
-                client.post("/classify", files={"image": ("x.jpg", images[i % 8])}, data={"top_k": "10"})
-                for i in range(32)))
+            responses = await asyncio.gather(
+                *(
+                    client.post("/classify", files={"image": ("x.jpg", images[i % 8])}, data={"top_k": "10"})
+                    for i in range(32)
+                )
+            )
         return [r.json()["predictions"] for r in responses]
 
     together = asyncio.run(main())
@@ -287,6 +316,10 @@ def test_bentoml_cors_settings_reach_the_classification_routes(samples, tmp_path
     origin = "https://example.com"
     options = f'services.http.cors.enabled=true services.http.cors.access_control_allow_origins=["{origin}"]'
     with own_server(tmp_path / "home", BENTOML_CONFIG_OPTIONS=options) as url:
-        response = httpx.post(f"{url}/classify", files={"image": ("x.jpg", samples[0][1])},
-                              data={"model": "lenet"}, headers={"origin": origin})
+        response = httpx.post(
+            f"{url}/classify",
+            files={"image": ("x.jpg", samples[0][1])},
+            data={"model": "lenet"},
+            headers={"origin": origin},
+        )
         assert response.status_code == 200 and response.headers["access-control-allow-origin"] == origin

@@ -41,8 +41,9 @@ def accuracy_on_2000_test_images(model: OnnxModel) -> float:
         pytest.skip(f"needs the CIFAR-10 test archive at {TEST_ZIP}")
     with zipfile.ZipFile(TEST_ZIP) as archive:
         names = sorted(n for n in archive.namelist() if n.endswith(".jpg"))
-        chosen = [(i, n) for i, label in enumerate(CLASS_NAMES) for n in
-                  [n for n in names if n.split("/")[-2] == label][:200]]
+        chosen = [
+            (i, n) for i, label in enumerate(CLASS_NAMES) for n in [n for n in names if n.split("/")[-2] == label][:200]
+        ]
         pixels = np.stack([decode_rgb(archive.read(n)) for _, n in chosen])
     labels = np.array([i for i, _ in chosen])
     logits = np.concatenate([model.logits(normalize(pixels[s : s + 250], model.table)) for s in range(0, 2000, 250)])

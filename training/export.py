@@ -38,8 +38,15 @@ def _to_onnx(model: torch.nn.Module, path: Path) -> str:
     example = torch.randn(4, 3, INPUT_SIZE, INPUT_SIZE)
     names = {"input_names": ["input"], "output_names": ["logits"]}
     try:
-        torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False,
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            **names,
+        )
         return "dynamo"
     except Exception as exc:  # the legacy exporter is the documented fallback
         print(f"dynamo exporter failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); using the legacy exporter")
@@ -48,8 +55,9 @@ def _to_onnx(model: torch.nn.Module, path: Path) -> str:
         return "legacy"
 
 
-def export(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str | None = None,
-           register_as: str | None = None) -> Path:
+def export(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, data: str | None = None, register_as: str | None = None
+) -> Path:
     """Export, check parity, stamp metadata; the file appears at `out` only when all of that succeeded."""
     checkpoint, out = Path(checkpoint), Path(out)
     state = load_checkpoint(checkpoint)
@@ -71,9 +79,12 @@ def _export_to(path: Path, model: torch.nn.Module, state: dict, checkpoint: Path
     expected, got = torch_logits(model, batch), onnx_run(batch)
     diff = float(np.abs(got - expected).max())
     flips = top_class_flips(expected, got)
-    print(f"parity on {len(batch)} images ({'real' if data else 'synthetic'}): max |logit diff| {diff:.2e}, "
-          f"argmax identical: {not flips}" + (f" ({flips} near-tied images flipped)" if flips else "")
-          + f" (exporter: {exporter})")
+    print(
+        f"parity on {len(batch)} images ({'real' if data else 'synthetic'}): max |logit diff| {diff:.2e}, "
+        f"argmax identical: {not flips}"
+        + (f" ({flips} near-tied images flipped)" if flips else "")
+        + f" (exporter: {exporter})"
+    )
     problem = parity_problem(expected, got)
     if problem:
         raise UserError(f"{problem}; nothing written")
@@ -81,11 +92,19 @@ def _export_to(path: Path, model: torch.nn.Module, state: dict, checkpoint: Path
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     test_accuracy = onnx_test_accuracy(onnx_run, data)
     info = ModelInfo(
-        arch=state["config"]["arch"], class_names=CLASS_NAMES, input_size=INPUT_SIZE, mean=MEAN, std=STD,
+        arch=state["config"]["arch"],
+        class_names=CLASS_NAMES,
+        input_size=INPUT_SIZE,
+        mean=MEAN,
+        std=STD,
         test_accuracy=summary.get("test_acc") if test_accuracy is None else test_accuracy,
-        val_accuracy=state.get("val_acc"), epochs=state.get("epoch"),
-        checkpoint_sha256=sha256_of(checkpoint), export_date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        package_version=package_version(), parity_max_abs_diff=diff, parity_images=len(batch),
+        val_accuracy=state.get("val_acc"),
+        epochs=state.get("epoch"),
+        checkpoint_sha256=sha256_of(checkpoint),
+        export_date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        package_version=package_version(),
+        parity_max_abs_diff=diff,
+        parity_images=len(batch),
     )
     stamp_metadata(path, info)
 

@@ -29,8 +29,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load fails in many ways (pickle, zip, index errors) on a damaged file
-        raise UserError(f"{path} is not a readable training checkpoint ({type(exc).__name__}); "
-                        "pass RUN_DIR/best.pt or last.pt from `cifar10 train`") from None
+        raise UserError(
+            f"{path} is not a readable training checkpoint ({type(exc).__name__}); "
+            "pass RUN_DIR/best.pt or last.pt from `cifar10 train`"
+        ) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path} is not a checkpoint written by `cifar10 train` (no model/config entries)")
     return state
@@ -70,8 +72,9 @@ def onnx_test_accuracy(run: Callable[[np.ndarray], np.ndarray], data: str | None
     return accuracy
 
 
-def predicted_classes(run: Callable[[np.ndarray], np.ndarray], table: np.ndarray,
-                      images: np.ndarray) -> tuple[np.ndarray, float]:
+def predicted_classes(
+    run: Callable[[np.ndarray], np.ndarray], table: np.ndarray, images: np.ndarray
+) -> tuple[np.ndarray, float]:
     """The top class of every uint8 NHWC image through `run`, and the seconds spent in `run`."""
     predictions, seconds = [], 0.0
     for start in range(0, len(images), BATCH):

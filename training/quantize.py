@@ -34,9 +34,14 @@ REFERENCE_IMAGES = 256  # held-out images in the self-check reference set
 # Reference images are clear answers: fp32's top class ahead of the next by this much probability, so a host
 # whose int8 kernels compute what this host's do cannot disagree by rounding.
 REFERENCE_MARGIN = 0.2
-SETTINGS = {"format": "QDQ", "weights": "int8 with a 7-bit range (reduce_range), per channel",
-            "activations": "uint8", "calibration": "MinMax",
-            "preprocessing": "onnxruntime quant_pre_process", "tool": "onnxruntime.quantization.quantize_static"}
+SETTINGS = {
+    "format": "QDQ",
+    "weights": "int8 with a 7-bit range (reduce_range), per channel",
+    "activations": "uint8",
+    "calibration": "MinMax",
+    "preprocessing": "onnxruntime quant_pre_process",
+    "tool": "onnxruntime.quantization.quantize_static",
+}
 
 
 class Calibration:
@@ -50,8 +55,15 @@ class Calibration:
         return None if batch is None else {self.input_name: batch}
 
 
-def quantize(source: str | os.PathLike, out: str | os.PathLike, data: str, images: int = 512, seed: int = 0,
-             register_as: str | None = None, min_agreement: float = MIN_AGREEMENT) -> Path:
+def quantize(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    data: str,
+    images: int = 512,
+    seed: int = 0,
+    register_as: str | None = None,
+    min_agreement: float = MIN_AGREEMENT,
+) -> Path:
     """Quantize `source`; the file appears at `out` only when its top-1 agreement with fp32 reaches min_agreement."""
     source, out = Path(source), Path(out)
     fp32 = OnnxModel(source, providers="cpu")
@@ -65,8 +77,9 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, data: str, image
     calibration = [normalize(fit.images[chosen[i : i + BATCH]], fp32.table) for i in range(0, images, BATCH)]
     pixels = held_out.images[:PARITY_IMAGES]
     print(f"calibrating on {images} training images (seed {seed}); checking on {len(pixels):,} held-out ones")
-    write_atomic(out, lambda tmp: _quantize_to(tmp, source, fp32, calibration, pixels, data, images, seed,
-                                               min_agreement))
+    write_atomic(
+        out, lambda tmp: _quantize_to(tmp, source, fp32, calibration, pixels, data, images, seed, min_agreement)
+    )
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, sha256 {sha256_of(out)[:16]}…)")
     if register_as:
         from core.store import register_and_compare
@@ -75,8 +88,17 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, data: str, image
     return out
 
 
-def _quantize_to(path: Path, source: Path, fp32: OnnxModel, calibration: list[np.ndarray], pixels: np.ndarray,
-                 data: str, images: int, seed: int, min_agreement: float) -> None:
+def _quantize_to(
+    path: Path,
+    source: Path,
+    fp32: OnnxModel,
+    calibration: list[np.ndarray],
+    pixels: np.ndarray,
+    data: str,
+    images: int,
+    seed: int,
+    min_agreement: float,
+) -> None:
     # Imported here, after this project's `models` package: onnxruntime.quantization puts its own
     # transformers folder on sys.path, whose `models` would otherwise shadow ours.
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -85,29 +107,50 @@ def _quantize_to(path: Path, source: Path, fp32: OnnxModel, calibration: list[np
     with tempfile.TemporaryDirectory() as work:
         prepared = Path(work) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared))
-        quantize_static(str(prepared), str(path), Calibration(calibration, fp32.input_name),
-                        quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+        quantize_static(
+            str(prepared),
+            str(path),
+            Calibration(calibration, fp32.input_name),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
     run = onnx_runner(path)
     check = normalize(pixels, fp32.table)
     expected = np.concatenate([fp32.logits(check[i : i + 256]) for i in range(0, len(check), 256)])
     got = np.concatenate([run(check[i : i + 256]) for i in range(0, len(check), 256)])
     agreement = float((expected.argmax(1) == got.argmax(1)).mean())
     probability_diff = float(np.abs(softmax(got) - softmax(expected)).max())
-    print(f"int8 vs fp32 on {len(check):,} held-out images: top-1 agreement {agreement:.4f}, max probability "
-          f"difference {probability_diff:.4f}, max logit difference {np.abs(got - expected).max():.3f}")
+    print(
+        f"int8 vs fp32 on {len(check):,} held-out images: top-1 agreement {agreement:.4f}, max probability "
+        f"difference {probability_diff:.4f}, max logit difference {np.abs(got - expected).max():.3f}"
+    )
     if agreement < min_agreement:
-        raise UserError(f"int8 agrees with fp32 on {agreement:.2%} of the held-out images, below the "
-                        f"{min_agreement:.0%} required (--min-agreement)")
+        raise UserError(
+            f"int8 agrees with fp32 on {agreement:.2%} of the held-out images, below the "
+            f"{min_agreement:.0%} required (--min-agreement)"
+        )
     info = replace(
-        fp32.info, precision="int8", source_sha256=sha256_of(source), source_test_accuracy=fp32.info.test_accuracy,
+        fp32.info,
+        precision="int8",
+        source_sha256=sha256_of(source),
+        source_test_accuracy=fp32.info.test_accuracy,
         test_accuracy=onnx_test_accuracy(run, data),
-        quantization={**SETTINGS, "calibration_images": images, "calibration_seed": seed,
-                      "calibration_split": "train, without the 5,000 held out for validation (seed 0)"},
-        parity_images=len(check), parity_max_abs_diff=float(np.abs(got - expected).max()),
-        parity_top1_agreement=agreement, parity_max_probability_diff=probability_diff,
-        export_date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), package_version=package_version(),
+        quantization={
+            **SETTINGS,
+            "calibration_images": images,
+            "calibration_seed": seed,
+            "calibration_split": "train, without the 5,000 held out for validation (seed 0)",
+        },
+        parity_images=len(check),
+        parity_max_abs_diff=float(np.abs(got - expected).max()),
+        parity_top1_agreement=agreement,
+        parity_max_probability_diff=probability_diff,
+        export_date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        package_version=package_version(),
     )
     chosen = reference_images(expected, got)
     print(f"self-check reference set: {len(chosen)} held-out images whose fp32 answer is clear and int8 agrees")

@@ -75,13 +75,26 @@ class TrainConfig:
             given, kept = getattr(self, key), getattr(saved, key)
             if given is not None and given != kept:
                 flag = "--" + key.replace("_", "-")
-                raise TrainError(f"--resume keeps the run's settings: {flag} {given} differs from its {kept}; "
-                                 f"drop {flag}, or start a new run with another --out")
+                raise TrainError(
+                    f"--resume keeps the run's settings: {flag} {given} differs from its {kept}; "
+                    f"drop {flag}, or start a new run with another --out"
+                )
         if self.epochs is not None and self.epochs < saved.epochs:
-            raise TrainError(f"--resume: --epochs {self.epochs} is below the run's {saved.epochs}; "
-                             "a run can be extended, not shortened")
-        return replace(saved, data=self.data, out=self.out, device=self.device, amp=self.amp, resume=True,
-                       stop_after=self.stop_after, download=self.download, epochs=self.epochs or saved.epochs)
+            raise TrainError(
+                f"--resume: --epochs {self.epochs} is below the run's {saved.epochs}; "
+                "a run can be extended, not shortened"
+            )
+        return replace(
+            saved,
+            data=self.data,
+            out=self.out,
+            device=self.device,
+            amp=self.amp,
+            resume=True,
+            stop_after=self.stop_after,
+            download=self.download,
+            epochs=self.epochs or saved.epochs,
+        )
 
 
 class TrainError(UserError):
@@ -144,15 +157,20 @@ class Augmenter:
         return x
 
 
-def warmup_then_decay(optimizer: torch.optim.Optimizer, total_steps: int,
-                      warmup: float = 0.15) -> torch.optim.lr_scheduler.LRScheduler:
+def warmup_then_decay(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup: float = 0.15
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Linear warm-up over the first 15% of steps, then linear decay to zero at the last step."""
     warm = max(1, int(warmup * total_steps))
     schedule = torch.optim.lr_scheduler
-    return schedule.SequentialLR(optimizer, [
-        schedule.LinearLR(optimizer, 1 / warm, 1.0, total_iters=max(1, warm - 1)),
-        schedule.LinearLR(optimizer, 1.0, 0.0, total_iters=max(1, total_steps - warm)),
-    ], milestones=[warm])
+    return schedule.SequentialLR(
+        optimizer,
+        [
+            schedule.LinearLR(optimizer, 1 / warm, 1.0, total_iters=max(1, warm - 1)),
+            schedule.LinearLR(optimizer, 1.0, 0.0, total_iters=max(1, total_steps - warm)),
+        ],
+        milestones=[warm],
+    )
 
 
 def epoch_plan(n: int, epoch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -248,8 +266,11 @@ def _train(cfg: TrainConfig, state: dict | None, device: torch.device, rank: int
     last_path, best_path = out / "last.pt", out / "best.pt"
     if state is not None and state["epoch"] >= cfg.epochs:
         if is_main:
-            print(f"{out} is finished ({state['epoch']} of {cfg.epochs} epochs): nothing to do; "
-                  "pass --epochs N to train it longer", flush=True)
+            print(
+                f"{out} is finished ({state['epoch']} of {cfg.epochs} epochs): nothing to do; "
+                "pass --epochs N to train it longer",
+                flush=True,
+            )
         return {}
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -274,10 +295,13 @@ def _train(cfg: TrainConfig, state: dict | None, device: torch.device, rank: int
         scheduler = _resumed_schedule(optimizer, state, cfg.epochs, steps, announce=is_main)
     if is_main:
         capped = f" (--val-size {cfg.val_size} capped at a tenth of them)" if len(val_data) < cfg.val_size else ""
-        print(f"{cfg.arch}: {len(train_data):,} training, {len(val_data):,} validation{capped}, "
-              f"{len(test_data) if test_data else 'no'} test images; {device_name(device)} x {world}, "
-              f"{'bf16 autocast' if cfg.amp else 'fp32'}; epochs {start_epoch}-{cfg.epochs} of {steps} steps, "
-              f"batch {cfg.batch_size}", flush=True)
+        print(
+            f"{cfg.arch}: {len(train_data):,} training, {len(val_data):,} validation{capped}, "
+            f"{len(test_data) if test_data else 'no'} test images; {device_name(device)} x {world}, "
+            f"{'bf16 autocast' if cfg.amp else 'fp32'}; epochs {start_epoch}-{cfg.epochs} of {steps} steps, "
+            f"batch {cfg.batch_size}",
+            flush=True,
+        )
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     aug = Augmenter(device, cfg.cutout)
@@ -306,8 +330,11 @@ def _train(cfg: TrainConfig, state: dict | None, device: torch.device, rank: int
             totals += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum()])
             count += len(y)
             if not bar.disable and step % 20 == 0:  # .item() waits for the device: only when someone watches
-                bar.set_postfix(loss=f"{totals[0].item() / count:.3f}", acc=f"{totals[1].item() / count:.3f}",
-                                img_s=f"{count * world / (time.perf_counter() - started):.0f}")
+                bar.set_postfix(
+                    loss=f"{totals[0].item() / count:.3f}",
+                    acc=f"{totals[1].item() / count:.3f}",
+                    img_s=f"{count * world / (time.perf_counter() - started):.0f}",
+                )
         totals = torch.cat([totals, torch.tensor([float(count)], device=device)])
         if world > 1:
             dist.all_reduce(totals)
@@ -333,14 +360,24 @@ def _train(cfg: TrainConfig, state: dict | None, device: torch.device, rank: int
             flush=True,
         )
         state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": epoch, "rng": {"torch": torch.get_rng_state()}, "config": asdict(cfg),
-            "history": history, "best_val_acc": max(best_acc, metrics["val_acc"]),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "rng": {"torch": torch.get_rng_state()},
+            "config": asdict(cfg),
+            "history": history,
+            "best_val_acc": max(best_acc, metrics["val_acc"]),
         }
         if metrics["val_acc"] > best_acc:
             best_acc = metrics["val_acc"]
-            best = {"model": model.state_dict(), "epoch": epoch, "config": asdict(cfg), "history": history,
-                    "val_acc": best_acc}
+            best = {
+                "model": model.state_dict(),
+                "epoch": epoch,
+                "config": asdict(cfg),
+                "history": history,
+                "val_acc": best_acc,
+            }
             write_atomic(best_path, functools.partial(torch.save, best))
         write_atomic(last_path, functools.partial(torch.save, state))
         write_atomic(out / "metrics.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(m) + "\n" for m in history)))
@@ -352,8 +389,9 @@ def _train(cfg: TrainConfig, state: dict | None, device: torch.device, rank: int
     return _finish(cfg, device, out, history, len(val_data), test_data) if is_main else {}
 
 
-def _resumed_schedule(optimizer: torch.optim.Optimizer, state: dict, epochs: int, steps: int,
-                      announce: bool) -> torch.optim.lr_scheduler.LRScheduler:
+def _resumed_schedule(
+    optimizer: torch.optim.Optimizer, state: dict, epochs: int, steps: int, announce: bool
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Load the optimizer's state and return the run's schedule where it stopped; extended to `epochs`, the
     schedule of an `epochs` run at this step."""
     planned = state["config"]["epochs"]
@@ -372,9 +410,11 @@ def _resumed_schedule(optimizer: torch.optim.Optimizer, state: dict, epochs: int
         for _ in range(state["epoch"] * steps):
             scheduler.step()
     if announce:
-        print(f"extending the run from {planned} to {epochs} epochs: the learning rate follows the {epochs}-epoch "
-              f"schedule from epoch {state['epoch'] + 1}, {scheduler.get_last_lr()[0]:.4g} (was {was:.4g})",
-              flush=True)
+        print(
+            f"extending the run from {planned} to {epochs} epochs: the learning rate follows the {epochs}-epoch "
+            f"schedule from epoch {state['epoch'] + 1}, {scheduler.get_last_lr()[0]:.4g} (was {was:.4g})",
+            flush=True,
+        )
     return scheduler
 
 
@@ -387,17 +427,22 @@ def _test_split(data: str, announce: bool) -> Split | None:
         return None
 
 
-def _finish(cfg: TrainConfig, device: torch.device, out: Path, history: list[dict], val_images: int,
-            test: Split | None) -> dict:
+def _finish(
+    cfg: TrainConfig, device: torch.device, out: Path, history: list[dict], val_images: int, test: Split | None
+) -> dict:
     """Evaluate best.pt once on the test split and write summary.json."""
     best = torch.load(out / "best.pt", map_location=device, weights_only=True)
     model = get_model(cfg.arch).to(device, memory_format=torch.channels_last)
     model.load_state_dict(best["model"])
     summary = {
-        "arch": cfg.arch, "best_epoch": best["epoch"], "val_acc": best["val_acc"], "epochs": cfg.epochs,
+        "arch": cfg.arch,
+        "best_epoch": best["epoch"],
+        "val_acc": best["val_acc"],
+        "epochs": cfg.epochs,
         "train_seconds": round(sum(m["seconds"] for m in history), 1),
         "device": device_name(device),
-        "config": asdict(cfg), "val_images": val_images,
+        "config": asdict(cfg),
+        "val_images": val_images,
     }
     if test is not None:
         result = split_metrics(model, test, Augmenter(device), device, cfg.amp)
@@ -405,4 +450,3 @@ def _finish(cfg: TrainConfig, device: torch.device, out: Path, history: list[dic
         print(f"test accuracy of best.pt (epoch {best['epoch']}): {result['accuracy']:.4f}", flush=True)
     write_atomic(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2, default=float) + "\n"))
     return summary
-
