@@ -2,7 +2,8 @@
 
 from core.contract import CLASS_NAMES
 
-ARCHS: tuple[str, ...] = ("lenet", "resnet18")
+# The seed's networks, each sized for 32x32 CIFAR images.
+ARCHS: tuple[str, ...] = ("lenet", "alexnet", "vgg11", "vgg16", "googlenet", "resnet18")
 
 
 def get_model(name: str, num_classes: int = len(CLASS_NAMES)):
@@ -11,6 +12,18 @@ def get_model(name: str, num_classes: int = len(CLASS_NAMES)):
         from models.lenet import LeNet5
 
         return LeNet5(num_classes)
+    if name == "alexnet":
+        from models.alexnet import AlexNet
+
+        return AlexNet(num_classes)
+    if name in ("vgg11", "vgg16"):
+        from models.vgg import vgg
+
+        return vgg(name, num_classes)
+    if name == "googlenet":
+        from models.googlenet import GoogLeNet
+
+        return GoogLeNet(num_classes)
     if name == "resnet18":
         from models.resnet import resnet18
 
