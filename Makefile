@@ -25,6 +25,7 @@ register-shipped: $(VENV)/.serve
 	$(BIN)/python -m core.store
 
 serve: register-shipped
+	@$(BIN)/python -m service.port $(PORT)
 	$(BIN)/bentoml serve service.service:Classifier --port $(PORT)
 
 test: $(VENV)/.all

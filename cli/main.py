@@ -1,16 +1,58 @@
 """The `cifar10` command: train, export, quantize, register, predict, evaluate.
 
 The top of the project: it drives training and the shared core. Each subcommand imports
-its heavy dependencies itself, so `predict` runs without torch.
+its heavy dependencies itself, so `predict` runs without torch. Every option is checked
+here, when the command line is read: a bad value is one line and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from core.contract import PRECISIONS, SPLITS
 from core.errors import UserError
+from models import ARCHS
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (no usage block) that says where the help is."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def whole(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` (to `high`)."""
+
+    def parse(text: str) -> int:
+        allowed = f"a whole number from {low}" + (f" to {high}" if high is not None else " up")
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {allowed}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: use {allowed}")
+        return value
+
+    return parse
+
+
+def number(low: float, high: float | None = None, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number from `low` (above it when `low_open`) to `high`."""
+
+    def parse(text: str) -> float:
+        allowed = f"a number {'above' if low_open else 'from'} {low:g}" + (f" to {high:g}" if high is not None else "")
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {allowed}") from None
+        if not (value > low if low_open else value >= low) or (high is not None and value > high) or value != value:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: use {allowed}")
+        return value
+
+    return parse
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -40,16 +82,24 @@ def _train(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from training.export import export
 
-    export(args.checkpoint, args.out, data=args.data, register_as=args.register)
+    export(
+        args.checkpoint, args.out, data=args.data, register_as=args.register, tolerance=args.tolerance, force=args.force
+    )
     return 0
 
 
 def _quantize(args: argparse.Namespace) -> int:
     from training.quantize import quantize
 
-    agreement = {} if args.min_agreement is None else {"min_agreement": args.min_agreement}
     quantize(
-        args.model, args.out, args.data, images=args.images, seed=args.seed, register_as=args.register, **agreement
+        args.model,
+        args.out,
+        args.data,
+        images=args.images,
+        seed=args.seed,
+        register_as=args.register,
+        min_agreement=args.min_agreement,
+        force=args.force,
     )
     return 0
 
@@ -64,7 +114,7 @@ def _register(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate
 
-    evaluate(args.data, model=args.model, split=args.split, out=args.out, precision=args.precision)
+    evaluate(args.data, model=args.model, split=args.split, out=args.out, precision=args.precision, force=args.force)
     return 0
 
 
@@ -87,27 +137,37 @@ def _predict(args: argparse.Namespace) -> int:
     )
 
 
+MODEL_HELP = "a served name (resnet18, lenet, or NAME of a cifar10-NAME in the store), a store tag NAME:VERSION"
+PRECISION_HELP = "a served name's copy: auto (int8 on a CPU host where its self-check passes, else fp32), fp32 or int8"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cifar10", description="Train, export and serve CIFAR-10 classifiers.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="cifar10", description="Train, export and serve CIFAR-10 classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("train", help="train a network; checkpoints every epoch")
-    p.add_argument("--arch", required=True, choices=("lenet", "resnet18"))
+    p.add_argument("--arch", required=True, choices=ARCHS)
     p.add_argument("--data", required=True, help="zip, class-folder tree or cifar-10-batches-py root")
     p.add_argument("--out", required=True, help="run folder for checkpoints, metrics and curves")
     p.add_argument(
-        "--epochs", type=int, help="default: the architecture's recipe; with --resume, more than the run's extends it"
+        "--epochs",
+        type=whole(1),
+        help="default: the architecture's recipe; with --resume, more than the run's extends it",
     )
-    p.add_argument("--batch-size", type=int, help="global batch size; default: the recipe's")
-    p.add_argument("--lr", type=float, help="peak learning rate; default: the recipe's")
-    p.add_argument("--cutout", type=int, help="side of the square Cutout erases, 0 for none; default: the recipe's")
-    p.add_argument("--val-size", type=int, help="training images held out for validation (default 5000)")
+    p.add_argument("--batch-size", type=whole(1), help="global batch size; default: the recipe's")
+    p.add_argument("--lr", type=number(0, 10, low_open=True), help="peak learning rate; default: the recipe's")
+    p.add_argument(
+        "--cutout", type=whole(0, 32), help="side of the square Cutout erases, 0 for none; default: the recipe's"
+    )
+    p.add_argument("--val-size", type=whole(1), help="training images held out for validation (default 5000)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--seed", type=whole(0), help="default 0")
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last.pt, with the run's own settings"
     )
-    p.add_argument("--stop-after", type=int, metavar="EPOCH", help="end after this epoch; finish later with --resume")
+    p.add_argument(
+        "--stop-after", type=whole(1), metavar="EPOCH", help="end after this epoch; finish later with --resume"
+    )
     p.add_argument("--download", action="store_true", help="fetch the official CIFAR-10 release into --data")
     p.add_argument(
         "--amp",
@@ -121,45 +181,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="RUN_DIR/best.pt")
     p.add_argument("--out", required=True, help="FILE.onnx to write")
     p.add_argument("--data", help="images for the parity check (default: a synthetic batch)")
-    p.add_argument("--register", metavar="NAME", help="also store the ONNX file in the BentoML model store")
+    p.add_argument(
+        "--tolerance",
+        type=number(0, 1, low_open=True),
+        default=1e-4,
+        help="largest logit difference from PyTorch, relative to the largest logit (default 1e-4)",
+    )
+    p.add_argument(
+        "--register",
+        metavar="NAME",
+        nargs="?",
+        const="",
+        help="also store it in the BentoML model store (NAME: default cifar10-ARCH)",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("quantize", help="int8 copy of an fp32 ONNX file, calibrated on training images")
     p.add_argument("model", metavar="MODEL.onnx", help="an fp32 file from `cifar10 export`")
     p.add_argument("--data", required=True, help="the training data (its train split calibrates and checks)")
     p.add_argument("--out", required=True, help="FILE.onnx to write")
-    p.add_argument("--images", type=int, default=512, help="calibration images, drawn from the train split")
-    p.add_argument("--seed", type=int, default=0, help="for drawing the calibration images")
+    p.add_argument("--images", type=whole(1), default=512, help="calibration images, drawn from the train split")
+    p.add_argument("--seed", type=whole(0), default=0, help="for drawing the calibration images")
     p.add_argument(
         "--min-agreement",
-        type=float,
+        type=number(0, 1),
+        default=0.99,
         help="top-1 agreement with fp32 on held-out training images below which nothing is written (default 0.99)",
     )
-    p.add_argument("--register", metavar="NAME", help="also store it in the BentoML model store")
+    p.add_argument(
+        "--register",
+        metavar="NAME",
+        nargs="?",
+        const="",
+        help="also store it in the BentoML model store (NAME: default cifar10-ARCH-int8)",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.set_defaults(func=_quantize)
 
     p = sub.add_parser("register", help="store an ONNX file in the BentoML model store")
     p.add_argument("onnx_file")
-    p.add_argument("--name", required=True, help="model name, e.g. cifar10-resnet18")
+    p.add_argument(
+        "--name",
+        help="cifar10-ARCH[-ANYTHING][-int8], served as what follows cifar10-; default: "
+        "cifar10-ARCH (-int8 for an int8 file), from the file's metadata",
+    )
     p.set_defaults(func=_register)
 
     p = sub.add_parser("predict", help="label image files: CSV or JSONL, one row per input, in order")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, globs, or - for paths on stdin")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders (and ** in globs)")
-    p.add_argument("--model", default="resnet18", help="resnet18, resnet18-int8, lenet, a store tag or FILE.onnx")
-    p.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="auto",
-        help="resnet18 in int8 or fp32; auto: int8 on a CPU host, fp32 with a GPU",
-    )
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--model", default="resnet18", help=f"{MODEL_HELP}, or FILE.onnx (default resnet18)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=f"{PRECISION_HELP}; local runs only")
+    p.add_argument("--top-k", type=whole(1, 10), default=3)
+    p.add_argument("--batch-size", type=whole(1), default=64)
     p.add_argument("--out", default="-", help="FILE.csv, FILE.jsonl or - for stdout (default)")
     p.add_argument("--format", choices=("csv", "jsonl"), help="default: from the --out suffix, else csv")
     p.add_argument(
         "--workers",
-        type=int,
+        type=whole(1, 256),
         help="decoding processes (local; default: one per core) or requests in flight (server; default 4)",
     )
     p.add_argument("--server", metavar="URL", help="use a running service, e.g. http://localhost:3000")
@@ -171,15 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="zip, class-folder tree or cifar-10-batches-py root")
     p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument(
-        "--model", default="resnet18", help="resnet18, resnet18-int8, lenet, a store tag, FILE.onnx or a .pt checkpoint"
+        "--model", default="resnet18", help=f"{MODEL_HELP}, FILE.onnx or a .pt checkpoint (default resnet18)"
     )
-    p.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="auto",
-        help="resnet18 in int8 or fp32; auto: int8 on a CPU host, fp32 with a GPU",
-    )
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("--out", help="folder for evaluation.json and confusion.png")
+    p.add_argument("--force", action="store_true", help="overwrite evaluation.json and confusion.png in --out")
     p.set_defaults(func=_evaluate)
     return parser
 

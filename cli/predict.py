@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -26,6 +27,7 @@ import numpy as np
 
 from cli.file_decoding import decode_files
 from core.errors import UserError
+from core.files import refuse_existing
 from core.host import usable_cores
 from core.preprocess import normalize
 from core.runtime import top_classes
@@ -121,8 +123,8 @@ class LocalPredictor:
             # no spinning: the decoding processes need the cores between model calls
             choice = load(model, precision, spin=False)
             self.model = choice.model
-            if choice.check and not choice.check.passed:
-                print(f"cifar10 predict: {model}: {choice.reason}", file=sys.stderr)
+            for line in choice.warnings():
+                print(f"cifar10 predict: {model}: {line}", file=sys.stderr)
         except BaseException:
             self.pool.shutdown(cancel_futures=True)
             raise
@@ -156,6 +158,13 @@ def _retry_after_doubled(state: tenacity.RetryCallState) -> float:
     return float(state.outcome.result().headers.get("retry-after", 0.5)) * 2 ** (state.attempt_number - 1)
 
 
+def check_server_url(url: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        example = url if "://" in url else f"http://{url}"
+        raise UserError(f"--server {url!r} is not an http:// or https:// URL with a host; e.g. {example}")
+
+
 class ServerPredictor:
     """POST /classify_batch to a running service with bounded concurrency and retries on 429/503."""
 
@@ -174,8 +183,13 @@ class ServerPredictor:
         )
         try:
             self.client.get(f"{self.url}/readyz").raise_for_status()
+            served = self.client.get(f"{self.url}/models").json()["models"]
         except httpx.HTTPError as exc:
             raise UserError(f"cannot reach the server at {self.url} ({exc}); start it with `make serve`") from None
+        if model not in served:
+            raise UserError(
+                f"the server at {self.url} serves {', '.join(served)}, not {model!r}; choose one with --model"
+            )
 
     def __iter__(self) -> Iterator[Row]:
         with ThreadPoolExecutor(self.workers) as pool:
@@ -228,12 +242,13 @@ class Writer:
             self.stream, self.partial = sys.stdout, None
         else:
             target = Path(out)
-            if target.exists() and not force:
-                raise UserError(f"{out} exists; choose another --out or add --force to overwrite it")
+            refuse_existing(target, force)
+            if not target.parent.is_dir():
+                raise UserError(f"--out {out}: no folder {target.parent}; create it first")
             self.partial = target.with_name(target.name + ".partial")
             self.stream = self.partial.open("w", newline="")
         self.rows = 0
-        self.csv = csv.writer(self.stream) if self.fmt == "csv" else None
+        self.csv = csv.writer(self.stream, lineterminator="\n") if self.fmt == "csv" else None
 
     def write(self, row: Row) -> None:
         if self.csv and not self.rows:  # with the first row: a run that fails before any writes nothing
@@ -258,7 +273,8 @@ class Writer:
                         "path": row.path,
                         "label": label or None,
                         "probability": probability,
-                        "top_k": [{"label": n, "probability": p} for n, p in row.top],
+                        "top_labels": [n for n, _ in row.top],
+                        "top_probabilities": [p for _, p in row.top],
                         "error": row.error or None,
                     }
                 )
@@ -318,11 +334,14 @@ def predict(
     quiet: bool = False,
     precision: str = "auto",
 ) -> int:
-    """Run the whole command; returns the exit status."""
-    if not 1 <= top_k <= 10:
-        raise UserError(f"--top-k must be between 1 and 10, got {top_k}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    """Run the whole command; returns the exit status. The options' ranges are checked by cli/main.py."""
+    if server:
+        check_server_url(server)
+        if precision != "auto":
+            raise UserError(
+                f"--precision {precision} chooses a local model's copy; a server answers with the copy "
+                f"it chose (GET {server.rstrip('/')}/models shows it): drop --precision or --server"
+            )
     workers = workers or (4 if server else usable_cores())
     writer = Writer(out, force, fmt)  # refuses an existing --out before any work starts
     progress = Progress(quiet)

@@ -25,3 +25,24 @@ def stored_file(name: str, version: str, filename: str) -> Path | None:
     except OSError:
         return None
     return path if path.is_file() else None
+
+
+def stored_versions(name: str) -> list[tuple[str, dict]]:
+    """Every version of model `name` with its BentoML model info (`model.yaml`: metadata, creation_time), newest
+    first; empty when the store has no such model."""
+    import yaml
+
+    versions = []
+    for info_file in (bentoml_home() / "models" / name.lower()).glob("*/model.yaml"):
+        try:
+            info = yaml.safe_load(info_file.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(info, dict):
+            versions.append((info_file.parent.name, info))
+    return sorted(versions, key=lambda item: str(item[1].get("creation_time", "")), reverse=True)
+
+
+def stored_names() -> list[str]:
+    """The names of the models in the store, sorted."""
+    return sorted(p.name for p in (bentoml_home() / "models").glob("*") if p.is_dir())

@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from core.errors import UserError
+
 
 def sha256_of(path: Path) -> str:
     """Hex sha256 of a file's content."""
@@ -15,16 +17,30 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def refuse_existing(path: Path, force: bool) -> None:
+    """The one rule for every command's output: an existing file is replaced only with --force."""
+    if path.exists() and not force:
+        raise UserError(f"{path} exists; choose another --out or add --force to overwrite it")
+
+
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """`write` fills a temporary file beside `path`, which then replaces it: a cut never leaves half a file,
-    and processes writing the same path at once never share a temporary file."""
+    and processes writing the same path at once never share a temporary file. The file gets the mode the
+    umask gives a new file (mkstemp's own is 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
     try:
         write(tmp)
+        tmp.chmod(0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return mask

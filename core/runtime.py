@@ -26,9 +26,16 @@ CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
 
 
 def choose_providers(requested: str = "auto") -> list[str]:
-    """`auto`: CUDA when a GPU is usable and ONNX Runtime has the CUDA provider, else CPU; or `cpu`/`cuda`."""
+    """`auto`: CUDA when a GPU is usable and ONNX Runtime has the CUDA provider, else CPU; `cpu`; or `cuda`, which is
+    refused (a UserError) where there is no GPU or no CUDA provider."""
     if requested not in PROVIDER_CHOICES:
         raise UserError(f"unknown provider setting {requested!r}: use auto, cpu or cuda")
+    if requested == "cuda" and gpu_count() == 0:
+        raise UserError("cuda was asked for, but the CUDA driver sees no GPU on this host; use auto or cpu")
+    if requested == "cuda" and CUDA not in ort.get_available_providers():
+        raise UserError(
+            "cuda was asked for, but this onnxruntime has no CUDA provider (onnxruntime-gpu has); use auto or cpu"
+        )
     wants_cuda = requested == "cuda" or (requested == "auto" and gpu_count() > 0)
     if wants_cuda and CUDA in ort.get_available_providers():
         if hasattr(ort, "preload_dlls"):
@@ -54,20 +61,28 @@ class OnnxModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        names = choose_providers(providers)
+        chosen = [(CUDA, {**CUDA_OPTIONS, "device_id": device_id}) if name == CUDA else name for name in names]
+        if CUDA in names:  # ONNX Runtime's own lines on a CUDA provider it cannot create: `fallback` says it once
+            ort.set_default_logger_severity(4)
         try:
-            chosen = [
-                (CUDA, {**CUDA_OPTIONS, "device_id": device_id}) if name == CUDA else name
-                for name in choose_providers(providers)
-            ]
             self.session = ort.InferenceSession(str(path), options, providers=chosen)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise UserError(f"cannot load {path} as an ONNX model: {exc}") from None
+        finally:
+            ort.set_default_logger_severity(3)
         self.path = path
         self.metadata = self.session.get_modelmeta().custom_metadata_map
         self.info = ModelInfo.from_metadata(self.metadata)
         self.table = normalization_table(self.info.mean, self.info.std)
         self.input_name = self.session.get_inputs()[0].name
         self.provider = self.session.get_providers()[0]
+        # A GPU that the driver reports but ONNX Runtime cannot use (CUDA or cuDNN libraries missing): on the CPU.
+        self.fallback = (
+            "a GPU is present, but ONNX Runtime could not use it; running on the CPU"
+            if (CUDA in names and self.provider != CUDA)
+            else ""
+        )
         self.threads = options.intra_op_num_threads
 
     def logits(self, batch: np.ndarray) -> np.ndarray:

@@ -60,6 +60,7 @@ class SelfCheck:
     agreed: int
     min_agreement: float
     cpu: str
+    missing: str = ""  # with no images: why there are none
 
     @property
     def agreement(self) -> float:
@@ -71,7 +72,7 @@ class SelfCheck:
 
     def summary(self) -> str:
         if not self.images:
-            return "it carries no reference set (quantized before self-checks existed); quantize it again"
+            return self.missing
         return (
             f"{self.agreed}/{self.images} = {self.agreement:.1%} of its reference images agree with fp32, "
             f"{'meeting' if self.passed else 'below'} the {self.min_agreement:.0%} required, on {self.cpu}"
@@ -91,8 +92,12 @@ def self_check(model: OnnxModel, min_agreement: float = MIN_AGREEMENT) -> SelfCh
     """Run `model`'s reference set on this CPU: the share of images whose top class is the fp32 source's."""
     reference = reference_of(model)
     if reference is None:
-        return SelfCheck(0, 0, min_agreement, describe_cpu())
+        missing = "it carries no reference set (quantized before self-checks existed); quantize it again"
+        return SelfCheck(0, 0, min_agreement, describe_cpu(), missing)
     pixels, answers = reference
+    if not len(answers):
+        missing = "its reference set is empty: no held-out image had a clear fp32 answer that int8 gave too"
+        return SelfCheck(0, 0, min_agreement, describe_cpu(), missing)
     top1 = np.concatenate(
         [model.logits(normalize(pixels[i : i + 64], model.table)).argmax(1) for i in range(0, len(pixels), 64)]
     )
@@ -106,6 +111,11 @@ class Choice:
     model: OnnxModel
     reason: str
     check: SelfCheck | None = None
+
+    def warnings(self) -> list[str]:
+        """What a command should tell its user: a failed self-check, a GPU it could not use."""
+        failed = [self.reason] if self.check and not self.check.passed else []
+        return failed + ([self.model.fallback] if self.model.fallback else [])
 
 
 def choose(

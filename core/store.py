@@ -1,32 +1,45 @@
 """Where models come from and go: the BentoML model store, the shipped ONNX files, or a path.
 
-`python -m core.store` registers the shipped models in the store when the store has
+A model is stored as `cifar10-NAME` and served as NAME; its int8 copy, where there is one, is stored as
+`cifar10-NAME-int8`. `python -m core.store` registers the shipped models in the store when the store has
 none of that name (a model the user trained and registered stays).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core.bentoml_internals import stored_file
-from core.contract import CLASS_NAMES, INPUT_SIZE
+from core.bentoml_internals import stored_file, stored_names, stored_versions
+from core.contract import CLASS_NAMES, INPUT_SIZE, ModelInfo
 from core.errors import UserError
 from core.files import sha256_of
 from core.runtime import CUDA, OnnxModel, choose_providers
 from core.selfcheck import MIN_AGREEMENT, Choice, choose
 
 PRETRAINED = Path(__file__).resolve().parent.parent / "models" / "pretrained"
-STORE_NAMES = {"resnet18": "cifar10-resnet18", "resnet18-int8": "cifar10-resnet18-int8", "lenet": "cifar10-lenet"}
-INT8_VARIANTS = {"resnet18": "resnet18-int8"}  # LeNet has none: its int8 copy agreed with fp32 on 98.70% only
+PREFIX = "cifar10-"
+INT8 = "-int8"
+SHIPPED = ("resnet18", "lenet")  # served by default
+SHIPPED_FILES = ("resnet18", "resnet18-int8", "lenet")  # LeNet has no int8 copy: it agreed with fp32 on 98.70% only
 MODEL_FILE = "model.onnx"
 
 
-def shipped_file(arch: str) -> Path:
-    return PRETRAINED / f"{arch}.onnx"
+def store_name(name: str) -> str:
+    """The store's name for served model `name`: `resnet18` -> `cifar10-resnet18`."""
+    return name if name.startswith(PREFIX) else PREFIX + name
+
+
+def served_names() -> list[str]:
+    """The models in the store that could be served (not the int8 copies), by served name."""
+    return [n[len(PREFIX) :] for n in stored_names() if n.startswith(PREFIX) and not n.endswith(INT8)]
+
+
+def shipped_file(name: str) -> Path:
+    return PRETRAINED / f"{name}.onnx"
 
 
 def store_path(tag: str) -> Path | None:
@@ -46,50 +59,101 @@ def store_path(tag: str) -> Path | None:
 
 
 def resolve(spec: str) -> Path:
-    """`resnet18`/`resnet18-int8`/`lenet` (the store's latest, else the shipped file), a store tag `name:version`,
+    """A served name (the store's latest `cifar10-NAME`, else the shipped file), a store tag `[cifar10-]NAME:VERSION`,
     or an .onnx path."""
     if spec.endswith(".onnx") or Path(spec).is_file():
         path = Path(spec)
         if not path.is_file():
             raise UserError(f"model file not found: {path}")
         return path
-    tag = STORE_NAMES.get(spec, spec)
-    found = store_path(tag if ":" in tag else f"{tag}:latest")
+    name, _, version = spec.partition(":")
+    found = store_path(f"{store_name(name)}:{version or 'latest'}")
     if found is not None:
         return found
-    if spec in STORE_NAMES and shipped_file(spec).is_file():
-        return shipped_file(spec)
+    if not version and shipped_file(name).is_file():
+        return shipped_file(name)
+    known = sorted({*served_names(), *SHIPPED})
     raise UserError(
-        f"no model {spec!r}: use {', '.join(STORE_NAMES)}, a store tag (see `bentoml models list`) or FILE.onnx"
+        f"no model {spec!r}: use one of {', '.join(known)}, a store tag (NAME:VERSION, see `bentoml "
+        "models list`) or FILE.onnx"
     )
 
 
+def int8_copy(
+    name: str, fp32_sha256: str, stored: list[tuple[str, dict]] | None = None, shipped: bool = True
+) -> str | None:
+    """The int8 copy of `name` made from the fp32 file with `fp32_sha256` (its metadata's source_sha256): the tag of
+    the newest such `cifar10-NAME-int8`, else (if `shipped`) the shipped file's path.
+
+    `stored`: that model's versions as (tag, metadata), newest first; default: read from the store's layout.
+    """
+    if stored is None:
+        int8_name = store_name(name) + INT8
+        stored = [(f"{int8_name}:{v}", info.get("metadata", {})) for v, info in stored_versions(int8_name)]
+    for tag, metadata in stored:
+        if metadata.get("source_sha256") == fp32_sha256:
+            return tag
+    file, card = shipped_file(name + INT8), PRETRAINED / f"{name}{INT8}.json"
+    if (
+        shipped
+        and file.is_file()
+        and card.is_file()
+        and json.loads(card.read_text())["source"]["sha256"] == fp32_sha256
+    ):
+        return str(file)
+    return None
+
+
 def load(spec: str, precision: str = "auto", min_agreement: float = MIN_AGREEMENT, **session: Any) -> Choice:
-    """The model `spec` names, loaded with OnnxModel(**session): for a name with an int8 copy (`resnet18`), the copy
-    that answers in `precision` (core/selfcheck.py); anything else as `resolve` finds it."""
-    if spec not in INT8_VARIANTS:
-        return Choice(OnnxModel(resolve(spec), **session), "as named")
-
-    def copy(name: str) -> Callable[[], OnnxModel] | None:
-        try:
-            path = resolve(name)
-        except UserError:
-            return None
-        return lambda: OnnxModel(path, **session)
-
+    """The model `spec` names, loaded with OnnxModel(**session): for a served name (`resnet18`), the copy that
+    answers in `precision` (core/selfcheck.py: its int8 copy on a CPU host where the self-check passes); for a
+    store tag or FILE.onnx that file."""
+    path = resolve(spec)
+    if spec.endswith((".onnx", INT8)) or ":" in spec or Path(spec).is_file():  # a file, tag or copy: as named
+        return Choice(OnnxModel(path, **session), "as named")
     on_cpu = CUDA not in choose_providers(session.get("providers", "auto"))
-    return choose(spec, copy(spec), copy(INT8_VARIANTS[spec]), precision, on_cpu, min_agreement)
+    wants_int8 = precision == "int8" or (precision == "auto" and on_cpu)
+    copy = int8_copy(spec, sha256_of(path)) if wants_int8 else None
+    int8 = (lambda: OnnxModel(resolve(copy), **session)) if copy else None
+    return choose(spec, lambda: OnnxModel(path, **session), int8, precision, on_cpu, min_agreement)
 
 
-def register(onnx_file: str | os.PathLike, name: str) -> str:
-    """Create model `name` in the store from `onnx_file`, labels and metadata from the file itself; returns the tag."""
+def checked_name(name: str | None, info: ModelInfo) -> str:
+    """The store name for a file with ModelInfo `info`: `name`, refused in one line when it does not say what the
+    file is (cifar10-ARCH[-ANYTHING][-int8], -int8 exactly for int8 files); default cifar10-ARCH[-int8]."""
+    int8 = info.precision == "int8"
+    if name is None:
+        return f"{PREFIX}{info.arch}{INT8 if int8 else ''}"
+    served = name[len(PREFIX) :] if name.startswith(PREFIX) else None
+    example = f"{PREFIX}{info.arch}{INT8 if int8 else ''}"
+    if served is None:
+        raise UserError(
+            f"cannot register as {name!r}: store names start with {PREFIX} (the service serves "
+            f"{PREFIX}NAME as NAME); e.g. {example}"
+        )
+    if served.endswith(INT8) != int8:
+        rule = "its name must end in -int8" if int8 else "only int8 files' names end in -int8"
+        raise UserError(f"cannot register an {info.precision} file as {name!r}: {rule}; e.g. {example}")
+    base = served.removesuffix(INT8) if int8 else served
+    if base != info.arch and not base.startswith(info.arch + "-"):
+        raise UserError(
+            f"cannot register as {name!r}: the file is a {info.arch}, so its name starts with "
+            f"{PREFIX}{info.arch}; e.g. {example}"
+        )
+    return name
+
+
+def register(onnx_file: str | os.PathLike, name: str | None = None) -> str:
+    """Create a store model from `onnx_file` (named from its metadata unless `name` is given, which must agree with
+    it), labels and metadata from the file itself; returns the tag."""
     import bentoml
 
     path = Path(onnx_file)
     info = OnnxModel(path, providers="cpu").info  # also proves the file loads and carries our metadata
+    name = checked_name(name, info)
     # The file's sha256 too: the service checks the stored file against it before it serves (verify_stored).
     metadata = {**{key: value for key, value in vars(info).items() if value is not None}, "sha256": sha256_of(path)}
-    labels = {"arch": info.arch, "task": "cifar10-classification", "format": "onnx"}
+    labels = {"arch": info.arch, "task": "cifar10-classification", "format": "onnx", "precision": info.precision}
     try:
         with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
             shutil.copyfile(path, model.path_of(MODEL_FILE))
@@ -115,36 +179,41 @@ def verify_stored(path: Path, metadata: dict, tag: str) -> None:
         )
 
 
-def register_and_compare(onnx_file: str | os.PathLike, name: str) -> str:
+def register_and_compare(onnx_file: str | os.PathLike, name: str | None = None) -> str:
     """Register, then say what changed for the service: the new version's test accuracy beside the previous
-    latest's, a warning when it is worse, and how a running service picks it up."""
+    latest's, a warning when it is worse, and how a running service picks it up or keeps the previous one."""
     import bentoml
 
+    name = checked_name(name, OnnxModel(Path(onnx_file), providers="cpu").info)
     previous = store_path(f"{name}:latest")
     tag = register(onnx_file, name)
     version = tag.partition(":")[2]
     # From the metadata register() recorded: no second ONNX Runtime session for either file.
     accuracy = bentoml.models.get(tag).info.metadata.get("test_accuracy")
     lines = [f"registered {tag} ({_percent(accuracy)} test accuracy)"]
+    served = name[len(PREFIX) :]
     if previous is not None:
-        before = bentoml.models.get(f"{name}:{previous.parent.name}").info.metadata.get("test_accuracy")
-        lines.append(f"the latest before it: {name}:{previous.parent.name} ({_percent(before)})")
+        before_version = previous.parent.name
+        before = bentoml.models.get(f"{name}:{before_version}").info.metadata.get("test_accuracy")
+        lines.append(f"the latest before it: {name}:{before_version} ({_percent(before)})")
         if accuracy is not None and before is not None and accuracy < before:
             lines.append(
-                f"warning: {name}:{version} is less accurate than {name}:{previous.parent.name} and is now the latest"
+                f"warning: {name}:{version} is less accurate than {name}:{before_version} and is now the latest"
             )
-    arch = next((arch for arch, stored in STORE_NAMES.items() if stored == name), None)
-    if arch:
-        lines.append(
-            f"a running service serves it after a restart; to serve another version, set "
-            f"CIFAR10_{version_setting(arch)}={version}"
-        )
+        if not served.endswith(INT8):
+            pinned = ",".join(f"{n}:{before_version}" if n == served else n for n in _serving(served))
+            lines.append(
+                f"a running service serves it after a restart; to keep serving the previous one, pin it: "
+                f"CIFAR10_MODELS={pinned}"
+            )
+    elif not served.endswith(INT8):
+        lines.append(f"serve it with CIFAR10_MODELS={','.join(_serving(served))}")
     return "\n".join(lines)
 
 
-def version_setting(name: str) -> str:
-    """The setting that pins the served version of `name`, without its CIFAR10_ prefix."""
-    return f"{name.upper().replace('-', '_')}_VERSION"
+def _serving(served: str) -> list[str]:
+    """The default list of served models, with `served` in it."""
+    return [*SHIPPED, *([] if served in SHIPPED else [served])]
 
 
 def _percent(accuracy: float | None) -> str:
@@ -154,14 +223,15 @@ def _percent(accuracy: float | None) -> str:
 def register_shipped() -> list[str]:
     """Register each shipped model whose name the store lacks; returns what it did, one line each."""
     done = []
-    for arch, name in STORE_NAMES.items():
-        existing = store_path(f"{name}:latest")
-        if not shipped_file(arch).is_file():  # a copy without it (the int8 file is optional)
-            done.append(f"{name}: not registered, {shipped_file(arch).name} is not in this copy")
+    for name in SHIPPED_FILES:
+        stored = store_name(name)
+        existing = store_path(f"{stored}:latest")
+        if not shipped_file(name).is_file():  # a copy without it (the int8 file is optional)
+            done.append(f"{stored}: not registered, {shipped_file(name).name} is not in this copy")
         elif existing is not None:
-            done.append(f"{name}: kept the store's model ({existing.parent.name})")
+            done.append(f"{stored}: kept the store's model ({existing.parent.name})")
         else:
-            done.append(f"{name}: registered {register(shipped_file(arch), name)}")
+            done.append(f"{stored}: registered {register(shipped_file(name), stored)}")
     return done
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from service.errors import (
     TooManyRequests,
 )
 from service.metrics import REQUEST_SECONDS, REQUESTS
-from service.predictor import DEFAULT_MODEL, Prediction, Predictor
+from service.predictor import Prediction, Predictor
 from service.settings import Settings
 
 RETRY_AFTER_S = "1"
@@ -110,7 +111,7 @@ class Limits:
 
     async def _body(self, scope: Scope, receive: Receive) -> bytes:
         too_large = BodyTooLarge(
-            f"request body is larger than the {self.max_body_bytes / 2**20:g} MB limit; send a smaller image"
+            f"request body is larger than the {size_text(self.max_body_bytes)} limit; send a smaller image"
         )
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
@@ -150,6 +151,14 @@ class Limits:
             if not started:
                 timed_out = TimedOut(f"no answer within {self.timeout_s:g} s; retry later or send fewer images")
                 await error_response(timed_out)(scope, receive, send)
+
+
+def size_text(size: int) -> str:
+    """Bytes as people write them: 10 MB, 4 KB, 900 bytes (binary units)."""
+    for unit, scale in (("MB", 2**20), ("KB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size} bytes"
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -203,8 +212,8 @@ async def _file(value: str | UploadFile | None, field: str) -> bytes:
     return await value.read()
 
 
-def _options(form: FormData) -> tuple[str, int]:
-    model = form.get("model", DEFAULT_MODEL)
+def _options(form: FormData, default_model: str) -> tuple[str, int]:
+    model = form.get("model", default_model)
     top_k = form.get("top_k", "3")
     if not isinstance(model, str) or not isinstance(top_k, str):
         raise BadRequest("model and top_k are text fields, not files")
@@ -224,6 +233,7 @@ class HttpApi:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.predictor: Predictor | None = None
+        self.default_model = settings.models[0][0]  # for requests that name no model
         self.drain = Drain(settings.drain_s)
         self.routes = {"/classify": self.classify, "/classify_batch": self.classify_batch}
         self.app = self._app()
@@ -247,7 +257,7 @@ class HttpApi:
         try:
             form = await _form(request, max_files=1)
             data = await _file(form.get("image"), "image")
-            model, top_k = _options(form)
+            model, top_k = _options(form, self.default_model)
             [result] = await self.predictor.classify([data], model, top_k)
             if isinstance(result, ImageError):
                 raise result
@@ -265,7 +275,7 @@ class HttpApi:
             if not values:
                 raise BadRequest("images: missing; send one or more files in fields named images")
             items = [await _file(value, "images") for value in values]
-            model, top_k = _options(form)
+            model, top_k = _options(form, self.default_model)
             results = await self.predictor.classify(items, model, top_k)
         except ANSWERED as exc:
             return error_response(exc)
@@ -313,24 +323,18 @@ class HttpApi:
         }
         # The routes read their form themselves: FastAPI's per-field parsing and validation cost
         # ~30% of a LeNet request. The body schemas are declared here for the docs instead.
+        names = [name for name, _ in self.settings.models]
+        options = {
+            "model": {"type": "string", "enum": names, "default": names[0], "description": "the model to answer"},
+            "top_k": {"type": "integer", "default": 3, "description": "how many labels to return, 1-10"},
+        }
         for path, files in (("/classify", {"image": image}), ("/classify_batch", {"images": images})):
-            app.add_api_route(
-                path, self.routes[path], methods=["POST"], responses=errors, openapi_extra=_multipart_body(files)
-            )
+            body = {"type": "object", "required": list(files), "properties": {**files, **options}}
+            openapi = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": body}}}}
+            app.add_api_route(path, self.routes[path], methods=["POST"], responses=errors, openapi_extra=openapi)
         app.add_api_route("/models", self.models, methods=["GET"])
         app.mount("/page", StaticFiles(directory=PAGE), name="page")  # the page's script and style sheet
         return app
-
-
-FORM_FIELDS = {
-    "model": {"type": "string", "default": DEFAULT_MODEL, "description": "resnet18 or lenet"},
-    "top_k": {"type": "integer", "default": 3, "description": "how many labels to return, 1-10"},
-}
-
-
-def _multipart_body(files: dict) -> dict:
-    schema = {"type": "object", "required": list(files), "properties": {**files, **FORM_FIELDS}}
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
 class Router:
@@ -361,13 +365,37 @@ class Router:
         elif scope["method"] == "GET" and scope["path"] == "/docs":  # BentoML's Swagger UI, which it serves at /
             await self.bentoml_app({**scope, "path": "/", "raw_path": b"/"}, receive, send)
         elif scope["method"] != "POST" or scope["path"] not in self.paths:
-            await self.bentoml_app(scope, receive, send)
+            await self.bentoml_app(scope, receive, _json_errors(scope, send))
         else:
             try:
                 await self.classification(scope, receive, send)
             except Exception as exc:  # a bug, not bad input: log it and answer in JSON like every other error
                 logger.exception("%s failed", scope["path"])
                 await error_response(exc)(scope, receive, send)
+
+
+def _json_errors(scope: Scope, send: Send) -> Send:
+    """A send that turns BentoML's and Starlette's plain 404 and 405 answers into this API's JSON errors."""
+    replaced = False
+
+    async def replacing_send(message: Message) -> None:
+        nonlocal replaced
+        if message["type"] == "http.response.start" and message["status"] in (404, 405):
+            replaced = True
+            allow = [(k, v) for k, v in message.get("headers", []) if k.lower() == b"allow"]
+            where = f"{scope['method']} {scope['path']}"
+            if message["status"] == 404:
+                error = f"no route for {where}; /docs lists them"
+            else:
+                error = f"{where} is not allowed" + (f"; use {allow[0][1].decode()}" if allow else "")
+            body = json.dumps({"error": error}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *allow]
+            await send({"type": "http.response.start", "status": message["status"], "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        elif not replaced:
+            await send(message)
+
+    return replacing_send
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send) -> None:

@@ -37,7 +37,6 @@ from service.errors import BadRequest
 from service.metrics import BATCH_SIZES, INFERENCES, MODEL_SECONDS
 from service.settings import Settings
 
-DEFAULT_MODEL = "resnet18"  # for requests that name no model
 # Images over this many pixels (after JPEG's DCT scaling) are decoded off the event loop: a
 # 256x256 PNG takes ~0.3 ms, a 36-megapixel one 0.2 s, during which every connection would wait.
 INLINE_PIXELS = 256 * 256
@@ -117,8 +116,11 @@ class Predictor:
             self.models[name] = ServedModel(
                 file.store_tag, choice.model, None, choice.reason, choice.check and choice.check.as_dict()
             )
-            if choice.check and worker <= 1:  # one line per server, not one per worker
-                say(f"cifar10: {name} answers in {choice.model.info.precision}: {choice.reason}")
+            if worker <= 1:  # one line per server, not one per worker
+                if choice.check:
+                    say(f"cifar10: {name} answers in {choice.model.info.precision}: {choice.reason}")
+                if choice.model.fallback:
+                    say(f"cifar10: {name}: {choice.model.fallback}")
         self.cores: SharedCores | None = None
         if share < alone and worker and cores_file and on_cpu:
             self.models = {
@@ -174,7 +176,7 @@ class Predictor:
         """The served models, their versions, input contract, accuracy and execution provider."""
         first = next(iter(self.models.values()))
         return {
-            "default": DEFAULT_MODEL,
+            "default": next(iter(self.models)),
             "models": {
                 arch: {
                     "store_tag": m.store_tag,

@@ -8,6 +8,7 @@ the store, the Predictor (service/predictor.py) and the HTTP routes (service/htt
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -16,9 +17,10 @@ from bentoml.exceptions import NotFound
 
 from core.bentoml_internals import bentoml_home
 from core.errors import UserError
+from core.files import sha256_of
 from core.host import gpu_count, usable_cores
 from core.runtime import CUDA, choose_providers
-from core.store import INT8_VARIANTS, MODEL_FILE, STORE_NAMES, verify_stored, version_setting
+from core.store import MODEL_FILE, int8_copy, served_names, store_name, verify_stored
 from service.bentoml_internals import limit_request_head_time, restart_dead_workers_within, service_class, slim_image
 from service.drain import say
 from service.http import HttpApi
@@ -34,58 +36,70 @@ except UserError as exc:  # one line, before BentoML sees any setting
 # served 13,000 images/s of /classify_batch on an H100, four 39,500, eight 42,600; each holds a CUDA
 # context of ~1 GB): up to 8 per GPU, at most one per two cores (BENCHMARKS.md: not yet measured with the
 # batch buckets).
-ON_GPU = CUDA in choose_providers(SETTINGS.providers)
+try:
+    ON_GPU = CUDA in choose_providers(SETTINGS.providers)
+except UserError as exc:
+    sys.exit(f"error: CIFAR10_PROVIDERS={SETTINGS.providers}: {exc}")
 WORKERS = SETTINGS.workers or (min(8 * gpu_count(), max(1, usable_cores() // 2)) if ON_GPU else usable_cores())
 HTTP = HttpApi(SETTINGS)
 limit_request_head_time(SETTINGS.header_timeout_s)
 restart_dead_workers_within(1.0)
 
 
-def stored_model(name: str) -> bentoml.models.BentoModel | None:
-    """Store model `name` (`resnet18`, `resnet18-int8`, `lenet`) at the version its CIFAR10_<NAME>_VERSION pins, or
-    None when the store lacks it; checked against its recorded sha256 and this service's input contract."""
-    version = getattr(SETTINGS, version_setting(name).lower())
-    tag = f"{STORE_NAMES[name]}:{version}"
+def checked(tag: str) -> bentoml.Model:
+    """A store model, checked against its recorded sha256 and this service's input contract before it is served."""
+    stored = bentoml.models.get(tag)
     try:
-        stored = bentoml.models.get(tag)
         verify_stored(Path(stored.path_of(MODEL_FILE)), stored.info.metadata, str(stored.tag))
-    except NotFound:
-        if version == "latest":
-            return None
-        sys.exit(
-            f"error: CIFAR10_{version_setting(name)}={version}: the model store has no {tag}; "
-            f"`.venv/bin/bentoml models list {STORE_NAMES[name]}` lists its versions"
-        )
     except UserError as exc:
         sys.exit(f"error: {exc}")
-    return bentoml.models.BentoModel(tag)
+    return stored
 
 
-def stored_copies(name: str) -> dict[str, bentoml.models.BentoModel | None]:
-    """The copies of `name` this service may answer with: fp32 unless int8 is pinned; on a CPU host (or pinned)
-    the int8 copy, which answers only where its self-check passes (Predictor). The bento holds these."""
-    wants_int8 = name in INT8_VARIANTS and (
-        SETTINGS.precision == "int8" or (SETTINGS.precision == "auto" and not ON_GPU)
-    )
-    int8 = stored_model(INT8_VARIANTS[name]) if wants_int8 else None
-    fp32 = stored_model(name) if SETTINGS.precision != "int8" else None
-    if SETTINGS.precision == "int8" and int8 is None:
+def stored_copies(name: str, version: str) -> dict[str, bentoml.models.BentoModel | None]:
+    """The copies of `name` this service may answer with: fp32 unless int8 is pinned; on a CPU host (or pinned) the
+    newest int8 copy made from that fp32 file, which answers only where its self-check passes (Predictor)."""
+    tag = f"{store_name(name)}:{version}"
+    try:
+        fp32 = checked(tag)
+    except NotFound:
+        known = ", ".join(served_names()) or "none"
         sys.exit(
-            f"error: CIFAR10_PRECISION=int8: the model store has no {STORE_NAMES.get(INT8_VARIANTS.get(name), '')}"
-            f" for {name}; quantize one with `cifar10 quantize`, or set CIFAR10_PRECISION=auto"
+            f"error: CIFAR10_MODELS names {name if version == 'latest' else tag}, which the model store lacks "
+            f"(it has: {known}); register the shipped ones with `.venv/bin/python -m core.store` (make serve "
+            "does), or yours with `cifar10 register`"
         )
-    if fp32 is None and int8 is None:
+    wants_int8 = SETTINGS.precision == "int8" or (SETTINGS.precision == "auto" and not ON_GPU)
+    sha256 = fp32.info.metadata.get("sha256") or sha256_of(Path(fp32.path_of(MODEL_FILE)))
+    # Through BentoML's API: a bento's container serves from the bento's own store, which the layout reader misses.
+    try:
+        versions = bentoml.models.list(f"{store_name(name)}-int8") if wants_int8 else []
+    except NotFound:  # no int8 copy of this model at all
+        versions = []
+    versions.sort(key=lambda m: m.info.creation_time, reverse=True)
+    found = int8_copy(name, sha256, [(str(m.tag), m.info.metadata) for m in versions], shipped=False)
+    if SETTINGS.precision == "int8" and found is None:
         sys.exit(
-            f"error: the model store has no {STORE_NAMES[name]}; register the shipped models with "
-            "`.venv/bin/python -m core.store` (make serve does)"
+            f"error: CIFAR10_PRECISION=int8: the model store has no int8 copy of {fp32.tag} "
+            f"({store_name(name)}-int8 made from it); quantize one with `cifar10 quantize`, or set "
+            "CIFAR10_PRECISION=auto"
         )
-    return {"fp32": fp32, "int8": int8}
+    int8 = bentoml.models.BentoModel(str(checked(found).tag)) if found else None
+    return {"fp32": None if SETTINGS.precision == "int8" else bentoml.models.BentoModel(str(fp32.tag)), "int8": int8}
 
 
-COPIES = {name: stored_copies(name) for name in ("resnet18", "lenet")}
+COPIES = {name: stored_copies(name, version) for name, version in SETTINGS.models}
 
 
-def stored_file(stored: bentoml.Model) -> ModelFile:
+def declare_models(cls: type) -> type:
+    """Name every copy that may answer as a class attribute: BentoML packs those into a bento built from this."""
+    for name, copies in COPIES.items():
+        for precision, ref in copies.items():
+            setattr(cls, re.sub(r"\W", "_", f"{name}_{precision}_model"), ref)
+    return cls
+
+
+def model_file(stored: bentoml.Model) -> ModelFile:
     return ModelFile(str(stored.tag), Path(stored.path_of(MODEL_FILE)))
 
 
@@ -97,21 +111,17 @@ def stored_file(stored: bentoml.Model) -> ModelFile:
     service_class=service_class(HTTP.router),
 )
 @bentoml.asgi_app(HTTP.app, path="/")
+@declare_models
 class Classifier:
-    """ResNet-18 (int8 on a CPU host where it passes its self-check, else fp32) and LeNet-5 CIFAR-10 classifiers in
-    ONNX Runtime."""
-
-    # The copies that may answer: they are what a bento built from this service holds.
-    resnet18_model = COPIES["resnet18"]["fp32"]
-    resnet18_int8_model = COPIES["resnet18"]["int8"]
-    lenet_model = COPIES["lenet"]["fp32"]
+    """The CIFAR-10 classifiers CIFAR10_MODELS names, in ONNX Runtime (each model's int8 copy on a CPU host where it
+    passes its self-check, else fp32)."""
 
     def __init__(self) -> None:
         """Load the copy of each model that answers (int8 only where its self-check passes on this CPU) and run
         every batch shape it will see once; BentoML's /readyz turns 200 only after this. It runs in the worker's
         event loop."""
         files = {
-            name: Copies(**{precision: ref and stored_file(ref.resolve()) for precision, ref in copies.items()})
+            name: Copies(**{precision: ref and model_file(ref.resolve()) for precision, ref in copies.items()})
             for name, copies in COPIES.items()
         }
         # The workers' shared-cores file sits in BentoML's home, like their metrics files; their parent is the server.

@@ -14,8 +14,9 @@ from core.contract import PRECISIONS
 from core.errors import UserError
 from core.runtime import PROVIDER_CHOICES
 from core.selfcheck import MIN_AGREEMENT
+from core.store import SHIPPED
 
-VERSION = r"[a-z0-9]+"  # BentoML's version strings; `latest` matches too
+MODEL = re.compile(r"([a-z0-9][a-z0-9_.-]*?)(?::([a-z0-9]+))?")  # NAME[:VERSION]: a served name, a store version
 
 
 class SettingError(UserError):
@@ -54,10 +55,10 @@ class Settings:
     drain_s: int = field(default=20, metadata=_whole(0, 3600))
     header_timeout_s: int = field(default=10, metadata=_whole(1, 600))  # request line and headers, then 408
     body_timeout_s: int = field(default=30, metadata=_whole(1, 3600))  # the whole body, then 408
-    # The store version served for each model: `latest` or a version (`bentoml models list`).
-    resnet18_version: str = field(default="latest", metadata={"pattern": VERSION})
-    resnet18_int8_version: str = field(default="latest", metadata={"pattern": VERSION})
-    lenet_version: str = field(default="latest", metadata={"pattern": VERSION})
+    # The models served, as (name, store version or "latest"): the store's cifar10-NAME; the first is the default.
+    models: tuple[tuple[str, str], ...] = field(
+        default=tuple((name, "latest") for name in SHIPPED), metadata={"models": True}
+    )
     # Which copy answers: auto = a model's int8 copy on a CPU host where it passes its self-check, else fp32.
     precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     int8_min_agreement: float = field(default=MIN_AGREEMENT, metadata=_fraction("e.g. 0.99 for 99%"))
@@ -74,11 +75,9 @@ class Settings:
         return cls(**values)
 
 
-def _parse(variable: str, raw: str, rules: Mapping) -> int | float | str:
-    if "pattern" in rules:
-        if not re.fullmatch(rules["pattern"], raw.lower()):
-            raise SettingError(f"{variable}={raw!r}: use latest or a version from `bentoml models list`")
-        return raw.lower()
+def _parse(variable: str, raw: str, rules: Mapping) -> int | float | str | tuple:
+    if "models" in rules:
+        return _models(variable, raw)
     if "choices" in rules:
         if raw.lower() not in rules["choices"]:
             raise SettingError(f"{variable}={raw!r}: use one of {', '.join(rules['choices'])}")
@@ -94,3 +93,25 @@ def _parse(variable: str, raw: str, rules: Mapping) -> int | float | str:
     if not rules["low"] <= value <= rules["high"]:
         raise SettingError(f"{variable}={raw!r} is out of range; use {allowed}")
     return value
+
+
+def _models(variable: str, raw: str) -> tuple[tuple[str, str], ...]:
+    """`resnet18,lenet,vgg11:abc123` -> (("resnet18", "latest"), ("lenet", "latest"), ("vgg11", "abc123"))."""
+    models = []
+    for item in (part.strip().lower() for part in raw.split(",")):
+        match = MODEL.fullmatch(item)
+        if not match:
+            raise SettingError(
+                f"{variable}={raw!r}: {item!r} is not NAME or NAME:VERSION; e.g. resnet18,lenet:VERSION "
+                "(`bentoml models list` shows the store's)"
+            )
+        name, version = match[1].removeprefix("cifar10-"), match[2] or "latest"
+        if name.endswith("-int8"):
+            raise SettingError(
+                f"{variable}={raw!r}: list {name.removesuffix('-int8')}, not {name}; its int8 copy "
+                "answers for it on a CPU host (CIFAR10_PRECISION)"
+            )
+        if name in (m for m, _ in models):
+            raise SettingError(f"{variable}={raw!r}: {name} is listed twice")
+        models.append((name, version))
+    return tuple(models)

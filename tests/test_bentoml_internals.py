@@ -13,11 +13,13 @@ from service.bentoml_internals import WHEELS_ONLY, cors_options, service_class, 
 
 
 def test_the_store_layout_is_read_as_bentoml_writes_it() -> None:
-    tag = register(shipped_file("lenet"), "layout-test")
+    tag = register(shipped_file("lenet"), "cifar10-lenet-layout")
     model = bentoml.models.get(tag)
-    assert stored_file("layout-test", "latest", MODEL_FILE) == stored_file("layout-test", model.tag.version, MODEL_FILE)
-    assert str(stored_file("layout-test", "", MODEL_FILE)) == model.path_of(MODEL_FILE)
-    assert stored_file("layout-test", "no-such-version", MODEL_FILE) is None
+    assert stored_file("cifar10-lenet-layout", "latest", MODEL_FILE) == stored_file(
+        "cifar10-lenet-layout", model.tag.version, MODEL_FILE
+    )
+    assert str(stored_file("cifar10-lenet-layout", "", MODEL_FILE)) == model.path_of(MODEL_FILE)
+    assert stored_file("cifar10-lenet-layout", "no-such-version", MODEL_FILE) is None
 
 
 def test_bentoml_home_is_bentomls() -> None:

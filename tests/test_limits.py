@@ -7,7 +7,7 @@ import pytest
 
 from core.errors import ImageError, ImageTooLarge, UnsupportedImage
 from service.errors import BadRequest, Overloaded, TimedOut, TooManyRequests
-from service.http import Limits, error_response
+from service.http import Limits, error_response, size_text
 
 
 async def slow_echo(scope, receive, send) -> None:
@@ -122,3 +122,7 @@ def test_a_client_still_sending_its_body_holds_no_place_among_the_requests_serve
 
     (quick_status, _, _), (slow_status, _, _) = asyncio.run(main())
     assert quick_status == slow_status == 200
+
+
+def test_a_small_body_limit_is_written_in_kb_or_bytes() -> None:
+    assert [size_text(n) for n in (10 * 2**20, 4096, 1500, 900)] == ["10 MB", "4 KB", "1.46 KB", "900 bytes"]

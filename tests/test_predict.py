@@ -47,7 +47,9 @@ def test_predict_labels_good_files_and_reports_bad_ones_in_order(mixed_folder: P
     assert "9 images, 3 errors" in result.stderr
     rows = read_jsonl(out)
     assert [Path(r["path"]).name for r in rows] == sorted(p.name for p in mixed_folder.iterdir())
-    assert all(r["label"] and not r["error"] and len(r["top_k"]) == 3 for r in rows[:6])
+    assert all(
+        r["label"] and not r["error"] and len(r["top_labels"]) == len(r["top_probabilities"]) == 3 for r in rows[:6]
+    )
     assert [bool(r["error"]) for r in rows[6:]] == [True, True, True]
     assert "truncated" in rows[7]["error"] and "empty" in rows[8]["error"]
 
@@ -98,8 +100,8 @@ def test_local_and_server_predictions_agree(mixed_folder: Path, tmp_path: Path, 
     assert result.returncode == 0, result.stderr
     for a, b in zip(read_jsonl(local), read_jsonl(remote), strict=True):
         assert (a["path"], bool(a["error"])) == (b["path"], bool(b["error"]))
-        assert {x["label"]: x["probability"] for x in a["top_k"]} == pytest.approx(
-            {y["label"]: y["probability"] for y in b["top_k"]}, abs=1e-5
+        assert dict(zip(a["top_labels"], a["top_probabilities"], strict=True)) == pytest.approx(
+            dict(zip(b["top_labels"], b["top_probabilities"], strict=True)), abs=1e-5
         )
 
 

@@ -323,3 +323,13 @@ def test_bentoml_cors_settings_reach_the_classification_routes(samples, tmp_path
             headers={"origin": origin},
         )
         assert response.status_code == 200 and response.headers["access-control-allow-origin"] == origin
+
+
+def test_every_error_the_service_writes_is_json(server: str) -> None:
+    wrong_method = httpx.get(f"{server}/classify")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json() == {"error": "GET /classify is not allowed; use POST"}
+    unknown = httpx.get(f"{server}/nothing-here")
+    assert unknown.status_code == 404 and unknown.json() == {
+        "error": "no route for GET /nothing-here; /docs lists them"
+    }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,40 @@ def test_bentoml_serve_with_a_bad_setting_prints_one_line_and_exits(variable: st
     result = serve_expecting_exit(["service.service:Classifier"], env, ROOT)
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith(f"error: {variable}={value!r}"), lines
+
+
+def test_the_model_list_is_parsed_and_checked() -> None:
+    assert Settings().models == (("resnet18", "latest"), ("lenet", "latest"))
+    parsed = Settings.from_env({"CIFAR10_MODELS": " vgg11:ABC123, cifar10-lenet ,resnet18"}).models
+    assert parsed == (("vgg11", "abc123"), ("lenet", "latest"), ("resnet18", "latest"))
+    for raw, words in (
+        ("resnet18,,lenet", "'' is not NAME or NAME:VERSION"),
+        ("lenet,lenet", "lenet is listed twice"),
+        ("resnet18-int8", "list resnet18, not resnet18-int8"),
+    ):
+        with pytest.raises(SettingError, match=words):
+            Settings.from_env({"CIFAR10_MODELS": raw})
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        (
+            {"CIFAR10_MODELS": "resnet18,vgg11"},
+            "CIFAR10_MODELS names vgg11, which the model store lacks (it has: lenet, resnet18)",
+        ),
+        # A host whose driver sees no GPU (CUDA_VISIBLE_DEVICES hides any), whatever this one has.
+        (
+            {"CIFAR10_PROVIDERS": "cuda", "CUDA_VISIBLE_DEVICES": ""},
+            "CIFAR10_PROVIDERS=cuda: cuda was asked for, but the CUDA driver sees no GPU",
+        ),
+    ],
+)
+def test_a_server_that_cannot_serve_what_it_is_asked_says_why_in_one_line(
+    settings: dict, words: str, tmp_path: Path
+) -> None:
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path)}
+    subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
+    result = serve_expecting_exit(["service.service:Classifier"], {**env, **settings}, ROOT)
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and words in lines[0], lines

@@ -15,7 +15,7 @@ import pytest
 from core.contract import CLASS_NAMES
 from core.preprocess import decode_rgb, normalize
 from core.runtime import OnnxModel
-from core.store import PRETRAINED, STORE_NAMES
+from core.store import PRETRAINED, store_name
 from harness.samples import ROOT, TEST_ZIP
 from tests.conftest import run_cli
 
@@ -61,7 +61,7 @@ def test_shipped_models_never_replace_a_users_model(tmp_path) -> None:
     store = [sys.executable, "-m", "core.store"]
     first = subprocess.run(store, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert first.count("registered") == 3
-    mine = run_cli("register", str(PRETRAINED / "lenet.onnx"), "--name", STORE_NAMES["lenet"], env=env)
+    mine = run_cli("register", str(PRETRAINED / "lenet.onnx"), "--name", store_name("lenet"), env=env)
     assert mine.returncode == 0, mine.stderr
     again = subprocess.run(store, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert again.count("kept") == 3 and mine.stdout.split()[1].split(":")[1] in again

@@ -20,6 +20,7 @@ from core.files import sha256_of
 from core.host import describe_cpu
 from core.selfcheck import METADATA_KEY
 from models import get_model
+from models.size import parameters
 from training.quantize import REFERENCE_MARGIN
 
 
@@ -32,7 +33,7 @@ def build_card(run_dir: Path, onnx_file: Path, evaluation: dict, machine: str, n
         "file": onnx_file.name,
         "sha256": sha256_of(onnx_file),
         "arch": info.arch,
-        "parameters": sum(p.numel() for p in get_model(info.arch).parameters()),
+        "parameters": parameters(get_model(info.arch)),
         "input": {
             "size": [3, info.input_size, info.input_size],
             "mean": info.mean,

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from core.contract import CLASS_NAMES, MEAN, STD
+from core.files import refuse_existing
 from core.preprocess import normalization_table
 from training.data import load_split
 from training.inference import predicted_classes
@@ -26,8 +27,8 @@ def _onnx_runner(spec: str, precision: str) -> tuple[Callable[[np.ndarray], np.n
 
     choice = load(spec, precision)
     model = choice.model
-    if choice.check and not choice.check.passed:
-        print(f"cifar10 evaluate: {spec}: {choice.reason}", file=sys.stderr)
+    for line in choice.warnings():
+        print(f"cifar10 evaluate: {spec}: {line}", file=sys.stderr)
     return model.logits, model.table, f"{model.path} ({model.info.precision}, {model.provider})"
 
 
@@ -39,9 +40,16 @@ def _checkpoint_runner(path: str, _: str) -> tuple[Callable[[np.ndarray], np.nda
 
 
 def evaluate(
-    data: str, model: str = "resnet18", split: str = "test", out: str | None = None, precision: str = "auto"
+    data: str,
+    model: str = "resnet18",
+    split: str = "test",
+    out: str | None = None,
+    precision: str = "auto",
+    force: bool = False,
 ) -> dict:
     """Overall and per-class accuracy, confusion matrix and images/s; written to `out` when given."""
+    if out:
+        refuse_existing(Path(out) / "evaluation.json", force)
     run, table, description = (_checkpoint_runner if model.endswith(".pt") else _onnx_runner)(model, precision)
     labelled = load_split(data, split)
     predicted, seconds = predicted_classes(run, table, labelled.images)

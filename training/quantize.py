@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import UserError
-from core.files import sha256_of, write_atomic
+from core.files import refuse_existing, sha256_of, write_atomic
 from core.preprocess import normalize
 from core.runtime import OnnxModel, softmax
 from core.selfcheck import METADATA_KEY, encode_reference
@@ -63,9 +63,12 @@ def quantize(
     seed: int = 0,
     register_as: str | None = None,
     min_agreement: float = MIN_AGREEMENT,
+    force: bool = False,
 ) -> Path:
-    """Quantize `source`; the file appears at `out` only when its top-1 agreement with fp32 reaches min_agreement."""
+    """Quantize `source`; the file appears at `out` only when its top-1 agreement with fp32 reaches min_agreement.
+    `register_as`: a store name, or "" for the default one (None: not registered)."""
     source, out = Path(source), Path(out)
+    refuse_existing(out, force)
     fp32 = OnnxModel(source, providers="cpu")
     if fp32.info.precision != "fp32":
         raise UserError(f"{source} is already {fp32.info.precision}; quantize the fp32 model it came from")
@@ -81,10 +84,10 @@ def quantize(
         out, lambda tmp: _quantize_to(tmp, source, fp32, calibration, pixels, data, images, seed, min_agreement)
     )
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, sha256 {sha256_of(out)[:16]}…)")
-    if register_as:
+    if register_as is not None:
         from core.store import register_and_compare
 
-        print(register_and_compare(out, register_as))
+        print(register_and_compare(out, register_as or None))
     return out
 
 

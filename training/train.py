@@ -1,4 +1,4 @@
-"""Train LeNet-5 or ResNet-18 on CIFAR-10; runs alone or under torchrun (DDP).
+"""Train one of the networks in models/ on CIFAR-10; runs alone or under torchrun (DDP).
 
 Every epoch writes last.pt, best.pt (by validation accuracy), metrics.jsonl and
 curves.png into the run folder, atomically, so `--resume` can pick up any cut.
@@ -32,6 +32,10 @@ from training.data import DataError, Split, load_split
 # Per-architecture defaults: Nesterov SGD, warm-up then linear decay, label smoothing.
 RECIPES: dict[str, dict[str, float]] = {
     "lenet": {"epochs": 60, "batch_size": 128, "lr": 0.05, "weight_decay": 5e-4, "cutout": 0},
+    "alexnet": {"epochs": 60, "batch_size": 128, "lr": 0.02, "weight_decay": 5e-4, "cutout": 0},  # no BatchNorm
+    "vgg11": {"epochs": 60, "batch_size": 128, "lr": 0.05, "weight_decay": 5e-4, "cutout": 0},
+    "vgg16": {"epochs": 60, "batch_size": 128, "lr": 0.05, "weight_decay": 5e-4, "cutout": 0},
+    "googlenet": {"epochs": 60, "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4, "cutout": 0},
     "resnet18": {"epochs": 60, "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4, "cutout": 0},
 }
 PAD = 4  # random-crop padding, in pixels
@@ -272,11 +276,10 @@ def _train(cfg: TrainConfig, state: dict | None, device: torch.device, rank: int
                 flush=True,
             )
         return {}
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-
     train_data, val_data = split_validation(load_split(cfg.data, "train", cfg.download), cfg.val_size, cfg.seed)
     test_data = _test_split(cfg.data, announce=is_main)
+    if is_main:  # once the data has loaded: a run refused for its data leaves no folder behind
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = get_model(cfg.arch).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
@@ -298,7 +301,7 @@ def _train(cfg: TrainConfig, state: dict | None, device: torch.device, rank: int
         print(
             f"{cfg.arch}: {len(train_data):,} training, {len(val_data):,} validation{capped}, "
             f"{len(test_data) if test_data else 'no'} test images; {device_name(device)} x {world}, "
-            f"{'bf16 autocast' if cfg.amp else 'fp32'}; epochs {start_epoch}-{cfg.epochs} of {steps} steps, "
+            f"{'bf16 autocast' if cfg.amp else 'fp32'}; epochs {start_epoch}-{cfg.epochs}, {steps} steps each, "
             f"batch {cfg.batch_size}",
             flush=True,
         )
