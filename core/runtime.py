@@ -98,9 +98,21 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
+def rank(logits: np.ndarray) -> np.ndarray:
+    """Per row of (N, classes) logits, every class from the most probable down (ties keep class order), as float64
+    (N, classes, 2): [class index, softmax probability]. One call for a whole batch."""
+    logits = logits.astype(np.float64)
+    order = np.argsort(-logits, axis=1, kind="stable")  # softmax keeps the order: sort the logits
+    ranked = np.take_along_axis(logits, order, axis=1)
+    exp = np.exp(ranked - ranked[:, :1])  # the largest first: the stable softmax for free
+    out = np.empty((*order.shape, 2))
+    out[..., 0] = order
+    np.divide(exp, exp.sum(axis=1, keepdims=True), out=out[..., 1])
+    return out
+
+
 def top_classes(logits: np.ndarray, k: int) -> tuple[list[list[int]], list[list[float]]]:
     """Per row of (N, classes) logits: the k most probable classes, largest first (ties keep class order),
     and their softmax probabilities."""
-    probabilities = softmax(logits)
-    indices = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-    return indices.tolist(), np.take_along_axis(probabilities, indices, axis=1).tolist()
+    ranked = rank(logits)[:, :k]
+    return ranked[..., 0].astype(np.int64).tolist(), ranked[..., 1].tolist()

@@ -1,11 +1,15 @@
 """Dynamic batching: concurrent requests for one model share a model call.
 
 Greedy, like Triton's dynamic batcher: whenever the model is free, everything queued (up to
-`max_batch_size` images) goes into the next call. A lone request runs at once; under load, a
-call whose queued work is estimated below GATHER_S first waits GATHER_S (2 ms) for more, since
-a call that cheap costs less than the thread hand-offs around it. Each model has its own thread
-that loops over the queue, so under load the next batch starts the moment the last one ends
-instead of when the busy event loop gets round to it (BENCHMARKS.md has the measurements).
+`max_batch_size` images) goes into the next call. A lone request runs at once.
+
+Two ways to run the calls. A model whose calls cost little (`inline`: LeNet on a CPU, ~40 us an image)
+runs them in the event loop itself: the requests that reach the batcher in one pass of the loop share
+one call, made before the loop moves on, with no thread hand-off (which cost more than LeNet's call).
+Any other model has its own thread that loops over the queue, so under load the next batch starts the
+moment the last one ends instead of when the busy event loop gets round to it; there a call whose
+queued work is estimated below GATHER_S first waits GATHER_S (2 ms) for more. BENCHMARKS.md has the
+measurements behind both.
 """
 
 from __future__ import annotations
@@ -78,10 +82,14 @@ class Batcher:
         max_latency_s: float,
         device_lock: threading.Lock,
         bucket_sizes: tuple[int, ...] = (),
+        prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+        inline: bool = False,
     ) -> None:
         """`run` is the blocking model call; `device_lock` is shared by the models that share the cores.
         `bucket_sizes`: the only batch sizes `run` sees (a batch is padded with zeros up to the next one and the
-        padding's rows dropped), for runtimes that pay for every new shape; empty: any size."""
+        padding's rows dropped), for runtimes that pay for every new shape; empty: any size. `prepare`: applied
+        to the uint8 inputs of a call, all at once, before `run` (normalization); float inputs pass as they are.
+        `inline`: run the calls in the event loop (for a cheap model), not in a thread of its own."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_latency_s <= 0:
@@ -101,19 +109,50 @@ class Batcher:
         self.queued_images = 0
         self.seconds_per_image = 0.0  # running estimate, to shed at once what could not be served in time
         self.last_batch = 0  # requests in the last call: more than one means requests are overlapping
+        self.prepare = prepare
+        self.inline = inline
+        self.passing: list[_Pending] = []  # inline: the requests of this pass of the event loop
         self.ready = threading.Condition()
         threading.Thread(target=self._serve, name=f"batcher-{name}", daemon=True).start()
 
     async def __call__(self, inputs: np.ndarray) -> np.ndarray:
         loop = asyncio.get_running_loop()
         pending = _Pending(inputs, loop.create_future(), loop)
+        if self.inline:
+            if not self.passing:
+                loop.call_soon(self._run_passing)  # after the requests already scheduled in this pass
+            self.passing.append(pending)
+            return await pending.future
+        self._enqueue([pending])
+        return await pending.future
+
+    def _enqueue(self, pendings: list[_Pending]) -> None:
         with self.ready:
             if self.queued_images * self.seconds_per_image > self.max_latency_s:  # its wait, not its own call
                 raise self._overloaded()
-            self.queue.append(pending)
-            self.queued_images += len(inputs)
+            self.queue.extend(pendings)
+            self.queued_images += sum(len(p.inputs) for p in pendings)
             self.ready.notify()
-        return await pending.future
+
+    def _run_passing(self) -> None:
+        """Inline: the model calls for this pass's requests, in the event loop; to the thread if a call of another
+        model holds the device."""
+        passing, self.passing = [p for p in self.passing if not p.future.done()], []
+        while passing:
+            batch, images = [], 0
+            while passing and (not batch or images + len(passing[0].inputs) <= self.max_batch_size):
+                batch.append(passing.pop(0))
+                images += len(batch[-1].inputs)
+            if not self.device_lock.acquire(blocking=False):
+                try:
+                    self._enqueue(batch + passing)
+                except Overloaded as exc:
+                    _settle([(p.future, exc) for p in batch + passing])
+                return
+            try:
+                _settle(self._outputs(batch))
+            finally:
+                self.device_lock.release()
 
     def _serve(self) -> None:
         while True:
@@ -159,18 +198,30 @@ class Batcher:
         )
 
     def _call(self, batch: list[_Pending]) -> None:
-        inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])
+        with self.device_lock:
+            results = self._outputs(batch)
+        _hand_back([(pending, result) for pending, (_, result) in zip(batch, results, strict=True)])
+
+    def _outputs(self, batch: list[_Pending]) -> list[tuple[asyncio.Future, np.ndarray | BaseException]]:
+        """One model call for `batch` (the device held): each request's rows of the output, or the call's error."""
         self.last_batch = len(batch)
-        images = len(inputs)
         try:
-            with self.device_lock:
-                started = time.perf_counter()
-                outputs = self.run(pad(inputs, self.bucket_sizes))[:images]
-                per_image = (time.perf_counter() - started) / images
+            inputs = self._joined(batch)
+            started = time.perf_counter()
+            outputs = self.run(pad(inputs, self.bucket_sizes))[: len(inputs)]
+            per_image = (time.perf_counter() - started) / len(inputs)
         except Exception as exc:  # a failed call fails its own requests, never the thread
             logger.exception("model call failed")
-            _hand_back([(pending, exc) for pending in batch])
-            return
+            return [(pending.future, exc) for pending in batch]
         self.seconds_per_image = 0.8 * (self.seconds_per_image or per_image) + 0.2 * per_image
         ends = np.cumsum([len(p.inputs) for p in batch])
-        _hand_back([(p, outputs[end - len(p.inputs) : end]) for p, end in zip(batch, ends, strict=True)])
+        return [(p.future, outputs[end - len(p.inputs) : end]) for p, end in zip(batch, ends, strict=True)]
+
+    def _joined(self, batch: list[_Pending]) -> np.ndarray:
+        """The call's inputs: uint8 ones prepared together where the whole batch is uint8."""
+        inputs = [p.inputs for p in batch]
+        if self.prepare is not None and all(x.dtype == np.uint8 for x in inputs):
+            return self.prepare(inputs[0] if len(inputs) == 1 else np.concatenate(inputs))
+        if self.prepare is not None:
+            inputs = [self.prepare(x) if x.dtype == np.uint8 else x for x in inputs]
+        return inputs[0] if len(inputs) == 1 else np.concatenate(inputs)

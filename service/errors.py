@@ -29,3 +29,11 @@ class SlowRequest(Exception):
 
 class ShuttingDown(Exception):
     """A request that arrived while the worker drains (HTTP 503, Connection: close)."""
+
+
+class Unauthorized(Exception):
+    """A request without a valid API key, where keys are required (HTTP 401, WWW-Authenticate: Bearer)."""
+
+
+class NotFound(Exception):
+    """An unknown model or model version on a route that names one in its path (HTTP 404)."""

@@ -28,7 +28,7 @@ import numpy as np
 from core.errors import ImageError
 from core.host import gpu_count, usable_cores
 from core.preprocess import decode_plain_jpeg, normalize, open_image, to_pixels
-from core.runtime import CUDA, OnnxModel, choose_providers, top_classes
+from core.runtime import CUDA, OnnxModel, choose_providers, rank
 from core.selfcheck import choose
 from service.batching import Batcher, bucket_sizes
 from service.cores import SharedCores
@@ -37,6 +37,7 @@ from service.errors import BadRequest
 from service.metrics import BATCH_SIZES, INFERENCES, MODEL_SECONDS
 from service.settings import Settings
 
+INLINE_S = 0.0002  # a model under this many seconds an image on a CPU runs its calls in the event loop
 # Images over this many pixels (after JPEG's DCT scaling) are decoded off the event loop: a
 # 256x256 PNG takes ~0.3 ms, a 36-megapixel one 0.2 s, during which every connection would wait.
 INLINE_PIXELS = 256 * 256
@@ -134,6 +135,17 @@ class Predictor:
             for session in filter(None, (model.all_cores, model.shared_cores)):
                 for size in self.bucket_sizes or (1,):  # the first run allocates and picks kernels
                     session.logits(np.zeros((size, 3, 32, 32), np.float32))
+        # On a CPU, a model this cheap runs its calls in the event loop (service/batching.py): the thread hand-off
+        # would cost more than the call. Judged from a timed call of 16 images (the largest bucket, with buckets).
+        probe = self.bucket_sizes[-1] if self.bucket_sizes else 16
+        inline = {
+            name: on_cpu and _seconds_per_image(m.shared_cores or m.all_cores, probe) < INLINE_S
+            for name, m in self.models.items()
+        }
+        self.meters = {
+            arch: (MODEL_SECONDS.labels(model=arch), BATCH_SIZES.labels(model=arch), INFERENCES.labels(model=arch))
+            for arch in self.models
+        }
         one_at_a_time = threading.Lock()  # the models share the device: never run two calls at once
         self.batchers = {
             arch: Batcher(
@@ -143,6 +155,8 @@ class Predictor:
                 settings.max_latency_ms / 1000,
                 one_at_a_time,
                 self.bucket_sizes,
+                prepare=functools.partial(normalize, table=self.models[arch].all_cores.table),
+                inline=inline[arch],
             )
             for arch in self.models
         }
@@ -162,12 +176,17 @@ class Predictor:
             except ImageError as exc:
                 results[i] = exc
         if good:
-            served = self.models[model].all_cores
-            logits = await self.batchers[model](normalize(np.stack(pixels), served.table))
-            names = served.info.class_names
-            for i, indices, probabilities in zip(good, *top_classes(logits, top_k), strict=True):
-                results[i] = [Prediction(names[j], j, p) for j, p in zip(indices, probabilities, strict=True)]
+            ranked = await self.ranked(model, np.stack(pixels))  # normalized per batch by the batcher
+            names = self.models[model].all_cores.info.class_names
+            for i, rows in zip(good, ranked[:, :top_k].tolist(), strict=True):
+                results[i] = [Prediction(names[int(j)], int(j), p) for j, p in rows]
         return results
+
+    async def ranked(self, model: str, inputs: np.ndarray) -> np.ndarray:
+        """uint8 NHWC pixels (normalized here with the model's table) or normalized float32 NCHW inputs -> each
+        one's classes from the most probable down, (N, classes, 2) of [class index, probability]
+        (core.runtime.rank), through the model's batcher."""
+        return await self.batchers[model](inputs)
 
     def version(self, model: str) -> str:
         return self.models[model].version
@@ -232,7 +251,16 @@ class Predictor:
         model = self.models[arch]
         with self.cores.call() if self.cores else nullcontext(True) as alone:
             logits = (model.all_cores if alone else model.shared_cores).logits(batch)
-        MODEL_SECONDS.labels(model=arch).observe(time.perf_counter() - started)
-        BATCH_SIZES.labels(model=arch).observe(len(batch))
-        INFERENCES.labels(model=arch).inc(len(batch))
-        return logits
+        seconds, sizes, images = self.meters[arch]
+        seconds.observe(time.perf_counter() - started)
+        sizes.observe(len(batch))
+        images.inc(len(batch))
+        return rank(logits)  # here, once per batch, not once per request in the event loop
+
+
+def _seconds_per_image(model: OnnxModel, images: int) -> float:
+    batch = np.zeros((images, 3, 32, 32), np.float32)
+    model.logits(batch)
+    started = time.perf_counter()
+    model.logits(batch)
+    return (time.perf_counter() - started) / images

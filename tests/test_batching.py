@@ -6,6 +6,7 @@ import threading
 import numpy as np
 import pytest
 
+from core.preprocess import normalize
 from core.runtime import OnnxModel
 from core.store import shipped_file
 from service.batching import Batcher, bucket_sizes
@@ -124,7 +125,74 @@ def test_start_up_runs_every_bucket_of_every_session_before_serving(monkeypatch)
     files = {arch: Copies(ModelFile(f"cifar10-{arch}:shipped", shipped_file(arch))) for arch in ("resnet18", "lenet")}
     predictor = Predictor(files, Settings(batch_buckets="on", max_batch_size=32), workers=1)
     assert predictor.bucket_sizes == (1, 2, 4, 8, 16, 32)
-    assert seen == [*predictor.bucket_sizes] * 2  # both models, each shape once, in __init__
+    assert seen[:12] == [*predictor.bucket_sizes] * 2  # both models, each shape once, in __init__
+    assert set(seen) <= set(predictor.bucket_sizes)  # and no other shape, ever
     assert predictor.describe()["batching"]["bucket_sizes"] == [1, 2, 4, 8, 16, 32]
     cpu = Predictor(files, Settings(), workers=1)  # auto: no buckets on a CPU host
     assert cpu.bucket_sizes == () or cpu.models["lenet"].all_cores.provider != "CPUExecutionProvider"
+
+
+def test_inline_the_requests_of_one_pass_share_one_call_in_the_event_loop(lenet) -> None:
+    """An inline batcher makes its calls in the event loop: the 24 requests gathered in one pass are one call
+    (chunked by max_batch_size), on the loop's own thread, each answered with its own rows."""
+    run = Recorded(lenet)
+    threads = []
+    recorded = run.__call__
+
+    def on_which_thread(batch: np.ndarray) -> np.ndarray:
+        threads.append(threading.current_thread())
+        return recorded(batch)
+
+    batcher = Batcher(
+        "lenet", on_which_thread, max_batch_size=32, max_latency_s=5, device_lock=threading.Lock(), inline=True
+    )
+    requests = [inputs(1 + i % 3, seed=i) for i in range(24)]
+
+    async def main() -> list[np.ndarray]:
+        return await asyncio.gather(*(batcher(x) for x in requests))
+
+    results = asyncio.run(main())
+    for x, rows in zip(requests, results, strict=True):
+        assert np.allclose(rows, lenet.logits(x), atol=1e-5)
+    assert sum(run.sizes) == 48 and len(run.sizes) == 2 and max(run.sizes) <= 32  # one pass, two calls
+    assert set(threads) == {threading.main_thread()}
+
+
+def test_inline_calls_go_to_the_thread_while_another_model_holds_the_device(lenet) -> None:
+    device = threading.Lock()
+    run = Recorded(lenet)
+    batcher = Batcher("lenet", run, max_batch_size=64, max_latency_s=5, device_lock=device, inline=True)
+
+    async def main() -> np.ndarray:
+        device.acquire()  # another model's call, in its own thread, for 0.1 s
+        threading.Timer(0.1, device.release).start()
+        return await batcher(inputs(2, seed=0))
+
+    assert np.allclose(asyncio.run(main()), lenet.logits(inputs(2, seed=0)), atol=1e-5) and run.sizes == [2]
+
+
+def test_uint8_pixels_are_prepared_once_per_call_and_float_inputs_pass_as_they_are(lenet) -> None:
+    prepared = []
+
+    def prepare(pixels: np.ndarray) -> np.ndarray:
+        prepared.append(len(pixels))
+        return normalize(pixels, lenet.table)
+
+    batcher = Batcher(
+        "lenet",
+        Recorded(lenet),
+        max_batch_size=64,
+        max_latency_s=5,
+        device_lock=threading.Lock(),
+        prepare=prepare,
+        inline=True,
+    )
+    pixels = [np.random.default_rng(i).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8) for i in range(3)]
+
+    async def main() -> list[np.ndarray]:
+        return await asyncio.gather(*(batcher(x) for x in pixels), batcher(inputs(1, seed=9)))
+
+    *from_pixels, from_floats = asyncio.run(main())
+    for x, rows in zip(pixels, from_pixels, strict=True):
+        assert np.allclose(rows, lenet.logits(normalize(x, lenet.table)), atol=1e-5)
+    assert np.allclose(from_floats, lenet.logits(inputs(1, seed=9)), atol=1e-5) and prepared == [2, 2, 2]

@@ -6,17 +6,15 @@ import json
 import pytest
 
 from core.errors import ImageError, ImageTooLarge, UnsupportedImage
+from service.answers import Answer, error_answer, size_text
+from service.classification import Limits
 from service.errors import BadRequest, Overloaded, TimedOut, TooManyRequests
-from service.http import Limits, error_response, size_text
 
 
-async def slow_echo(scope, receive, send) -> None:
-    """Reads the whole body, sleeps as long as the query string says, answers 200."""
-    while (await receive()).get("more_body"):
-        pass
+async def slow_echo(scope, body: bytes) -> Answer:
+    """Sleeps as long as the query string says, answers 200 with the body's size."""
     await asyncio.sleep(float(scope["query_string"] or 0))
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": b"{}"})
+    return Answer(200, {"size": len(body)})
 
 
 async def call(
@@ -56,7 +54,7 @@ async def call(
 
 def limits(**overrides) -> Limits:
     settings = {"max_body_bytes": 4096, "max_concurrency": 2, "timeout_s": 5.0} | overrides
-    return Limits(slow_echo, **settings)
+    return Limits({"/classify": slow_echo}, **settings)
 
 
 def test_a_body_over_the_limit_is_a_413_whether_declared_or_streamed() -> None:
@@ -100,9 +98,9 @@ def test_a_request_past_the_timeout_is_a_504() -> None:
     ],
 )
 def test_each_error_has_one_answer(error: Exception, status: int, retry: bool) -> None:
-    response = error_response(error)
-    assert response.status_code == status and ("retry-after" in response.headers) == retry
-    message = json.loads(response.body)["error"]
+    answer = error_answer(error)
+    assert answer.status == status and (b"retry-after" in dict(answer.headers)) == retry
+    message = json.loads(answer.encoded())["error"]
     assert message == (str(error) if status != 500 else "internal server error; the server log has the details")
 
 

@@ -145,13 +145,53 @@ def test_bad_requests_get_a_4xx_json_error(server: str, samples, files, fields, 
     assert words in response.json()["error"]
 
 
-def test_a_body_that_is_not_a_multipart_form_is_a_400(server: str, samples) -> None:
-    raw = httpx.post(f"{server}/classify", content=samples[0][1], headers={"content-type": "image/jpeg"})
-    assert raw.status_code == 400 and "multipart file field named image" in raw.json()["error"]
+def test_a_broken_multipart_form_is_a_400(server: str, samples) -> None:
     broken = httpx.post(f"{server}/classify", content=b"--x\r\n", headers={"content-type": "multipart/form-data"})
-    assert broken.status_code == 400 and "multipart" in broken.json()["error"]
+    assert broken.status_code == 400 and "no valid boundary" in broken.json()["error"]
+    cut = httpx.post(
+        f"{server}/classify",
+        content=b"--x\r\nContent-Disposition: form-data; name=image\r\n\r\nab",
+        headers={"content-type": "multipart/form-data; boundary=x"},
+    )
+    assert cut.status_code == 400 and "ends before its closing boundary" in cut.json()["error"]
     empty = httpx.post(f"{server}/classify_batch", data={"model": "lenet"})
     assert empty.status_code == 400 and "images: missing" in empty.json()["error"]
+    raw = httpx.post(f"{server}/classify_batch", content=samples[0][1], headers={"content-type": "image/jpeg"})
+    assert raw.status_code == 400 and "multipart form with repeated file fields named images" in raw.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "content_type", ["image/jpeg", "application/octet-stream", "application/x-www-form-urlencoded"]
+)
+def test_the_image_as_the_whole_body_is_answered_like_the_form(server: str, samples, content_type: str) -> None:
+    """`curl --data-binary @cat.jpg` (which says x-www-form-urlencoded), or with its own Content-Type; options in
+    the query string. The same answer as the multipart form's; PUT too (`curl -T cat.jpg`)."""
+    form = classify(server, samples[0][1], model="lenet", top_k=5).json()
+    raw = httpx.post(
+        f"{server}/classify?model=lenet&top_k=5", content=samples[0][1], headers={"content-type": content_type}
+    )
+    assert raw.status_code == 200, raw.text
+    for answer in (raw, httpx.put(f"{server}/classify?model=lenet&top_k=5", content=samples[0][1])):
+        assert answer.status_code == 200 and answer.json()["model"] == "lenet"
+        assert [p["label"] for p in answer.json()["predictions"]] == [p["label"] for p in form["predictions"]]
+        got, expected = ([p["probability"] for p in a["predictions"]] for a in (answer.json(), form))
+        assert got == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("body", "query", "status", "words"),
+    [
+        (b"%PDF-1.7\n", "", 415, "PDF is not a supported image type"),
+        (b"", "", 400, "empty file"),
+        (b"\xff" * (11 * 1024 * 1024), "", 413, "10 MB"),
+        (b"SAMPLE", "?top_k=zero", 400, "top_k must be a whole number"),
+        (b"SAMPLE", "?model=vgg", 400, "unknown model 'vgg'"),
+    ],
+)
+def test_a_bad_raw_body_gets_the_same_errors(server: str, samples, body, query, status, words) -> None:
+    body = samples[0][1] if body == b"SAMPLE" else body
+    answer = httpx.post(f"{server}/classify{query}", content=body, headers={"content-type": "image/jpeg"}, timeout=60)
+    assert answer.status_code == status and words in answer.json()["error"], answer.text
 
 
 def test_truncated_image_is_a_400(server: str) -> None:

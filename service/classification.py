@@ -1,0 +1,192 @@
+"""The classification routes as the service runs them, ahead of BentoML's per-request middleware.
+
+`Limits` reads a request's body under its size and time limits (413, 408), refuses past max_concurrency
+(429), gives up after timeout_s (504), sends the handler's answer as bare ASGI messages and counts it in
+/metrics. The handlers here turn a body into a Predictor call: `/classify` takes one image, as the
+multipart field `image` or as the whole body (`curl --data-binary @cat.jpg`, options in the query string),
+`/classify_batch` the repeated field `images`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qsl
+
+from starlette.types import Receive, Scope, Send
+
+from core.errors import ImageError
+from service import multipart
+from service.answers import ANSWERED, Answer, error_answer, send_answer, size_text, status_of
+from service.errors import BadRequest, BodyTooLarge, SlowRequest, TimedOut, TooManyRequests
+from service.metrics import REQUEST_SECONDS, REQUESTS
+from service.predictor import Prediction, Predictor
+
+MAX_PARSED_PARTS = 1000  # parsed before the batch limit is checked, so its error can name the count
+Handler = Callable[[Scope, bytes], Awaitable[Answer]]
+
+
+class Limits:
+    """Runs the handler of each classification route (`scope["route"]`) under the limits, as one ASGI app.
+
+    The body is read whole before a request counts as running, so clients that send slowly hold a
+    connection, never a place among the requests being served.
+    """
+
+    def __init__(
+        self,
+        handlers: dict[str, Handler],
+        max_body_bytes: int,
+        max_concurrency: int,
+        timeout_s: float,
+        body_timeout_s: float = 30,
+    ) -> None:
+        self.handlers = handlers
+        self.max_body_bytes = max_body_bytes
+        self.max_concurrency = max_concurrency
+        self.timeout_s = timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.running = 0  # requests past their body read, against max_concurrency
+        self.meters: dict[tuple[str, int], tuple] = {}  # Prometheus children, looked up once per (route, status)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        route = scope.get("route", scope["path"])
+        answer = await self._answer(self.handlers[route], scope, receive)
+        await send_answer(send, answer)
+        meters = self.meters.get((route, answer.status))
+        if meters is None:
+            meters = self.meters[route, answer.status] = (
+                REQUEST_SECONDS.labels(endpoint=route),
+                REQUESTS.labels(endpoint=route, status=str(answer.status)),
+            )
+        meters[0].observe(time.perf_counter() - started)
+        meters[1].inc()
+
+    async def _answer(self, handler: Handler, scope: Scope, receive: Receive) -> Answer:
+        try:
+            body = await self._body(scope, receive)
+            if self.running >= self.max_concurrency:
+                raise TooManyRequests("too many requests in flight; retry shortly")
+            self.running += 1
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    return await handler(scope, body)
+            finally:
+                self.running -= 1
+        except TimeoutError:
+            return error_answer(TimedOut(f"no answer within {self.timeout_s:g} s; retry later or send fewer images"))
+        except ANSWERED as exc:
+            return error_answer(exc)
+
+    async def _body(self, scope: Scope, receive: Receive) -> bytes:
+        too_large = BodyTooLarge(
+            f"request body is larger than the {size_text(self.max_body_bytes)} limit; send a smaller image"
+        )
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise too_large
+        message = await receive()  # the common case: the whole body in one message, no timer needed
+        if message["type"] == "http.request" and not message.get("more_body"):
+            body = message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                raise too_large
+            return body
+        chunks, size = [message.get("body", b"")], len(message.get("body", b""))
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while message["type"] == "http.request" and message.get("more_body"):
+                    message = await receive()
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > self.max_body_bytes:
+                        raise too_large
+        except TimeoutError:
+            raise SlowRequest(
+                f"the request body did not arrive within {self.body_timeout_s:g} s; send it faster "
+                "or send a smaller image"
+            ) from None
+        return b"".join(chunks)
+
+
+def header(scope: Scope, name: bytes) -> bytes:
+    return next((v for k, v in scope["headers"] if k == name), b"")
+
+
+class Forms:
+    """What a classification request asks: its images and options, from a multipart form or a raw body."""
+
+    def __init__(self, default_model: str) -> None:
+        self.default_model = default_model
+
+    def read(self, scope: Scope, body: bytes, field: str, max_files: int) -> tuple[list[bytes], str, int]:
+        """(images, model, top_k). Options come from the query string, and from form fields, which win."""
+        options = dict(parse_qsl(scope["query_string"].decode("latin-1")))
+        content_type = header(scope, b"content-type")
+        media = content_type.split(b";", 1)[0].strip().lower()
+        if media == b"application/x-www-form-urlencoded" and body.isascii() and b"=" in body:
+            # A text form (`curl -d`, `httpx.post(data=...)`): no file can be in it. An image sent with
+            # `curl --data-binary` carries the same Content-Type, but its bytes are not text.
+            fields = dict(parse_qsl(body.decode("ascii")))
+            if field in fields:
+                raise BadRequest(f"{field}: a text field; send the image as a file (curl -F {field}=@cat.jpg)")
+            raise BadRequest(f"{field}: missing; send the image as a multipart file field named {field}")
+        if media == b"multipart/form-data":
+            images = []
+            for part in multipart.parse(body, content_type, MAX_PARSED_PARTS):
+                if part.name == field:
+                    if part.filename is None:
+                        raise BadRequest(f"{field}: a text field; send the image as a file (curl -F {field}=@cat.jpg)")
+                    images.append(part.data)
+                elif part.name in ("model", "top_k"):
+                    if part.filename is not None:
+                        raise BadRequest("model and top_k are text fields, not files")
+                    options[part.name] = part.data.decode("utf-8", "replace")
+            if not images:
+                raise BadRequest(
+                    f"{field}: missing; send the image as a multipart file field named {field}"
+                    if max_files == 1
+                    else f"{field}: missing; send one or more files in fields named {field}"
+                )
+            if max_files == 1 and len(images) > 1:
+                raise BadRequest(f"{field}: {len(images)} files; /classify takes one (use /classify_batch)")
+        elif max_files == 1:  # the whole body is the image: its Content-Type is not trusted, its bytes decide
+            images = [body]
+        else:
+            raise BadRequest(f"send the images as a multipart form with repeated file fields named {field}")
+        top_k = options.get("top_k", "3")
+        try:
+            return images, options.get("model", self.default_model), int(top_k)
+        except ValueError:
+            raise BadRequest(f"top_k must be a whole number, got {top_k!r}") from None
+
+
+def predictions(predictions: list[Prediction]) -> list[dict]:
+    return [prediction._asdict() for prediction in predictions]
+
+
+def classify_handlers(predictor: Callable[[], Predictor], forms: Forms) -> dict[str, Handler]:
+    """/classify and /classify_batch, answered by the Predictor `predictor()` returns (once the models are loaded)."""
+
+    async def classify(scope: Scope, body: bytes) -> Answer:
+        images, model, top_k = forms.read(scope, body, "image", max_files=1)
+        serving = predictor()
+        [result] = await serving.classify(images, model, top_k)
+        if isinstance(result, ImageError):
+            raise result
+        return Answer(
+            200, {"model": model, "model_version": serving.version(model), "predictions": predictions(result)}
+        )
+
+    async def classify_batch(scope: Scope, body: bytes) -> Answer:
+        images, model, top_k = forms.read(scope, body, "images", max_files=MAX_PARSED_PARTS)
+        serving = predictor()
+        results = await serving.classify(images, model, top_k)
+        items = [
+            {"error": str(r), "status": status_of(r)} if isinstance(r, ImageError) else {"predictions": predictions(r)}
+            for r in results
+        ]
+        return Answer(200, {"model": model, "model_version": serving.version(model), "results": items})
+
+    return {"/classify": classify, "/classify_batch": classify_batch}
