@@ -57,7 +57,8 @@ async def multipart(scope, receive, send) -> None:
     if scope["type"] != "http":
         return
     form = await Request(scope, receive).form()
-    await form["image"].read()
+    if "image" in form:
+        await form["image"].read()
     await _answer(send, FIXED)
 
 
@@ -68,6 +69,9 @@ async def naive(scope, receive, send) -> None:
     if _model is None:  # one session per worker, one thread: the workers share the cores
         _model = OnnxModel(shipped_file("lenet"), providers="cpu", threads=1, spin=False)
     form = await Request(scope, receive).form()
+    if "image" not in form:
+        await _answer(send, b"{}")
+        return
     pixels = decode_rgb(await form["image"].read())
     [indices], [probabilities] = top_classes(_model.logits(normalize(pixels[np.newaxis], _model.table)), 3)
     names = _model.info.class_names

@@ -89,8 +89,8 @@ def run_load(
 
 
 def target_loads(url: str, quick: bool) -> dict:
-    """The HTTP loads behind the targets, on a running server: ResNet-18 1 and 32 clients, LeNet 32 clients,
-    LeNet /classify_batch x64 at 8 clients."""
+    """The HTTP loads behind the targets, on a running server: ResNet-18 and LeNet at 1 and 32 clients, LeNet
+    /classify_batch x64 at 8 clients."""
     _, image = cifar_samples(1)[3]
     bodies = {
         arch: multipart([("image", "x.jpg", image), ("model", "", arch.encode())]) for arch in ("resnet18", "lenet")
@@ -101,6 +101,7 @@ def target_loads(url: str, quick: bool) -> dict:
     return {
         "resnet18 c=1": run_load(f"{url}/classify", *bodies["resnet18"], 1, 50 if quick else 200),
         "resnet18 c=32": run_load(f"{url}/classify", *bodies["resnet18"], 32, 320 if quick else 960),
+        "lenet c=1": run_load(f"{url}/classify", *bodies["lenet"], 1, 300 if quick else 1000),
         "lenet c=32": run_load(f"{url}/classify", *bodies["lenet"], 32, 1500 if quick else 6000),
         "lenet batch64 c=8": run_load(
             f"{url}/classify_batch", *batch_body, 8, 80 if quick else 400, images_per_request=64

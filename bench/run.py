@@ -19,15 +19,17 @@ from pathlib import Path
 
 import httpx
 
-from bench import gpu, runtime
+from bench import ceiling, gpu, runtime
 from bench.hey import multipart, run_load, target_loads
-from bench.report import RESULTS, ROOT, machine, table, write_csv
-from core.runtime import OnnxModel, gpu_count
+from bench.report import ROOT, machine, machine_line, table, write_csv, write_json
+from core.host import gpu_count, usable_cores
+from core.runtime import OnnxModel
 from core.store import shipped_file
 from harness.samples import TEST_ZIP, cifar_samples
-from harness.server import Server
+from harness.server import Server, stop_server
 
 CONCURRENCY = (1, 8, 32, 64)
+WORKERS = usable_cores()  # the service's default on a CPU host; the reference endpoints get as many
 
 
 def requests_for(arch: str, concurrency: int, quick: bool) -> int:
@@ -126,28 +128,87 @@ def worker_runs(home: Path, quick: bool) -> list[dict]:
     return rows
 
 
+def ceiling_runs(home: Path, quick: bool) -> list[dict]:
+    """The reference endpoints (bench/ceiling.py) and the service, each at 32 clients with one CIFAR-10 JPEG per
+    request, two workers everywhere: requests/s, latency and the server's CPU time per request."""
+    _, image = cifar_samples(1)[3]
+    requests = 2000 if quick else 8000
+    rows = []
+    for name in ("body", "multipart", "naive"):
+        process, url = ceiling.serve(name, WORKERS)
+        try:
+            rows.append({"endpoint": f"reference: {name}", **cpu_load(process, url, image, "lenet", requests)})
+        finally:
+            stop_server(process)
+    with Server(home) as server:
+        for model, form in (
+            ("lenet", "multipart"),
+            ("lenet", "raw body"),
+            ("resnet18", "multipart"),
+            ("resnet18", "raw body"),
+        ):
+            count = requests if model == "lenet" else requests // 8
+            rows.append(
+                {
+                    "endpoint": f"service: {model} /classify, {form}",
+                    **cpu_load(server.process, f"{server.url}/classify", image, model, count, form == "raw body"),
+                }
+            )
+    naive = next(r for r in rows if r["endpoint"] == "reference: naive")["requests_per_s"]
+    for row in rows:
+        row["ratio_to_naive"] = row["requests_per_s"] / naive
+        print(
+            f"ceiling {row['endpoint']:<36} {row['requests_per_s']:>8,.0f} req/s  CPU {row['cpu_us_per_request']:,.0f} "
+            f"us/request",
+            flush=True,
+        )
+    return rows
+
+
+def cpu_load(process, url: str, image: bytes, model: str, requests: int, raw: bool = False) -> dict:
+    """A 32-client load on `url` with the server's CPU seconds per request (its whole process tree)."""
+    if raw:
+        body, ctype, url = image, "image/jpeg", f"{url}?model={model}"
+    else:
+        body, ctype = multipart([("image", "x.jpg", image), ("model", "", model.encode())])
+    run_load(url, body, ctype, 32, max(200, requests // 10))  # warm
+    before = ceiling.cpu_seconds(process)
+    load = run_load(url, body, ctype, 32, requests)
+    return {
+        **{k: load[k] for k in ("requests_per_s", "p50_ms", "p99_ms", "errors")},
+        "cpu_us_per_request": (ceiling.cpu_seconds(process) - before) / load["requests"] * 1e6,
+    }
+
+
 def target_runs(home: Path, quick: bool, repeats: int = 3) -> list[dict]:
-    """The targets, each measured `repeats` times on a fresh server, the raw ceilings re-measured each time."""
-    fp32 = OnnxModel(shipped_file("resnet18"))
-    int8 = OnnxModel(shipped_file("resnet18-int8"))
+    """Issue 27's targets, each round measured side by side on fresh servers: the naive endpoint against the
+    service's LeNet, raw int8 ResNet-18 at batch 64 against the service at 32 clients, and the raw batch-1
+    latency of each model against the service's with 1 client."""
+    _, image = cifar_samples(1)[3]
+    int8, lenet = OnnxModel(shipped_file("resnet18-int8")), OnnxModel(shipped_file("lenet"))
+    seconds = 2.0 if quick else 4.0
     runs = []
     for _ in range(repeats):
-        raw = {b: runtime.measure(fp32, b, seconds=2.0 if quick else 4.0) for b in (1, 8, 32)}
-        raw_int8 = {b: runtime.measure(int8, b, seconds=2.0 if quick else 4.0) for b in (1, 32)}
+        raw = {b: runtime.measure(int8, b, seconds) for b in (1, 64)}
+        raw_lenet = runtime.measure(lenet, 1, seconds)
+        process, url = ceiling.serve("naive", WORKERS)
+        try:
+            naive = cpu_load(process, url, image, "lenet", 1500 if quick else 6000)
+        finally:
+            stop_server(process)
         with Server(home) as server:
             loads = target_loads(server.url, quick)
-        best, best_int8 = (max(r["images_per_s"] for r in rows.values()) for rows in (raw, raw_int8))
-        lenet = loads["lenet c=32"]
         runs.append(
             {
-                "resnet18 (int8) c=32 / raw fp32 best": loads["resnet18 c=32"]["images_per_s"] / best,
-                "resnet18 (int8) c=32 / raw int8 best": loads["resnet18 c=32"]["images_per_s"] / best_int8,
-                "resnet18 (int8) c=1 p50 ms (limit: 1.5 x raw int8 b1 + 5)": (
-                    loads["resnet18 c=1"]["p50_ms"],
-                    1.5 * raw_int8[1]["p50_ms"] + 5,
-                ),
-                "lenet c=32 req/s": lenet["requests_per_s"] if not lenet["errors"] else 0.0,
-                "lenet /classify_batch x64 images/s": loads["lenet batch64 c=8"]["images_per_s"],
+                "lenet /classify c=32 / naive endpoint (>= 1.5)": loads["lenet c=32"]["requests_per_s"]
+                / naive["requests_per_s"],
+                "resnet18 int8 /classify c=32 / raw int8 batch 64 (>= 0.9)": loads["resnet18 c=32"]["images_per_s"]
+                / raw[64]["images_per_s"],
+                "resnet18 c=1 p50 minus raw int8 batch-1 p50, ms (<= 1)": loads["resnet18 c=1"]["p50_ms"]
+                - raw[1]["p50_ms"],
+                "lenet c=1 p50 minus raw batch-1 p50, ms (<= 1)": loads["lenet c=1"]["p50_ms"] - raw_lenet["p50_ms"],
+                "lenet /classify_batch x64 c=8 images/s": loads["lenet batch64 c=8"]["images_per_s"],
+                "errors": sum(sum(load["errors"].values()) for load in loads.values()),
             }
         )
         print(f"targets run {len(runs)}: " + json.dumps(runs[-1]), flush=True)
@@ -155,22 +216,14 @@ def target_runs(home: Path, quick: bool, repeats: int = 3) -> list[dict]:
 
 
 def target_summary(runs: list[dict]) -> list[dict]:
-    rows = []
-    for measure in runs[0]:
-        values = [r[measure] for r in runs]
-        if isinstance(values[0], tuple):  # (measured, limit)
-            median = (statistics.median(v[0] for v in values), statistics.median(v[1] for v in values))
-            shown = ", ".join(f"{v[0]:.1f} (limit {v[1]:.1f})" for v in values)
-            rows.append({"measure": measure, "median": f"{median[0]:.1f} (limit {median[1]:.1f})", "runs": shown})
-        else:
-            rows.append(
-                {
-                    "measure": measure,
-                    "median": statistics.median(values),
-                    "runs": ", ".join(f"{v:,.2f}" if v < 10 else f"{v:,.0f}" for v in values),
-                }
-            )
-    return rows
+    return [
+        {
+            "measure": measure,
+            "median": statistics.median(r[measure] for r in runs),
+            "runs": ", ".join(f"{r[measure]:,.2f}" for r in runs),
+        }
+        for measure in runs[0]
+    ]
 
 
 def memory_run(server: Server, quick: bool) -> dict:
@@ -250,14 +303,13 @@ def main() -> None:
         gpu.run(quick=True)
         return
     info = machine()
-    print(json.dumps(info), flush=True)
+    print(machine_line(info), flush=True)
     raw = runtime.run(archs=("resnet18", "resnet18-int8", "lenet"), seconds=1.0 if args.quick else 3.0)
-    write_csv("runtime.csv", raw)
     with tempfile.TemporaryDirectory() as home:
         env = {**os.environ, "BENTOML_HOME": home}
         subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
+        ceilings = ceiling_runs(Path(home), args.quick)
         with Server(Path(home)) as server:
-            provider = httpx.get(f"{server.url}/models").json()["models"]["resnet18"]["provider"]
             load = load_runs(server, raw, args.quick, "defaults")
             memory = memory_run(server, args.quick)
         with Server(Path(home), precision="fp32") as server:  # side by side: ResNet-18 pinned to fp32
@@ -270,22 +322,22 @@ def main() -> None:
         workers = worker_runs(Path(home), args.quick)
         targets = target_runs(Path(home), args.quick)
     cli = predict_runs(raw, args.quick)
-    write_csv("load.csv", load)
-    write_csv("batching.csv", batching)
-    write_csv("workers.csv", workers)
-    write_csv("targets.csv", targets)
-    if cli:
-        write_csv("predict.csv", cli)
-    (RESULTS / "summary.json").write_text(
-        json.dumps({"machine": info, "provider": provider, "memory": memory}, indent=2) + "\n"
-    )
-    print(
-        "\n## Raw ONNX Runtime\n"
-        + table(raw, ["model", "provider", "threads", "batch", "images_per_s", "p50_ms", "p99_ms"])
-    )
-    print(
-        "\n## Service under load\n"
-        + table(
+    sections = [
+        (
+            "Raw ONNX Runtime",
+            "runtime",
+            raw,
+            ["model", "provider", "threads", "batch", "images_per_s", "p50_ms", "p99_ms"],
+        ),
+        (
+            "Ceilings: reference endpoints and the service, 32 clients, 2 workers",
+            "ceiling",
+            ceilings,
+            ["endpoint", "requests_per_s", "p50_ms", "p99_ms", "cpu_us_per_request", "ratio_to_naive", "errors"],
+        ),
+        (
+            "Service under load",
+            "load",
             load,
             [
                 "server",
@@ -298,32 +350,43 @@ def main() -> None:
                 "requests_per_s",
                 "images_per_s",
                 "p50_ms",
-                "p90_ms",
-                "p95_ms",
                 "p99_ms",
                 "ratio_to_raw_best",
                 "ratio_to_raw_fp32_best",
             ],
-        )
-    )
-    print(
-        "\n## Batching settings (ResNet-18, 32 clients)\n"
-        + table(batching, ["max_batch_size", "max_latency_ms", "requests_per_s", "p50_ms", "p99_ms", "errors"])
-    )
-    print(
-        "\n## Workers (one: ONNX Runtime on all cores, spinning; several: sharing the cores)\n"
-        + table(workers, ["workers", "model", "concurrency", "requests_per_s", "p50_ms", "p99_ms", "errors"])
-    )
-    print(
-        "\n## Targets (median of runs on fresh servers)\n"
-        + table(target_summary(targets), ["measure", "median", "runs"])
-    )
-    if cli:
-        print(
-            "\n## cifar10 predict\n"
-            + table(cli, ["model", "images", "images_per_s", "raw_fp32_batch64_images_per_s", "ratio_to_raw_fp32"])
-        )
-    print(f"\n## Memory\n{json.dumps(memory)}\nprovider: {provider}; machine: {json.dumps(info)}")
+        ),
+        (
+            "Batching settings (ResNet-18, 32 clients)",
+            "batching",
+            batching,
+            ["max_batch_size", "max_latency_ms", "requests_per_s", "p50_ms", "p99_ms", "errors"],
+        ),
+        (
+            "Workers (one: ONNX Runtime on all cores; several: sharing the cores)",
+            "workers",
+            workers,
+            ["workers", "model", "concurrency", "requests_per_s", "p50_ms", "p99_ms", "errors"],
+        ),
+        (
+            "Targets (median of runs on fresh servers)",
+            "targets",
+            target_summary(targets),
+            ["measure", "median", "runs"],
+        ),
+        (
+            "cifar10 predict",
+            "predict",
+            cli,
+            ["model", "images", "images_per_s", "raw_fp32_batch64_images_per_s", "ratio_to_raw_fp32"],
+        ),
+    ]
+    for title, name, rows, columns in sections:
+        if rows:
+            write_csv(f"{name}.csv", rows)
+            write_json(f"{name}.json", {"rows": rows}, info)
+            print(f"\n## {title}\n\n{machine_line(info)}\n\n{table(rows, columns)}")
+    write_json("summary.json", {"memory": memory}, info)
+    print(f"\n## Memory\n\n{machine_line(info)}\n\n{json.dumps(memory)}")
     if gpu_count() > 0:  # on a CUDA host: the GPU section of BENCHMARKS.md too
         gpu.run(quick=args.quick)
 
