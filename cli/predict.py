@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import tenacity
 
 RETRY_STATUSES = (429, 503)
+API_KEY_VARIABLE = "CIFAR10_API_KEY"  # the key for --server, from the environment (a flag would show in ps)
 MAX_RETRIES = 5
 
 
@@ -174,7 +175,9 @@ class ServerPredictor:
 
         self.url, self.model, self.top_k, self.workers = url.rstrip("/"), model, top_k, workers
         self.chunks = chunks
-        self.client = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=workers))
+        key = os.environ.get(API_KEY_VARIABLE, "").strip()
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        self.client = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=workers), headers=headers)
         self.retrying = tenacity.Retrying(
             retry=tenacity.retry_if_result(lambda response: response.status_code in RETRY_STATUSES),
             wait=_retry_after_doubled,
@@ -183,9 +186,13 @@ class ServerPredictor:
         )
         try:
             self.client.get(f"{self.url}/readyz").raise_for_status()
-            served = self.client.get(f"{self.url}/models").json()["models"]
+            described = self.client.get(f"{self.url}/models")
         except httpx.HTTPError as exc:
             raise UserError(f"cannot reach the server at {self.url} ({exc}); start it with `make serve`") from None
+        if described.status_code == 401:
+            what = "refused the key in" if key else "wants an API key: set"
+            raise UserError(f"the server at {self.url} {what} {API_KEY_VARIABLE}")
+        served = described.json()["models"]
         if model not in served:
             raise UserError(
                 f"the server at {self.url} serves {', '.join(served)}, not {model!r}; choose one with --model"

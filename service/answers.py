@@ -59,16 +59,17 @@ def status_of(exc: BaseException) -> int:
     return next((status for kind, status in STATUSES if isinstance(exc, kind)), 500)
 
 
-def error_answer(exc: BaseException) -> Answer:
-    """The answer to any error; a bug (500) says only that, the log has the rest."""
+def error_answer(exc: BaseException, request_id: str = "") -> Answer:
+    """The answer to any error, naming the request's ID; a bug (500) says only that, the log has the rest."""
     status = status_of(exc)
     message = str(exc) if status != 500 else "internal server error; the server log has the details"
+    body = {"error": message, "request_id": request_id} if request_id else {"error": message}
     headers = [(b"retry-after", RETRY_AFTER_S)] if status in (429, 503) else []
     if isinstance(exc, SlowRequest | ShuttingDown):  # the rest of the body, or this worker, is gone
         headers.append((b"connection", b"close"))
     if isinstance(exc, Unauthorized):
         headers.append((b"www-authenticate", b'Bearer realm="cifar10"'))
-    return Answer(status, {"error": message}, headers)
+    return Answer(status, body, headers)
 
 
 async def send_answer(send: Send, answer: Answer) -> int:

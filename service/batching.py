@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.errors import Overloaded
+from service.metrics import ABANDONED_IMAGES
 
 logger = logging.getLogger("cifar10.batching")
 # A model call whose queued work is estimated below this waits this long for more work when under load.
@@ -52,9 +53,11 @@ def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
     return (*(2**i for i in range(max_batch_size.bit_length()) if 2**i < max_batch_size), max_batch_size)
 
 
-def _settle(results: list[tuple[asyncio.Future, np.ndarray | BaseException]]) -> None:
+def _settle(results: list[tuple[asyncio.Future, tuple | BaseException]], model: str = "") -> None:
     for future, result in results:
-        if future.done():  # cancelled: the request timed out or its client went away
+        if future.done():  # cancelled: the request timed out or its client went away; dropped without a word
+            if model and not isinstance(result, BaseException):
+                ABANDONED_IMAGES.labels(model=model, outcome="discarded").inc(len(result[0]))
             continue
         if isinstance(result, BaseException):
             future.set_exception(result)
@@ -62,13 +65,13 @@ def _settle(results: list[tuple[asyncio.Future, np.ndarray | BaseException]]) ->
             future.set_result(result)
 
 
-def _hand_back(results: list[tuple[_Pending, np.ndarray | BaseException]]) -> None:
+def _hand_back(results: list[tuple[_Pending, tuple | BaseException]], model: str = "") -> None:
     """Pass results to their event loops from the model thread: one wake-up per loop, not per request."""
     by_loop: dict[asyncio.AbstractEventLoop, list] = {}
     for pending, result in results:
         by_loop.setdefault(pending.loop, []).append((pending.future, result))
     for loop, settled in by_loop.items():
-        loop.call_soon_threadsafe(_settle, settled)
+        loop.call_soon_threadsafe(_settle, settled, model)
 
 
 class Batcher:
@@ -100,6 +103,7 @@ class Batcher:
             raise ValueError(
                 f"bucket_sizes must rise from 1 or more up to max_batch_size {max_batch_size}, got {bucket_sizes}"
             )
+        self.name = name
         self.bucket_sizes = bucket_sizes
         self.run = run
         self.max_batch_size = max_batch_size
@@ -116,6 +120,10 @@ class Batcher:
         threading.Thread(target=self._serve, name=f"batcher-{name}", daemon=True).start()
 
     async def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        return (await self.call(inputs))[0]
+
+    async def call(self, inputs: np.ndarray) -> tuple[np.ndarray, int]:
+        """This request's rows of the output, and how many images the model call that made them held."""
         loop = asyncio.get_running_loop()
         pending = _Pending(inputs, loop.create_future(), loop)
         if self.inline:
@@ -137,7 +145,7 @@ class Batcher:
     def _run_passing(self) -> None:
         """Inline: the model calls for this pass's requests, in the event loop; to the thread if a call of another
         model holds the device."""
-        passing, self.passing = [p for p in self.passing if not p.future.done()], []
+        passing, self.passing = [p for p in self.passing if not self._abandoned(p)], []
         while passing:
             batch, images = [], 0
             while passing and (not batch or images + len(passing[0].inputs) <= self.max_batch_size):
@@ -150,7 +158,7 @@ class Batcher:
                     _settle([(p.future, exc) for p in batch + passing])
                 return
             try:
-                _settle(self._outputs(batch))
+                _settle(self._outputs(batch), self.name)
             finally:
                 self.device_lock.release()
 
@@ -183,7 +191,7 @@ class Batcher:
         while self.queue and (not batch or images + len(self.queue[0].inputs) <= self.max_batch_size):
             pending = self.queue.popleft()
             self.queued_images -= len(pending.inputs)
-            if pending.future.done():
+            if self._abandoned(pending):
                 continue
             if now - pending.queued_at > self.max_latency_s:
                 _hand_back([(pending, self._overloaded())])
@@ -191,6 +199,13 @@ class Batcher:
             batch.append(pending)
             images += len(pending.inputs)
         return batch
+
+    def _abandoned(self, pending: _Pending) -> bool:
+        """Whether the request has gone (its client disconnected, or it timed out): its images are skipped."""
+        if pending.future.done():
+            ABANDONED_IMAGES.labels(model=self.name, outcome="skipped").inc(len(pending.inputs))
+            return True
+        return False
 
     def _overloaded(self) -> Overloaded:
         return Overloaded(
@@ -200,7 +215,7 @@ class Batcher:
     def _call(self, batch: list[_Pending]) -> None:
         with self.device_lock:
             results = self._outputs(batch)
-        _hand_back([(pending, result) for pending, (_, result) in zip(batch, results, strict=True)])
+        _hand_back([(pending, result) for pending, (_, result) in zip(batch, results, strict=True)], self.name)
 
     def _outputs(self, batch: list[_Pending]) -> list[tuple[asyncio.Future, np.ndarray | BaseException]]:
         """One model call for `batch` (the device held): each request's rows of the output, or the call's error."""
@@ -215,7 +230,9 @@ class Batcher:
             return [(pending.future, exc) for pending in batch]
         self.seconds_per_image = 0.8 * (self.seconds_per_image or per_image) + 0.2 * per_image
         ends = np.cumsum([len(p.inputs) for p in batch])
-        return [(p.future, outputs[end - len(p.inputs) : end]) for p, end in zip(batch, ends, strict=True)]
+        return [
+            (p.future, (outputs[end - len(p.inputs) : end], len(inputs))) for p, end in zip(batch, ends, strict=True)
+        ]
 
     def _joined(self, batch: list[_Pending]) -> np.ndarray:
         """The call's inputs: uint8 ones prepared together where the whole batch is uint8."""

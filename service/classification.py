@@ -18,9 +18,10 @@ from starlette.types import Receive, Scope, Send
 
 from core.errors import ImageError
 from service import multipart
+from service.access import Exchange
 from service.answers import ANSWERED, Answer, error_answer, send_answer, size_text, status_of
-from service.errors import BadRequest, BodyTooLarge, SlowRequest, TimedOut, TooManyRequests
-from service.metrics import REQUEST_SECONDS, REQUESTS
+from service.errors import BadRequest, BodyTooLarge, ClientGone, SlowRequest, TimedOut, TooManyRequests
+from service.metrics import ABANDONED_REQUESTS, REQUEST_SECONDS, REQUESTS
 from service.predictor import Prediction, Predictor
 
 MAX_PARSED_PARTS = 1000  # parsed before the batch limit is checked, so its error can name the count
@@ -53,7 +54,13 @@ class Limits:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         route = scope.get("route", scope["path"])
-        answer = await self._answer(self.handlers[route], scope, receive)
+        exchange: Exchange | None = scope.get("exchange")
+        try:
+            answer = await self._answer(self.handlers[route], scope, receive, exchange)
+        except ClientGone:  # nobody to answer; counted, and (in the access log) a 499 as nginx writes it
+            if exchange is not None:
+                exchange.status, exchange.error = 499, "the client disconnected before its answer"
+            return
         await send_answer(send, answer)
         meters = self.meters.get((route, answer.status))
         if meters is None:
@@ -64,21 +71,25 @@ class Limits:
         meters[0].observe(time.perf_counter() - started)
         meters[1].inc()
 
-    async def _answer(self, handler: Handler, scope: Scope, receive: Receive) -> Answer:
+    async def _answer(self, handler: Handler, scope: Scope, receive: Receive, exchange: Exchange | None) -> Answer:
+        request_id = exchange.request_id if exchange is not None else ""
         try:
             body = await self._body(scope, receive)
+            if exchange is not None:
+                exchange.bytes_in = len(body)
             if self.running >= self.max_concurrency:
                 raise TooManyRequests("too many requests in flight; retry shortly")
             self.running += 1
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    return await handler(scope, body)
+                    return await unless_gone(handler(scope, body), receive)
             finally:
                 self.running -= 1
         except TimeoutError:
-            return error_answer(TimedOut(f"no answer within {self.timeout_s:g} s; retry later or send fewer images"))
+            timed_out = TimedOut(f"no answer within {self.timeout_s:g} s; retry later or send fewer images")
+            return error_answer(timed_out, request_id)
         except ANSWERED as exc:
-            return error_answer(exc)
+            return error_answer(exc, request_id)
 
     async def _body(self, scope: Scope, receive: Receive) -> bytes:
         too_large = BodyTooLarge(
@@ -88,7 +99,10 @@ class Limits:
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise too_large
         message = await receive()  # the common case: the whole body in one message, no timer needed
-        if message["type"] == "http.request" and not message.get("more_body"):
+        if message["type"] == "http.disconnect":
+            ABANDONED_REQUESTS.labels(stage="reading").inc()
+            raise ClientGone
+        if not message.get("more_body"):
             body = message.get("body", b"")
             if len(body) > self.max_body_bytes:
                 raise too_large
@@ -96,8 +110,11 @@ class Limits:
         chunks, size = [message.get("body", b"")], len(message.get("body", b""))
         try:
             async with asyncio.timeout(self.body_timeout_s):
-                while message["type"] == "http.request" and message.get("more_body"):
+                while message.get("more_body"):
                     message = await receive()
+                    if message["type"] == "http.disconnect":
+                        ABANDONED_REQUESTS.labels(stage="reading").inc()
+                        raise ClientGone
                     chunks.append(message.get("body", b""))
                     size += len(chunks[-1])
                     if size > self.max_body_bytes:
@@ -108,6 +125,32 @@ class Limits:
                 "or send a smaller image"
             ) from None
         return b"".join(chunks)
+
+
+async def unless_gone(work: Awaitable[Answer], receive: Receive) -> Answer:
+    """`work`, unless the client disconnects first: then it is cancelled (a request waiting for its model call
+    leaves the queue and is not computed) and ClientGone raised. The body has been read, so the next message
+    the connection gives is its disconnect."""
+    current = asyncio.current_task()
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        if (await receive())["type"] == "http.disconnect":
+            gone = True
+            current.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if gone:
+            ABANDONED_REQUESTS.labels(stage="waiting").inc()
+            current.uncancel()
+            raise ClientGone from None
+        raise
+    finally:
+        watcher.cancel()
 
 
 def header(scope: Scope, name: bytes) -> bytes:
@@ -162,6 +205,13 @@ class Forms:
             raise BadRequest(f"top_k must be a whole number, got {top_k!r}") from None
 
 
+def noted(scope: Scope, model: str, images: int) -> None:
+    """What the access line says the request asked for."""
+    exchange = scope.get("exchange")
+    if exchange is not None:
+        exchange.model, exchange.images = model, images
+
+
 def predictions(predictions: list[Prediction]) -> list[dict]:
     return [prediction._asdict() for prediction in predictions]
 
@@ -171,6 +221,7 @@ def classify_handlers(predictor: Callable[[], Predictor], forms: Forms) -> dict[
 
     async def classify(scope: Scope, body: bytes) -> Answer:
         images, model, top_k = forms.read(scope, body, "image", max_files=1)
+        noted(scope, model, len(images))
         serving = predictor()
         [result] = await serving.classify(images, model, top_k)
         if isinstance(result, ImageError):
@@ -181,6 +232,7 @@ def classify_handlers(predictor: Callable[[], Predictor], forms: Forms) -> dict[
 
     async def classify_batch(scope: Scope, body: bytes) -> Answer:
         images, model, top_k = forms.read(scope, body, "images", max_files=MAX_PARSED_PARTS)
+        noted(scope, model, len(images))
         serving = predictor()
         results = await serving.classify(images, model, top_k)
         items = [

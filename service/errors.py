@@ -37,3 +37,7 @@ class Unauthorized(Exception):
 
 class NotFound(Exception):
     """An unknown model or model version on a route that names one in its path (HTTP 404)."""
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready: nothing is sent, and its images are not computed."""

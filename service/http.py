@@ -20,14 +20,19 @@ from starlette.responses import FileResponse, JSONResponse
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.answers import error_answer, send_answer
-from service.classification import Forms, Limits, classify_handlers
+from service.access import AccessLog, Exchange
+from service.answers import Answer, error_answer, send_answer
+from service.classification import Forms, Limits, classify_handlers, header
 from service.drain import Drain
-from service.errors import ShuttingDown
+from service.errors import NotFound, ShuttingDown, Unauthorized
+from service.keys import ApiKeys
 from service.predictor import Predictor
 from service.settings import Settings
+from service.tracing import continued, request_span, trace_id
+from service.v2 import INFER_ROUTE, OpenInference, model_route
 
 PAGE = Path(__file__).resolve().parent / "page"  # the page at / for people to try the service (plain HTML)
+SERVER_NAME = "cifar10-classifier"
 logger = logging.getLogger("cifar10.http")
 
 
@@ -39,6 +44,7 @@ class HttpApi:
         self.predictor: Predictor | None = None
         self.default_model = settings.models[0][0]  # for requests that name no model
         self.drain = Drain(settings.drain_s)
+        self.keys = ApiKeys(Path(settings.api_keys_file)) if settings.api_keys_file else None
         self.app = self._app()
 
     def attach(self, predictor: Predictor) -> None:
@@ -46,7 +52,8 @@ class HttpApi:
 
     def router(self, bentoml_app: ASGIApp, cors: dict | None) -> Router:
         """BentoML's app with the classification routes put ahead of its middleware."""
-        handlers = classify_handlers(lambda: self.predictor, Forms(self.default_model))
+        v2 = OpenInference(lambda: self.predictor, SERVER_NAME)
+        handlers = classify_handlers(lambda: self.predictor, Forms(self.default_model)) | {INFER_ROUTE: v2.infer}
         limits = Limits(
             handlers,
             self.settings.max_body_bytes,
@@ -54,8 +61,9 @@ class HttpApi:
             self.settings.timeout_s,
             self.settings.body_timeout_s,
         )
-        methods = {path: ("POST",) for path in handlers} | {"/classify": ("POST", "PUT")}  # PUT: curl -T cat.jpg
-        return Router(bentoml_app, methods, limits, self.drain, cors)
+        methods = {"/classify": ("POST", "PUT"), "/classify_batch": ("POST",)}  # PUT: curl -T cat.jpg
+        access_log = AccessLog(self.settings.access_log, self.settings.access_log_sample)
+        return Router(bentoml_app, methods, limits, self.drain, access_log, v2, self.keys, cors)
 
     async def _documented(self) -> None:
         """Stands in for the classification routes in FastAPI's app, which only documents them: Router answers."""
@@ -110,7 +118,8 @@ class HttpApi:
 
 
 class Router:
-    """The worker's outermost ASGI app: every request is tracked by the drain, refused while it drains, and the
+    """The worker's outermost ASGI app. Every request gets a request ID, a trace span where tracing is on, one
+    access line, the API-key check where keys are on, and the drain's tracking (refused while it drains). The
     classification routes (`methods`: path -> methods) run through `classification` (service/classification.py)
     ahead of BentoML's middleware; everything else goes to BentoML."""
 
@@ -120,36 +129,110 @@ class Router:
         methods: dict[str, tuple[str, ...]],
         classification: ASGIApp,
         drain: Drain,
+        access_log: AccessLog,
+        v2: OpenInference,
+        keys: ApiKeys | None = None,
         cors: dict | None = None,
     ) -> None:
         """`cors`: CORSMiddleware options when BentoML's CORS is on (its preflights stay BentoML's)."""
+        self.v2 = v2
         self.bentoml_app = bentoml_app
         self.methods = methods
         self.classification = CORSMiddleware(classification, **cors) if cors else classification
         self.drain = drain
+        self.access_log = access_log
+        self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.bentoml_app(scope, receive, send)
             return
-        await self.drain.track(scope, receive, send, self._route)
+        exchange = scope["exchange"] = Exchange.begin(scope)
+        request_id = exchange.request_id.encode()
+
+        async def recording_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                exchange.status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id)]}
+            elif message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                exchange.bytes_out += len(body)
+                if exchange.status >= 400 and not exchange.error and body.startswith(b'{"error"'):
+                    exchange.error = _error_text(body)
+            await send(message)
+
+        try:
+            with request_span(scope, scope["path"]):
+                exchange.trace_id = trace_id()
+                await self.drain.track(scope, receive, recording_send, self._route)
+        finally:
+            self.access_log.write(exchange)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         path, method = scope["path"], scope["method"]
-        if self.drain.draining and path not in STILL_SERVED_WHILE_DRAINING:
-            await _refuse(receive, send)
+        request_id = scope["exchange"].request_id
+        if self.keys is not None and not self.keys.allows(path, header(scope, b"authorization")):
+            missing = Unauthorized("a missing or wrong API key; send the header Authorization: Bearer <key>")
+            await send_answer(send, error_answer(missing, request_id))
+        elif self.drain.draining and path not in STILL_SERVED_WHILE_DRAINING:
+            await _refuse(receive, send, request_id)
         elif method in self.methods.get(path, ()):
-            try:
-                await self.classification(scope, receive, send)
-            except Exception as exc:  # a bug, not bad input: log it and answer in JSON like every other error
-                logger.exception("%s failed", path)
-                await send_answer(send, error_answer(exc))
+            await self._classify(scope, receive, send)
+        elif path == "/v2" or path.startswith("/v2/"):
+            await self._v2(scope, receive, send)
         elif method == "GET" and path == "/":
             await FileResponse(PAGE / "index.html")(scope, receive, send)
         elif method == "GET" and path == "/docs":  # BentoML's Swagger UI, which it serves at /
-            await self.bentoml_app({**scope, "path": "/", "raw_path": b"/"}, receive, send)
+            await self.bentoml_app({**continued(scope), "path": "/", "raw_path": b"/"}, receive, send)
         else:
-            await self.bentoml_app(scope, receive, _json_errors(scope, send))
+            await self.bentoml_app(continued(scope), receive, _json_errors(scope, send))
+
+    async def _classify(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.classification(scope, receive, send)
+        except Exception as exc:  # a bug, not bad input: log it and answer in JSON like every other error
+            request_id = scope["exchange"].request_id
+            logger.exception("%s failed (request %s)", scope["path"], request_id)
+            await send_answer(send, error_answer(exc, request_id))
+
+    async def _v2(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The Open Inference Protocol's routes (service/v2.py): infer through the limits like /classify, the rest
+        answered here."""
+        path, method, request_id = scope["path"], scope["method"], scope["exchange"].request_id
+        route = model_route(method, path)
+        wanted = "POST" if route and route[0] == "infer" else "GET"
+        if method != wanted:
+            answer = Answer(
+                405,
+                {"error": f"{method} {path} is not allowed; use {wanted}", "request_id": request_id},
+                [(b"allow", wanted.encode())],
+            )
+        elif route and route[0] == "infer":
+            scope["route"], scope["v2"] = INFER_ROUTE, route
+            await self._classify(scope, receive, send)
+            return
+        elif path == "/v2":
+            answer = self.v2.server()
+        elif path == "/v2/health/live":
+            answer = Answer(200, {"live": True})
+        elif path == "/v2/health/ready":
+            answer = self.v2.ready(self.drain.draining)
+        elif route is not None:
+            try:
+                answer = self.v2.model(*route)
+            except NotFound as exc:
+                answer = error_answer(exc, request_id)
+        else:
+            answer = Answer(404, {"error": f"no route for {method} {path}; /docs lists them", "request_id": request_id})
+        await send_answer(send, answer)
+
+
+def _error_text(body: bytes) -> str:
+    """The message of a JSON error body, for the access line."""
+    try:
+        return str(json.loads(body).get("error", ""))
+    except (ValueError, AttributeError):
+        return ""
 
 
 def _json_errors(scope: Scope, send: Send) -> Send:
@@ -166,7 +249,7 @@ def _json_errors(scope: Scope, send: Send) -> Send:
                 error = f"no route for {where}; /docs lists them"
             else:
                 error = f"{where} is not allowed" + (f"; use {allow[0][1].decode()}" if allow else "")
-            body = json.dumps({"error": error}).encode()
+            body = json.dumps({"error": error, "request_id": scope["exchange"].request_id}).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *allow]
             await send({"type": "http.response.start", "status": message["status"], "headers": headers})
             await send({"type": "http.response.body", "body": body})
@@ -176,17 +259,16 @@ def _json_errors(scope: Scope, send: Send) -> Send:
     return replacing_send
 
 
-async def _refuse(receive: Receive, send: Send) -> None:
+async def _refuse(receive: Receive, send: Send, request_id: str) -> None:
     """503 for a request that arrived while the worker drains. Its body is read first: closing a connection
     with unread data makes the kernel send a reset, which can destroy the answer before the client reads it."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(1):
             while (await receive()).get("more_body"):
                 pass
-    await send_answer(
-        send, error_answer(ShuttingDown("this server is shutting down; retry, another replica will answer"))
-    )
+    shutting_down = ShuttingDown("this server is shutting down; retry, another replica will answer")
+    await send_answer(send, error_answer(shutting_down, request_id))
 
 
 # While draining: liveness, readiness (503 then, from the service's __is_ready__) and metrics.
-STILL_SERVED_WHILE_DRAINING = {"/livez", "/readyz", "/metrics"}
+STILL_SERVED_WHILE_DRAINING = {"/livez", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}

@@ -28,3 +28,13 @@ REQUEST_SECONDS = Histogram(
     ["endpoint"],
     buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0),
 )
+ABANDONED_REQUESTS = Counter(
+    "cifar10_abandoned_requests_total",
+    "Requests whose client disconnected before the answer: while sending the body (reading) or waiting for it",
+    ["stage"],
+)
+ABANDONED_IMAGES = Counter(
+    "cifar10_abandoned_images_total",
+    "Images of abandoned requests: left out of a model call (skipped) or computed and dropped (discarded)",
+    ["model", "outcome"],
+)

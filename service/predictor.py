@@ -36,6 +36,7 @@ from service.drain import say
 from service.errors import BadRequest
 from service.metrics import BATCH_SIZES, INFERENCES, MODEL_SECONDS
 from service.settings import Settings
+from service.tracing import model_span
 
 INLINE_S = 0.0002  # a model under this many seconds an image on a CPU runs its calls in the event loop
 # Images over this many pixels (after JPEG's DCT scaling) are decoded off the event loop: a
@@ -182,11 +183,29 @@ class Predictor:
                 results[i] = [Prediction(names[int(j)], int(j), p) for j, p in rows]
         return results
 
+    async def ranked_images(self, images: list[bytes], model: str) -> np.ndarray:
+        """Each image's classes ranked (see `ranked`); the first image that cannot be used fails them all, its index
+        in the error (for protocols without per-item errors)."""
+        pixels = []
+        for index, data in enumerate(images):
+            try:
+                pixels.append(await self._decode(data))
+            except ImageError as exc:
+                raise type(exc)(f"image {index}: {exc}") from None
+        return await self.ranked(model, np.stack(pixels))
+
+    def class_names(self, model: str) -> tuple[str, ...]:
+        return self.models[model].all_cores.info.class_names
+
     async def ranked(self, model: str, inputs: np.ndarray) -> np.ndarray:
         """uint8 NHWC pixels (normalized here with the model's table) or normalized float32 NCHW inputs -> each
         one's classes from the most probable down, (N, classes, 2) of [class index, probability]
         (core.runtime.rank), through the model's batcher."""
-        return await self.batchers[model](inputs)
+        with model_span(model, len(inputs)) as span:
+            rows, call_images = await self.batchers[model].call(inputs)
+            if span is not None:
+                span.set_attribute("cifar10.batch_images", call_images)
+        return rows
 
     def version(self, model: str) -> str:
         return self.models[model].version

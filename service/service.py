@@ -21,6 +21,7 @@ from core.files import sha256_of
 from core.host import gpu_count, usable_cores
 from core.runtime import CUDA, choose_providers
 from core.store import MODEL_FILE, int8_copy, served_names, store_name, verify_stored
+from service import tracing
 from service.bentoml_internals import limit_request_head_time, restart_dead_workers_within, service_class, slim_image
 from service.drain import say
 from service.http import HttpApi
@@ -41,7 +42,10 @@ try:
 except UserError as exc:
     sys.exit(f"error: CIFAR10_PROVIDERS={SETTINGS.providers}: {exc}")
 WORKERS = SETTINGS.workers or (min(8 * gpu_count(), max(1, usable_cores() // 2)) if ON_GPU else usable_cores())
-HTTP = HttpApi(SETTINGS)
+try:
+    HTTP = HttpApi(SETTINGS)
+except UserError as exc:  # e.g. an API keys file that cannot be read
+    sys.exit(f"error: {exc}")
 limit_request_head_time(SETTINGS.header_timeout_s)
 restart_dead_workers_within(1.0)
 
@@ -108,6 +112,7 @@ def model_file(stored: bentoml.Model) -> ModelFile:
     image=slim_image("3.11"),  # the Python packages come from bentofile.yaml
     workers=WORKERS,
     traffic={"timeout": SETTINGS.timeout_s},
+    logging={"access": {"enabled": False}},  # the Router writes one access line per request, every route's
     service_class=service_class(HTTP.router),
 )
 @bentoml.asgi_app(HTTP.app, path="/")
@@ -126,6 +131,7 @@ class Classifier:
         }
         # The workers' shared-cores file sits in BentoML's home, like their metrics files; their parent is the server.
         cores_file = bentoml_home() / f"cifar10-cores-{os.getppid()}"
+        tracing.configure()  # BentoML has loaded its configuration in this worker by now
         self.predictor = Predictor(files, SETTINGS, WORKERS, bentoml.server_context.worker_index or 0, cores_file)
         HTTP.attach(self.predictor)
         HTTP.drain.install()  # after uvicorn's own signal handlers, which it calls when the drain ends

@@ -68,6 +68,20 @@ def server(isolated_homes: None) -> Iterator[str]:
     stop_server(process)
 
 
+@pytest.fixture(scope="session")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
+    """A server whose keys file holds two keys and a /metrics-only key; yields its URL, keys file and log."""
+    home = tmp_path_factory.mktemp("keyed")
+    keys = home / "api-keys"
+    keys.write_text("# the team's keys\nkey-one\nkey-two  # the CI's\nscrape-key metrics\n")
+    env = {**os.environ, "BENTOML_HOME": str(home), "CIFAR10_API_KEYS_FILE": str(keys), "CIFAR10_WORKERS": "1"}
+    subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
+    port = free_port()
+    process = start_server(["service.service:Classifier"], env, ROOT, port)
+    yield f"http://127.0.0.1:{port}", keys, home / f"serve-{port}.log"
+    stop_server(process)
+
+
 def near_tied_checkpoint(folder: Path) -> Path:
     """A `cifar10 train`-style checkpoint of a LeNet whose top two logits (classes 0 and 1) differ by ~1e-6:
     any rounding decides between them."""

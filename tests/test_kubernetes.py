@@ -4,6 +4,8 @@ each object passes kubernetes-validate --strict, and the cross-references a sche
 from __future__ import annotations
 
 import copy
+import gzip
+import json
 import re
 import shutil
 import subprocess
@@ -15,6 +17,7 @@ import pytest
 import yaml
 
 from harness.samples import ROOT
+from service.keys import KeySet, parse
 from service.settings import Settings
 
 OVERLAYS = sorted((ROOT / "deploy" / "kubernetes" / "overlays").iterdir())
@@ -110,4 +113,92 @@ def test_the_probe_paths_answer_on_a_real_server(server: str) -> None:
     objects = render(OVERLAYS[0])
     container = next(o for o in objects if o["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert httpx.get(server + container[probe]["httpGet"]["path"]).status_code == 200, probe
+
+
+KEYS = ROOT / "deploy" / "kubernetes" / "components" / "api-keys"
+KSERVE = ROOT / "deploy" / "kubernetes" / "kserve"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[o.name for o in OVERLAYS])
+def test_each_overlay_mounts_the_api_keys_secret_the_example_shows(overlay: Path, tmp_path: Path) -> None:
+    deployment = next(o for o in render(overlay) if o["kind"] == "Deployment")["spec"]["template"]["spec"]
+    container = deployment["containers"][0]
+    keys_file = Path(next(e["value"] for e in container["env"] if e["name"] == "CIFAR10_API_KEYS_FILE"))
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(keys_file.parent))
+    volume = next(v for v in deployment["volumes"] if v["name"] == mount["name"])
+    example = yaml.safe_load((KEYS / "api-keys.example.yaml").read_text())
+    assert volume["secret"]["secretName"] == example["metadata"]["name"] and mount["readOnly"]
+    assert keys_file.name in example["stringData"]  # the Secret's key is the file the service reads
+    assert parse(example["stringData"][keys_file.name]) == KeySet((), ())  # no real key in the example
+    (tmp_path / "secret.yaml").write_text(yaml.safe_dump(example))
+    validate = Path(sys.executable).parent / "kubernetes-validate"
+    result = subprocess.run(
+        [str(validate), "--strict", "-k", KUBERNETES, str(tmp_path / "secret.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def strict(schema: dict) -> dict:
+    """A CRD's schema made strict as `kubectl --validate=strict` is: no field it does not declare."""
+    schema = dict(schema)
+    if "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        schema["properties"] = {k: strict(v) for k, v in schema["properties"].items()}
+        schema.setdefault("additionalProperties", False)
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            schema[key] = strict(schema[key])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in schema:
+            schema[key] = [strict(s) for s in schema[key]]
+    return schema
+
+
+def kserve_problems(runtime: dict, service: dict) -> list[str]:
+    """What KServe's schemas cannot check: the protocol, the runtime and format named, port, image, probes."""
+    found = []
+    container = runtime["spec"]["containers"][0]
+    model = service["spec"]["predictor"]["model"]
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    if "v2" not in runtime["spec"].get("protocolVersions", []) or model.get("protocolVersion") != "v2":
+        found.append("the runtime and the InferenceService must both say protocol v2")
+    if model.get("runtime") != runtime["metadata"]["name"]:
+        found.append(f"the InferenceService names runtime {model.get('runtime')}, not {runtime['metadata']['name']}")
+    if model["modelFormat"]["name"] not in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}:
+        found.append(f"the runtime does not support model format {model['modelFormat']['name']}")
+    if str(container["ports"][0]["containerPort"]) != env.get("BENTOML_PORT"):
+        found.append(f"port {container['ports'][0]['containerPort']} is not BENTOML_PORT {env.get('BENTOML_PORT')}")
+    if container["image"] != makefile_images()["CPU"]:
+        found.append(f"image {container['image']} is not what make image-cpu builds")
+    for probe, path in (("readinessProbe", "/v2/health/ready"), ("livenessProbe", "/v2/health/live")):
+        if container.get(probe, {}).get("httpGet", {}).get("path") != path:
+            found.append(f"{probe} does not ask {path}")
+    return found
+
+
+def test_the_kserve_runtime_and_inference_service_pass_kserves_schemas_and_fit_the_service() -> None:
+    import jsonschema
+
+    schemas = json.loads(gzip.decompress((ROOT / "tests" / "schemas" / "kserve-crds.json.gz").read_bytes()))
+    runtime = yaml.safe_load((KSERVE / "servingruntime.yaml").read_text())
+    service = yaml.safe_load((KSERVE / "inferenceservice.yaml").read_text())
+    for manifest in (runtime, service):
+        jsonschema.validate(manifest, strict(schemas[manifest["kind"]]))
+    assert kserve_problems(runtime, service) == []
+    typo = copy.deepcopy(runtime)
+    typo["spec"]["protocolVersion"] = ["v2"]  # not a field: the strict schema says so
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(typo, strict(schemas["ServingRuntime"]))
+    other = copy.deepcopy(service)
+    other["spec"]["predictor"]["model"]["runtime"] = "triton"
+    assert any("names runtime triton" in p for p in kserve_problems(runtime, other))
+
+
+@pytest.mark.server
+def test_the_kserve_probe_paths_answer_on_a_real_server(server: str) -> None:
+    container = yaml.safe_load((KSERVE / "servingruntime.yaml").read_text())["spec"]["containers"][0]
+    for probe in ("readinessProbe", "livenessProbe"):
         assert httpx.get(server + container[probe]["httpGet"]["path"]).status_code == 200, probe

@@ -25,7 +25,9 @@ async def call(
     path: str = "/classify",
     headers: list | None = None,
     pause: float = 0,
-) -> tuple[int, dict, dict]:
+    gone_after: float | None = None,
+    cut_after: int | None = None,
+) -> tuple[int, dict, dict] | None:
     """One POST through `app`, the body sent in chunks `pause` seconds apart; returns status, headers and JSON."""
     chunks = [body[i : i + chunk] for i in range(0, len(body), chunk)] or [b""]
     messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
@@ -34,7 +36,14 @@ async def call(
     async def receive():
         if messages and pause and messages[0]["body"] is not chunks[0]:
             await asyncio.sleep(pause)
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
+        if cut_after is not None and len(chunks) - len(messages) >= cut_after:  # gone in the middle of its body
+            return {"type": "http.disconnect"}
+        if messages:
+            return messages.pop(0)
+        if gone_after is not None:  # the client hangs up this long after its body
+            await asyncio.sleep(gone_after)
+            return {"type": "http.disconnect"}
+        await asyncio.Event().wait()  # as uvicorn: nothing more until the connection ends
 
     async def send(message):
         sent.append(message)
@@ -47,6 +56,8 @@ async def call(
         "query_string": str(delay).encode(),
     }
     await app(scope, receive, send)
+    if not sent:
+        return None
     start = sent[0]
     body_out = b"".join(m.get("body", b"") for m in sent[1:])
     return start["status"], dict(start["headers"]), json.loads(body_out or b"{}")

@@ -130,3 +130,24 @@ def test_a_phone_width_screen_has_no_horizontal_scroll(browser, server: str, ima
     top_labels(page)
     assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
     page.close()
+
+
+def test_with_api_keys_the_page_asks_for_one_and_keeps_it_in_the_tab(browser, keyed_server, images) -> None:
+    url, _, _ = keyed_server
+    page = browser.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.goto(url)
+    page.wait_for_selector("#key-form", state="visible")  # GET /models answered 401
+    page.fill("#key", "wrong-key")
+    page.click("#key-form button")
+    page.wait_for_function("document.getElementById('key-problem').textContent.includes('refused')")
+    page.fill("#key", "key-one")
+    page.click("#key-form button")
+    page.wait_for_selector("#model option", state="attached")
+    page.set_input_files("#files", images[0])
+    assert top_labels(page) == {"cat.jpg": "cat"}
+    assert page.evaluate("sessionStorage.getItem('cifar10-api-key')") == "key-one"
+    assert page.evaluate("localStorage.length") == 0 and "key-one" not in page.evaluate("document.cookie")
+    assert problems == []
+    page.close()

@@ -1,13 +1,39 @@
 // The page uses the service's public API only (GET /models, POST /classify, POST /classify_batch),
-// so it doubles as an example of it. No build step, no external requests.
+// so it doubles as an example of it, API keys included. No build step, no external requests.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const KEY = "cifar10-api-key"; // where a key lives: this tab's sessionStorage, never anywhere else
 let service = null; // the answer of GET /models
 let items = []; // one per image shown: {file, node}
 
+// fetch, with the API key when the service asked for one; a 401 shows the key form.
+async function api(path, options = {}) {
+  const key = sessionStorage.getItem(KEY);
+  const headers = key ? { Authorization: `Bearer ${key}` } : {};
+  const response = await fetch(path, { ...options, headers });
+  if (response.status === 401) askForKey(key ? "That key was refused; enter another." : "");
+  return response;
+}
+
+function askForKey(problem) {
+  $("key-form").hidden = false;
+  $("key-problem").textContent = problem;
+  $("key").focus();
+}
+
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(KEY, $("key").value.trim());
+  $("key").value = "";
+  $("key-form").hidden = true;
+  if (service === null) start();
+  else classify(items);
+});
+
 async function start() {
-  const response = await fetch("models");
+  const response = await api("models");
+  if (response.status === 401) return;
   service = await response.json();
   for (const name of Object.keys(service.models)) $("model").add(new Option(name, name));
   $("model").value = service.default;
@@ -62,7 +88,7 @@ async function classify(chosen) {
     form.append("top_k", "5");
     const started = performance.now();
     try {
-      const response = await fetch(chunk.length > 1 ? "classify_batch" : "classify", { method: "POST", body: form });
+      const response = await api(chunk.length > 1 ? "classify_batch" : "classify", { method: "POST", body: form });
       const body = await response.json();
       const note = `${body.model || model} ${body.model_version || ""} · ${Math.round(performance.now() - started)} ms`;
       if (!response.ok) chunk.forEach((item) => show(item, { error: body.error }));

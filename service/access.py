@@ -1,0 +1,117 @@
+"""What an operator sees of every request: its request ID and one access log line.
+
+Every route's requests pass the Router, which makes one `Exchange` per request and writes it here when the
+answer has gone, so BentoML's own access log is off (service/service.py): one line per request, whatever
+route answered it. The ID is the client's X-Request-ID when it has a usable one (a load balancer's), else a
+new one; it goes back in the X-Request-ID header and in every error body.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+from starlette.types import Scope
+
+REQUEST_ID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no spaces, bounded
+FORMATS = ("json", "text", "off")
+
+
+def request_id(scope: Scope) -> str:
+    """The client's X-Request-ID when usable, else a new random one."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            given = value.decode("latin-1")
+            if REQUEST_ID.fullmatch(given):
+                return given
+            break
+    return secrets.token_hex(8)
+
+
+@dataclass
+class Exchange:
+    """One request as the access log records it; the routes fill in what they learn (model, images, error)."""
+
+    request_id: str
+    method: str
+    path: str
+    client: str
+    started: float  # time.perf_counter()
+    bytes_in: int = 0
+    bytes_out: int = 0
+    status: int = 0
+    model: str = ""
+    images: int = 0
+    error: str = ""
+    trace_id: str = ""
+
+    @classmethod
+    def begin(cls, scope: Scope) -> Exchange:
+        client = scope.get("client")
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), b"0")
+        return cls(
+            request_id(scope),
+            scope["method"],
+            scope["path"],
+            f"{client[0]}:{client[1]}" if client else "-",
+            time.perf_counter(),
+            int(length) if length.isdigit() else 0,
+        )
+
+
+class AccessLog:
+    """One line per request on stderr, as JSON or BentoML-like text; successful requests can be sampled (1 in
+    `sample`), errors (status 400 and up) are always written."""
+
+    def __init__(self, form: str, sample: int = 1, stream: TextIO | None = None) -> None:
+        self.form, self.sample, self.stream = form, sample, stream or sys.stderr
+        self.successes = 0
+        self.second, self.stamp = -1, ""  # the time text of the current second, made once a second
+
+    def write(self, exchange: Exchange) -> None:
+        if self.form == "off":
+            return
+        if exchange.status < 400:
+            self.successes += 1
+            if self.successes % self.sample:
+                return
+        now = time.time()
+        if int(now) != self.second:
+            self.second = int(now)
+            self.stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+        at = f"{self.stamp}.{int(now % 1 * 1000):03d}Z"
+        latency = (time.perf_counter() - exchange.started) * 1000
+        if self.form == "json":
+            line = json.dumps(
+                {
+                    "time": at,
+                    "method": exchange.method,
+                    "path": exchange.path,
+                    "status": exchange.status,
+                    "bytes_in": exchange.bytes_in,
+                    "bytes_out": exchange.bytes_out,
+                    "latency_ms": round(latency, 3),
+                    "model": exchange.model or None,
+                    "images": exchange.images or None,
+                    "error": exchange.error or None,
+                    "client": exchange.client,
+                    "request_id": exchange.request_id,
+                    "trace_id": exchange.trace_id or None,
+                }
+            )
+        else:
+            line = (
+                f"{at} [INFO] [cifar10.access] {exchange.client} (method={exchange.method},path={exchange.path},"
+                f"length={exchange.bytes_in}) (status={exchange.status},length={exchange.bytes_out}) "
+                f"{latency:.3f}ms (request_id={exchange.request_id},trace={exchange.trace_id or '-'},"
+                f"model={exchange.model or '-'},images={exchange.images})"
+                + (f" error={json.dumps(exchange.error)}" if exchange.error else "")
+            )
+        with contextlib.suppress(OSError, ValueError):  # stderr gone (its parent exited): the answer went out
+            self.stream.write(line + "\n")

@@ -1,0 +1,102 @@
+"""Optional API keys: with CIFAR10_API_KEYS_FILE set, every route but the probes (and the page's and the API
+docs' static files) wants `Authorization: Bearer <key>`.
+
+The file holds one key per line; `#` starts a comment; a line `KEY metrics` gives a key that opens /metrics
+only (for a Prometheus scraper). A Kubernetes Secret mounted as a file works the same. The file is read again
+when it changes (looked at once a second), so keys rotate without a restart; a file that becomes unreadable
+or empty keeps the keys it had, and says so once. Keys are compared with hmac.compare_digest, every one of
+them, and never written to a log.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.errors import UserError
+from service.drain import say
+
+# Answered without a key: the probes, and files that hold no data (the page, the API's description).
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/v2/health/live", "/v2/health/ready", "/", "/docs", "/docs.json"})
+OPEN_PREFIXES = ("/page/", "/static_content/")
+METRICS = "/metrics"
+CHECK_S = 1.0  # how often the file's modification time is looked at
+
+
+@dataclass(frozen=True)
+class KeySet:
+    everything: tuple[bytes, ...]
+    metrics_only: tuple[bytes, ...]
+
+
+def parse(text: str) -> KeySet:
+    everything, metrics = [], []
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if len(words) > 2 or (len(words) == 2 and words[1] != "metrics"):
+            raise ValueError("a line holds a key, optionally followed by the word metrics")
+        (metrics if len(words) == 2 else everything).append(words[0].encode())
+    return KeySet(tuple(everything), tuple(metrics))
+
+
+class ApiKeys:
+    """The keys from `path`, re-read when the file changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.keys = self._read()
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"CIFAR10_API_KEYS_FILE={path}: {exc}; one key per line, # for comments") from None
+        if not self.keys.everything and not self.keys.metrics_only:
+            raise UserError(f"CIFAR10_API_KEYS_FILE={path} holds no key; put one key per line in it")
+        self.checked_at, self.stamp = time.monotonic(), self._stamp()
+
+    def allows(self, path: str, authorization: bytes) -> bool:
+        """Whether a request for `path` with this Authorization header may proceed."""
+        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+            return True
+        self._refresh()
+        scheme, _, given = authorization.partition(b" ")
+        if scheme.lower() != b"bearer" or not given:
+            return False
+        keys = self.keys.everything + (self.keys.metrics_only if path == METRICS else ())
+        # Every key compared, in constant time each: neither which key nor how far a guess got shows in the timing.
+        return any([hmac.compare_digest(given.strip(), key) for key in keys])
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self.checked_at < CHECK_S:
+            return
+        self.checked_at = now
+        stamp = self._stamp()
+        if stamp == self.stamp:
+            return
+        self.stamp = stamp
+        try:
+            keys = self._read()
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            say(f"cifar10: CIFAR10_API_KEYS_FILE={self.path} could not be read again ({exc}); keeping its keys")
+            return
+        if not keys.everything and not keys.metrics_only:
+            say(f"cifar10: CIFAR10_API_KEYS_FILE={self.path} now holds no key; keeping the keys it had")
+            return
+        self.keys = keys
+        say(
+            f"cifar10: API keys read again from {self.path}: {len(keys.everything)} keys, "
+            f"{len(keys.metrics_only)} for /metrics only"
+        )
+
+    def _read(self) -> KeySet:
+        return parse(self.path.read_text())
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat()  # a Kubernetes Secret update swaps a symlink: the target's times change
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_ino

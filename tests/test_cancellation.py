@@ -1,0 +1,161 @@
+"""Work nobody waits for: a request whose client has gone leaves the batch queue uncomputed, an answer computed for a
+gone client is dropped quietly, and both are counted; at every stage a request can be in."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from harness.samples import ROOT
+from harness.server import free_port, start_server, stop_server
+from service.batching import Batcher
+from service.classification import Limits
+from tests.test_limits import call
+
+IMAGES = "cifar10_abandoned_images_total"
+
+
+def counted(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_in_the_batcher_a_queued_request_is_skipped_and_a_computed_one_dropped_quietly(caplog) -> None:
+    """A runs (0.2 s), B and C wait; B's client goes while queued, A's during its own call: the model never
+    sees B, A's rows are dropped without an error, C is answered."""
+    seen: list[int] = []
+    release = threading.Event()
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        seen.append(int(batch[0, 0]))
+        release.wait(5)
+        return batch
+
+    batcher = Batcher("slow", run, max_batch_size=1, max_latency_s=10, device_lock=threading.Lock())
+    before = {outcome: counted(IMAGES, model="slow", outcome=outcome) for outcome in ("skipped", "discarded")}
+
+    async def main() -> np.ndarray:
+        a, b, c = (asyncio.ensure_future(batcher(np.full((1, 4), v, np.float32))) for v in (1, 2, 3))
+        await asyncio.sleep(0.1)  # A in the model, B and C queued
+        b.cancel()
+        a.cancel()
+        release.set()
+        return await c
+
+    assert asyncio.run(main())[0, 0] == 3
+    assert seen == [1, 3]  # B was never computed
+    assert counted(IMAGES, model="slow", outcome="skipped") - before["skipped"] == 1
+    assert counted(IMAGES, model="slow", outcome="discarded") - before["discarded"] == 1
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
+
+
+def test_a_client_gone_while_sending_or_waiting_gets_nothing_and_is_counted() -> None:
+    requests = "cifar10_abandoned_requests_total"
+
+    async def slow(scope, body):
+        await asyncio.sleep(5)
+
+    app = Limits({"/classify": slow}, max_body_bytes=10_000, max_concurrency=4, timeout_s=10)
+    reading, waiting = counted(requests, stage="reading"), counted(requests, stage="waiting")
+    assert asyncio.run(call(app, b"x" * 3000, cut_after=1)) is None  # gone after 1 KB of its 3 KB body
+    assert counted(requests, stage="reading") - reading == 1 and counted(requests, stage="waiting") == waiting
+    assert asyncio.run(call(app, b"y", gone_after=0.1)) is None  # gone while its handler waited
+    assert counted(requests, stage="waiting") - waiting == 1
+    assert app.running == 0
+
+
+@pytest.mark.server
+def test_clients_that_send_and_hang_up_are_not_computed_while_the_waiting_ones_are_answered(
+    samples, tmp_path: Path
+) -> None:
+    """300 connections each send a ResNet-18 (fp32, the slow copy) request and close at once, beside 8 clients
+    that wait for their answers: the model computes far fewer than the 300 abandoned images, and every waiting
+    client gets the answer it gets alone."""
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(tmp_path),
+        "CIFAR10_WORKERS": "1",
+        "CIFAR10_PRECISION": "fp32",
+        "CIFAR10_MAX_BATCH_SIZE": "8",
+        "CIFAR10_MAX_CONCURRENCY": "1000",  # not the overload limit: its 429s are another test's subject
+    }
+    subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
+    port = free_port()
+    process = start_server(["service.service:Classifier"], env, ROOT, port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        image = samples[0][1]
+        alone = httpx.post(f"{url}/classify", files={"image": ("x.jpg", image)}, data={"top_k": "10"}).json()
+        request = raw_request(port, image)
+        before = inference_images(url)
+
+        async def main() -> list[httpx.Response]:
+            async def hang_up() -> None:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(request)
+                await writer.drain()
+                writer.close()
+
+            async def wait(client: httpx.AsyncClient) -> list[httpx.Response]:
+                return [
+                    await client.post("/classify", files={"image": ("x.jpg", image)}, data={"top_k": "10"})
+                    for _ in range(5)
+                ]
+
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                waiting = [asyncio.ensure_future(wait(client)) for _ in range(8)]
+                await asyncio.gather(*(hang_up() for _ in range(300)))
+                return [answer for answers in await asyncio.gather(*waiting) for answer in answers]
+
+        answers = asyncio.run(main())
+        computed = settled_images(url) - before
+        metrics = httpx.get(f"{url}/metrics").text
+    finally:
+        stop_server(process)
+    assert [a.status_code for a in answers] == [200] * 40
+    for answer in answers:
+        assert [p["label"] for p in answer.json()["predictions"]][:1] == [alone["predictions"][0]["label"]]
+        assert [p["probability"] for p in answer.json()["predictions"]] == pytest.approx(
+            [p["probability"] for p in alone["predictions"]], abs=1e-5
+        )
+    abandoned = computed - 40  # the waiting clients' 40 images were computed; the rest came from abandoned ones
+    skipped = metric(metrics, IMAGES + '{model="resnet18",outcome="skipped"}')
+    print(f"\n300 abandoned requests: {abandoned:.0f} of their images computed, {skipped:.0f} skipped")
+    assert abandoned < 150 and skipped >= 150
+
+
+def raw_request(port: int, image: bytes) -> bytes:
+    body = httpx.Request("POST", f"http://127.0.0.1:{port}/classify", files={"image": ("x.jpg", image)})
+    head = "".join(f"{k}: {v}\r\n" for k, v in body.headers.items())
+    return f"POST /classify HTTP/1.1\r\n{head}\r\n".encode() + body.read()
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def inference_images(url: str) -> float:
+    return metric(httpx.get(f"{url}/metrics").text, 'cifar10_inference_images_total{model="resnet18"}')
+
+
+def settled_images(url: str, quiet_s: float = 1.0) -> float:
+    """The model's image count once it has stopped changing for `quiet_s` (the abandoned work has drained); at
+    most a minute."""
+    last = inference_images(url)
+    for _ in range(60):
+        threading.Event().wait(quiet_s)
+        now = inference_images(url)
+        if now == last:
+            return now
+        last = now
+    return last

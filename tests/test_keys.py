@@ -1,0 +1,112 @@
+"""Optional API keys on a real server: every route but the probes wants one, rotation needs no restart, the CLI,
+tritonclient and the page use one, and no key is ever written to the log."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import tritonclient.http as triton
+
+from harness.samples import ROOT
+from harness.server import serve_expecting_exit
+from service import keys as keys_module
+from service.keys import ApiKeys
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.server
+PROTECTED = ["/classify", "/classify_batch", "/models", "/metrics", "/v2", "/v2/models/lenet", "/v2/models/lenet/infer"]
+OPEN = ["/livez", "/readyz", "/v2/health/live", "/v2/health/ready", "/", "/page/app.js", "/docs", "/docs.json"]
+
+
+def request(url: str, path: str, key: str | None = None, image: bytes = b"") -> httpx.Response:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    if path in ("/classify", "/classify_batch"):
+        field = "image" if path == "/classify" else "images"
+        return httpx.post(url + path, files={field: ("x.jpg", image)}, data={"model": "lenet"}, headers=headers)
+    if path.endswith("/infer"):
+        return httpx.post(url + path, json={"inputs": []}, headers=headers)
+    return httpx.get(url + path, headers=headers)
+
+
+def test_without_a_key_every_route_but_the_probes_is_a_401(keyed_server, samples) -> None:
+    url, _, _ = keyed_server
+    for path in PROTECTED:
+        for key in (None, "wrong-key"):
+            answer = request(url, path, key, samples[0][1])
+            assert answer.status_code == 401, (path, key, answer.text)
+            assert answer.headers["www-authenticate"].startswith("Bearer") and "API key" in answer.json()["error"]
+    for path in OPEN:
+        assert request(url, path).status_code == 200, path
+
+
+def test_with_a_key_every_route_answers(keyed_server, samples) -> None:
+    url, _, _ = keyed_server
+    statuses = {path: request(url, path, "key-two", samples[0][1]).status_code for path in PROTECTED}
+    assert statuses == {**dict.fromkeys(PROTECTED, 200), "/v2/models/lenet/infer": 400}  # no inputs: a 400
+    assert request(url, "/metrics", "scrape-key").status_code == 200  # the scraper's key opens /metrics only
+    assert request(url, "/classify", "scrape-key", samples[0][1]).status_code == 401
+
+
+def test_the_cli_and_tritonclient_send_the_key(keyed_server, samples, tmp_path: Path) -> None:
+    url, _, _ = keyed_server
+    (tmp_path / "cat.jpg").write_bytes(samples[0][1])
+    without = run_cli("predict", str(tmp_path / "cat.jpg"), "--server", url, "--model", "lenet")
+    assert without.returncode == 2 and "wants an API key: set CIFAR10_API_KEY" in without.stderr
+    keyed_run = run_cli(
+        "predict", str(tmp_path / "cat.jpg"), "--server", url, "--model", "lenet", env={"CIFAR10_API_KEY": "key-one"}
+    )
+    assert keyed_run.returncode == 0 and "cat.jpg" in keyed_run.stdout, keyed_run.stderr
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    assert client.get_model_metadata("lenet", headers={"Authorization": "Bearer key-one"})["name"] == "lenet"
+
+
+def test_a_changed_keys_file_takes_effect_without_a_restart_and_no_key_reaches_the_log(keyed_server, samples) -> None:
+    url, keys, log = keyed_server
+    original = keys.read_text()
+    assert request(url, "/models", "key-one").status_code == 200
+    keys.write_text("key-three\n")  # rotated
+    deadline, status = time.monotonic() + 10, 200
+    while time.monotonic() < deadline and status == 200:
+        time.sleep(0.2)
+        status = request(url, "/models", "key-one").status_code
+    assert status == 401 and request(url, "/models", "key-three").status_code == 200
+    keys.write_text("# nobody\n")  # emptied by mistake: the keys it had are kept, and the log says so
+    time.sleep(CHECK_WAIT_S)
+    assert request(url, "/models", "key-three").status_code == 200
+    keys.write_text(original)  # back as it was, for the other tests that share this server
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and request(url, "/models", "key-one").status_code != 200:
+        time.sleep(0.2)
+    text = log.read_text()
+    assert "now holds no key; keeping the keys it had" in text
+    assert not any(key in text for key in ("key-one", "key-two", "key-three", "scrape-key", "wrong-key"))
+
+
+CHECK_WAIT_S = keys_module.CHECK_S * 2.5
+
+
+def test_keys_are_compared_in_constant_time_every_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The library call (hmac.compare_digest) on every key, so which key matched does not show in the timing."""
+    (tmp_path / "keys").write_text("alpha\nbeta\ngamma\n")
+    compared = []
+    real = keys_module.hmac.compare_digest
+    monkeypatch.setattr(keys_module.hmac, "compare_digest", lambda a, b: compared.append(b) or real(a, b))
+    api_keys = ApiKeys(tmp_path / "keys")
+    assert api_keys.allows("/classify", b"Bearer alpha") and not api_keys.allows("/classify", b"Bearer delta")
+    assert compared == [b"alpha", b"beta", b"gamma"] * 2
+    assert api_keys.allows("/readyz", b"") and not api_keys.allows("/classify", b"Basic alpha")
+
+
+@pytest.mark.parametrize(
+    ("content", "words"), [("# only a comment\n", "holds no key"), ("one two three\n", "a line holds a key")]
+)
+def test_an_unusable_keys_file_stops_the_server_in_one_line(tmp_path: Path, content: str, words: str) -> None:
+    (tmp_path / "keys").write_text(content)
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path), "CIFAR10_API_KEYS_FILE": str(tmp_path / "keys")}
+    result = serve_expecting_exit(["service.service:Classifier"], env, ROOT)
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and words in lines[0], lines
