@@ -38,6 +38,7 @@ class _Pending:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     queued_at: float = field(default_factory=time.monotonic)
+    queued: bool = False  # its images are counted in the batcher's queued_images
 
 
 def pad(inputs: np.ndarray, bucket_sizes: tuple[int, ...]) -> np.ndarray:
@@ -140,7 +141,17 @@ class Batcher:
                 raise self._overloaded()
             self.queue.extend(pendings)
             self.queued_images += sum(len(p.inputs) for p in pendings)
+            for pending in pendings:
+                pending.queued = True
+                pending.future.add_done_callback(lambda _, pending=pending: self._unqueue(pending))
             self.ready.notify()
+
+    def _unqueue(self, pending: _Pending) -> None:
+        """Stop counting a request that has gone while queued: the work ahead of new requests is what is left."""
+        with self.ready:
+            if pending.queued:
+                pending.queued = False
+                self.queued_images -= len(pending.inputs)
 
     def _run_passing(self) -> None:
         """Inline: the model calls for this pass's requests, in the event loop; to the thread if a call of another
@@ -190,7 +201,7 @@ class Batcher:
         now = time.monotonic()
         while self.queue and (not batch or images + len(self.queue[0].inputs) <= self.max_batch_size):
             pending = self.queue.popleft()
-            self.queued_images -= len(pending.inputs)
+            self._unqueue(pending)  # the condition's lock is re-entrant
             if self._abandoned(pending):
                 continue
             if now - pending.queued_at > self.max_latency_s:
