@@ -73,7 +73,8 @@ async def naive(scope, receive, send) -> None:
         await _answer(send, b"{}")
         return
     pixels = decode_rgb(await form["image"].read())
-    [indices], [probabilities] = top_classes(_model.logits(normalize(pixels[np.newaxis], _model.table)), 3)
+    logits = _model.logits(normalize(pixels[np.newaxis], _model.table))
+    [indices], [probabilities] = top_classes(logits, 3, _model.temperature)
     names = _model.info.class_names
     answer = {
         "model": "lenet",

@@ -1,4 +1,4 @@
-"""The `cifar10` command: train, export, quantize, register, predict, evaluate.
+"""The `cifar10` command: train, export, quantize, calibrate, register, predict, evaluate.
 
 The top of the project: it drives training and the shared core. Each subcommand imports
 its heavy dependencies itself, so `predict` runs without torch. Every option is checked
@@ -99,6 +99,22 @@ def _quantize(args: argparse.Namespace) -> int:
         seed=args.seed,
         register_as=args.register,
         min_agreement=args.min_agreement,
+        force=args.force,
+    )
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from training.calibrate import calibrate
+
+    calibrate(
+        args.model,
+        args.data,
+        args.out,
+        source=args.source,
+        val_size=args.val_size,
+        seed=args.seed,
+        diagram=args.diagram,
         force=args.force,
     )
     return 0
@@ -219,6 +235,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.set_defaults(func=_quantize)
 
+    p = sub.add_parser("calibrate", help="fit a softmax temperature on the validation images; stamp it in a copy")
+    p.add_argument("model", metavar="MODEL.onnx", help="an ONNX file from `cifar10 export` or `cifar10 quantize`")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="the training data (its held-out validation images fit; its test images are only measured)",
+    )
+    p.add_argument("--out", required=True, help="FILE.onnx to write (MODEL.onnx itself with --force)")
+    p.add_argument(
+        "--source",
+        metavar="FP32.onnx",
+        help="for an int8 file: the calibrated fp32 file it came from, whose temperature it takes",
+    )
+    p.add_argument("--val-size", type=whole(1), default=5000, help="the run's --val-size (default 5000)")
+    p.add_argument("--seed", type=whole(0), default=0, help="the run's --seed (default 0)")
+    p.add_argument("--diagram", metavar="FILE.png", help="also draw the reliability diagram, before and after")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    p.set_defaults(func=_calibrate)
+
     p = sub.add_parser("register", help="store an ONNX file in the BentoML model store")
     p.add_argument("onnx_file")
     p.add_argument(
@@ -235,8 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=f"{PRECISION_HELP}; local runs only")
     p.add_argument("--top-k", type=whole(1, 10), default=3)
     p.add_argument("--batch-size", type=whole(1), default=64)
-    p.add_argument("--out", default="-", help="FILE.csv, FILE.jsonl or - for stdout (default)")
-    p.add_argument("--format", choices=("csv", "jsonl"), help="default: from the --out suffix, else csv")
+    p.add_argument("--out", default="-", help="FILE.csv, FILE.jsonl, - for stdout (default), or with --ray DIR.parquet")
+    p.add_argument("--format", choices=("csv", "jsonl", "parquet"), help="default: from the --out suffix, else csv")
     p.add_argument(
         "--workers",
         type=whole(1, 256),

@@ -144,7 +144,9 @@ class LocalPredictor:
         best = {}
         if good:
             logits = self.model.logits(normalize(np.stack([decoded[i] for i in good]), self.model.table))
-            best = dict(zip(good, zip(*top_classes(logits, self.top_k), strict=True), strict=True))
+            best = dict(
+                zip(good, zip(*top_classes(logits, self.top_k, self.model.temperature), strict=True), strict=True)
+            )
         names = self.model.info.class_names
         for i, path in enumerate(paths):
             if i in best:

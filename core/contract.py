@@ -51,6 +51,10 @@ class ModelInfo:
     quantization: dict | None = None
     parity_top1_agreement: float | None = None
     parity_max_probability_diff: float | None = None
+    # Calibration (training/calibration.py): the softmax temperature fitted on the validation images, and the
+    # ECE and NLL before and after it.
+    temperature: float | None = None
+    calibration: dict | None = None
 
     def to_metadata(self) -> dict[str, str]:
         return {key: json.dumps(value) for key, value in asdict(self).items()}

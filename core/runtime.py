@@ -75,6 +75,7 @@ class OnnxModel:
         self.metadata = self.session.get_modelmeta().custom_metadata_map
         self.info = ModelInfo.from_metadata(self.metadata)
         self.table = normalization_table(self.info.mean, self.info.std)
+        self.temperature = self.info.temperature or 1.0  # a file exported before calibration: as it was
         self.input_name = self.session.get_inputs()[0].name
         self.provider = self.session.get_providers()[0]
         # A GPU that the driver reports but ONNX Runtime cannot use (CUDA or cuDNN libraries missing): on the CPU.
@@ -90,18 +91,19 @@ class OnnxModel:
         return self.session.run(None, {self.input_name: batch})[0]
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64, so reported probabilities do not depend on float32 rounding."""
-    logits = logits.astype(np.float64)
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of logits / temperature in float64, so reported probabilities do not depend on float32
+    rounding. The temperature is the model's own (OnnxModel.temperature), fitted at export."""
+    logits = logits.astype(np.float64) / temperature
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def rank(logits: np.ndarray) -> np.ndarray:
+def rank(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Per row of (N, classes) logits, every class from the most probable down (ties keep class order), as float64
-    (N, classes, 2): [class index, softmax probability]. One call for a whole batch."""
-    logits = logits.astype(np.float64)
+    (N, classes, 2): [class index, softmax probability of logits / temperature]. One call for a whole batch."""
+    logits = logits.astype(np.float64) / temperature
     order = np.argsort(-logits, axis=1, kind="stable")  # softmax keeps the order: sort the logits
     ranked = np.take_along_axis(logits, order, axis=1)
     exp = np.exp(ranked - ranked[:, :1])  # the largest first: the stable softmax for free
@@ -111,8 +113,8 @@ def rank(logits: np.ndarray) -> np.ndarray:
     return out
 
 
-def top_classes(logits: np.ndarray, k: int) -> tuple[list[list[int]], list[list[float]]]:
+def top_classes(logits: np.ndarray, k: int, temperature: float = 1.0) -> tuple[list[list[int]], list[list[float]]]:
     """Per row of (N, classes) logits: the k most probable classes, largest first (ties keep class order),
-    and their softmax probabilities."""
-    ranked = rank(logits)[:, :k]
+    and their softmax probabilities (of logits / temperature)."""
+    ranked = rank(logits, temperature)[:, :k]
     return ranked[..., 0].astype(np.int64).tolist(), ranked[..., 1].tolist()

@@ -274,7 +274,7 @@ class Predictor:
         seconds.observe(time.perf_counter() - started)
         sizes.observe(len(batch))
         images.inc(len(batch))
-        return rank(logits)  # here, once per batch, not once per request in the event loop
+        return rank(logits, model.all_cores.temperature)  # here, once per batch, not once per request in the loop
 
 
 def _seconds_per_image(model: OnnxModel, images: int) -> float:

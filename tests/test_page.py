@@ -151,3 +151,18 @@ def test_with_api_keys_the_page_asks_for_one_and_keeps_it_in_the_tab(browser, ke
     assert page.evaluate("localStorage.length") == 0 and "key-one" not in page.evaluate("document.cookie")
     assert problems == []
     page.close()
+
+
+def test_the_page_shows_the_probabilities_the_api_answers(page, images) -> None:
+    """One softmax, one temperature: the percentages on the page are /classify's (tests/test_calibration.py ties
+    /classify to the model's temperature)."""
+    page.set_input_files("#files", images[0])
+    top_labels(page)
+    shown = {
+        bar.query_selector(".label").inner_text(): bar.query_selector(".pct").inner_text()
+        for bar in page.query_selector_all(".result .bars li")
+    }
+    answer = httpx.post(
+        f"{page.url.rstrip('/')}/classify", files={"image": ("cat.jpg", images[0].read_bytes())}, data={"top_k": "5"}
+    ).json()["predictions"]
+    assert shown == {p["label"]: f"{p['probability'] * 100:.1f}%" for p in answer}

@@ -169,15 +169,16 @@ def test_folders_list_in_path_order(tmp_path: Path) -> None:
 def test_evaluate_without_matplotlib_writes_the_json_and_names_the_install_command(
     tiny_data: Path, tmp_path: Path
 ) -> None:
-    """As after `make serve` alone: the serving set has no matplotlib."""
+    """As after `make serve` alone: the serving set has neither matplotlib nor torch."""
     script = (
-        "import sys; sys.modules['matplotlib'] = None\nfrom cli.main import main\n"
+        "import sys; sys.modules['matplotlib'] = sys.modules['torch'] = None\nfrom cli.main import main\n"
         f"sys.exit(main(['evaluate', '--data', {str(tiny_data)!r}, '--model', 'lenet', '--out', "
         f"{str(tmp_path / 'eval')!r}]))"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "eval" / "evaluation.json").is_file() and not (tmp_path / "eval" / "confusion.png").exists()
+    assert "calibration: ECE " in result.stdout
     assert f"{sys.executable} -m pip install matplotlib" in result.stdout
 
 

@@ -35,8 +35,8 @@ def test_onnx_file_matches_its_card(arch: str) -> None:
     assert info.test_accuracy == card(arch)["test"]["accuracy"]  # what /models reports is the card's figure
 
 
-def accuracy_on_2000_test_images(model: OnnxModel) -> float:
-    """Top-1 accuracy on the first 200 test images of each class, through the service's preprocessing."""
+def logits_on_2000_test_images(model: OnnxModel) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels of the first 200 test images of each class, through the service's preprocessing."""
     if not TEST_ZIP.exists():
         pytest.skip(f"needs the CIFAR-10 test archive at {TEST_ZIP}")
     with zipfile.ZipFile(TEST_ZIP) as archive:
@@ -47,6 +47,12 @@ def accuracy_on_2000_test_images(model: OnnxModel) -> float:
         pixels = np.stack([decode_rgb(archive.read(n)) for _, n in chosen])
     labels = np.array([i for i, _ in chosen])
     logits = np.concatenate([model.logits(normalize(pixels[s : s + 250], model.table)) for s in range(0, 2000, 250)])
+    return logits, labels
+
+
+def accuracy_on_2000_test_images(model: OnnxModel) -> float:
+    """Top-1 accuracy on the first 200 test images of each class, through the service's preprocessing."""
+    logits, labels = logits_on_2000_test_images(model)
     return float((logits.argmax(1) == labels).mean())
 
 

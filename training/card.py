@@ -73,6 +73,7 @@ def build_card(run_dir: Path, onnx_file: Path, evaluation: dict, machine: str, n
             "per_class": evaluation["per_class"],
             "measured_by": "cifar10 evaluate --data cifar10-test.zip --model models/pretrained/" + onnx_file.name,
         },
+        "calibration": info.calibration,
         "parity": {
             "images": info.parity_images,
             "max_abs_logit_diff": info.parity_max_abs_diff,
@@ -101,6 +102,7 @@ def build_int8_card(
         "precision": info.precision,
         "source": {"sha256": info.source_sha256, "test_accuracy": info.source_test_accuracy},
         "quantization": {**info.quantization, "command": command},
+        "calibration": info.calibration,
         "parity_with_fp32": {
             "images": info.parity_images,
             "top1_agreement": info.parity_top1_agreement,

@@ -18,25 +18,28 @@ import numpy as np
 from core.contract import CLASS_NAMES, MEAN, STD
 from core.files import refuse_existing
 from core.preprocess import normalization_table
+from core.runtime import softmax
+from training.calibration import BINS, measure, reliability_diagram
 from training.data import load_split
-from training.inference import predicted_classes
+from training.inference import logits_of
 
 
-def _onnx_runner(spec: str, precision: str) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, str]:
+def _onnx_runner(spec: str, precision: str) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, str, float]:
     from core.store import load
 
     choice = load(spec, precision)
     model = choice.model
     for line in choice.warnings():
         print(f"cifar10 evaluate: {spec}: {line}", file=sys.stderr)
-    return model.logits, model.table, f"{model.path} ({model.info.precision}, {model.provider})"
+    return model.logits, model.table, f"{model.path} ({model.info.precision}, {model.provider})", model.temperature
 
 
-def _checkpoint_runner(path: str, _: str) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, str]:
-    from training.inference import load_checkpoint, model_from_checkpoint, torch_logits
+def _checkpoint_runner(path: str, _: str) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, str, float]:
+    from training.checkpoints import load_checkpoint, model_from_checkpoint, torch_logits
 
     model = model_from_checkpoint(load_checkpoint(path))
-    return functools.partial(torch_logits, model), normalization_table(MEAN, STD), f"{path} (PyTorch eval mode, CPU)"
+    description = f"{path} (PyTorch eval mode, CPU)"
+    return functools.partial(torch_logits, model), normalization_table(MEAN, STD), description, 1.0
 
 
 def evaluate(
@@ -47,12 +50,17 @@ def evaluate(
     precision: str = "auto",
     force: bool = False,
 ) -> dict:
-    """Overall and per-class accuracy, confusion matrix and images/s; written to `out` when given."""
+    """Overall and per-class accuracy, confusion matrix, calibration (ECE, NLL at the model's temperature) and
+    images/s; written to `out` when given, with the confusion matrix and reliability diagram drawn."""
     if out:
         refuse_existing(Path(out) / "evaluation.json", force)
-    run, table, description = (_checkpoint_runner if model.endswith(".pt") else _onnx_runner)(model, precision)
+    run, table, description, temperature = (_checkpoint_runner if model.endswith(".pt") else _onnx_runner)(
+        model, precision
+    )
     labelled = load_split(data, split)
-    predicted, seconds = predicted_classes(run, table, labelled.images)
+    logits, seconds = logits_of(run, table, labelled.images)
+    predicted = logits.argmax(1)
+    calibration = measure(logits, labelled.labels, temperature)
     confusion = np.zeros((len(CLASS_NAMES), len(CLASS_NAMES)), dtype=np.int64)
     np.add.at(confusion, (labelled.labels, predicted), 1)
     per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
@@ -65,6 +73,7 @@ def evaluate(
         "per_class": {name: float(acc) for name, acc in zip(CLASS_NAMES, per_class, strict=True)},
         "confusion_matrix": {"labels": list(CLASS_NAMES), "rows_true_cols_predicted": confusion.tolist()},
         "images_per_s": round(len(labelled) / seconds, 1),
+        "calibration": {"temperature": temperature, "ece": calibration["ece"], "nll": calibration["nll"], "bins": BINS},
     }
     print(
         f"{description}: accuracy {report['accuracy']:.4f} on {len(labelled)} {split} images, "
@@ -72,12 +81,16 @@ def evaluate(
     )
     for name, acc in report["per_class"].items():
         print(f"  {name:<11}{acc:.4f}")
+    print(
+        f"calibration: ECE {calibration['ece']:.4f} ({BINS} bins), NLL {calibration['nll']:.4f} at temperature "
+        f"{temperature:g}"
+    )
     if out:
-        write_report(report, confusion, Path(out))
+        write_report(report, confusion, Path(out), (softmax(logits, temperature), labelled.labels))
     return report
 
 
-def write_report(report: dict, confusion: np.ndarray, out: Path) -> None:
+def write_report(report: dict, confusion: np.ndarray, out: Path, probabilities: tuple[np.ndarray, np.ndarray]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
     try:
@@ -115,4 +128,10 @@ def write_report(report: dict, confusion: np.ndarray, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "confusion.png", dpi=100)
     plt.close(fig)
-    print(f"wrote {out / 'evaluation.json'} and {out / 'confusion.png'}")
+    temperature = report["calibration"]["temperature"]
+    reliability_diagram(
+        out / "reliability.png",
+        {f"T = {temperature:g}": probabilities},
+        f"Reliability on the {report['images']:,} {report['split']} images",
+    )
+    print(f"wrote {out / 'evaluation.json'}, {out / 'confusion.png'} and {out / 'reliability.png'}")

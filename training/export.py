@@ -14,8 +14,10 @@ from core.contract import CLASS_NAMES, INPUT_SIZE, MEAN, STD, ModelInfo
 from core.errors import UserError
 from core.files import refuse_existing, sha256_of, write_atomic
 from core.preprocess import normalization_table, normalize
+from training.calibrate import SEED, VAL_SIZE, calibration_of
+from training.checkpoints import load_checkpoint, model_from_checkpoint, torch_logits
 from training.data import load_split
-from training.inference import load_checkpoint, model_from_checkpoint, onnx_runner, onnx_test_accuracy, torch_logits
+from training.inference import onnx_runner, onnx_test_accuracy
 from training.onnx_metadata import package_version, stamp_metadata
 
 TOLERANCE = 1e-4  # largest |logit difference| from PyTorch, relative to the largest |logit|
@@ -100,6 +102,21 @@ def _export_to(
     summary_file = checkpoint.parent / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     test_accuracy = onnx_test_accuracy(onnx_run, data)
+    config = state["config"]
+    # Fitted on the run's own validation images, when the data has the train split they came from.
+    calibration = (
+        calibration_of(
+            onnx_run,
+            normalization_table(MEAN, STD),
+            data,
+            config.get("val_size") or VAL_SIZE,
+            config.get("seed") or SEED,
+        )
+        if data
+        else None
+    )
+    if calibration is None:
+        print("no calibration: --data has no train split to take the validation images from (served with T = 1)")
     info = ModelInfo(
         arch=state["config"]["arch"],
         class_names=CLASS_NAMES,
@@ -114,6 +131,8 @@ def _export_to(
         package_version=package_version(),
         parity_max_abs_diff=diff,
         parity_images=len(batch),
+        temperature=calibration["temperature"] if calibration else None,
+        calibration=calibration,
     )
     stamp_metadata(path, info)
 

@@ -1,53 +1,21 @@
-"""Running trained models over images: a training checkpoint in PyTorch eval mode, an ONNX file in ONNX Runtime on
-the CPU, and the top class of every image through the service's preprocessing."""
+"""Running an ONNX file over images in ONNX Runtime on the CPU, through the service's preprocessing: every image's
+logits, its top class, a test split's accuracy. No torch (training/checkpoints.py runs checkpoints)."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 from core.contract import MEAN, STD
 from core.errors import UserError
 from core.preprocess import normalization_table, normalize
-from models import get_model
 from training.data import load_split
 
 BATCH = 256
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a training checkpoint with weights_only=True; a clear error for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load fails in many ways (pickle, zip, index errors) on a damaged file
-        raise UserError(
-            f"{path} is not a readable training checkpoint ({type(exc).__name__}); "
-            "pass RUN_DIR/best.pt or last.pt from `cifar10 train`"
-        ) from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise UserError(f"{path} is not a checkpoint written by `cifar10 train` (no model/config entries)")
-    return state
-
-
-def model_from_checkpoint(state: dict) -> torch.nn.Module:
-    model = get_model(state["config"]["arch"])
-    model.load_state_dict(state["model"])
-    return model.eval()
-
-
-def torch_logits(model: torch.nn.Module, batch: np.ndarray) -> np.ndarray:
-    """Eval-mode PyTorch logits for a normalized float32 NCHW batch."""
-    with torch.no_grad():
-        return model(torch.from_numpy(batch)).numpy()
 
 
 def onnx_runner(onnx_path: Path) -> Callable[[np.ndarray], np.ndarray]:
@@ -72,14 +40,22 @@ def onnx_test_accuracy(run: Callable[[np.ndarray], np.ndarray], data: str | None
     return accuracy
 
 
+def logits_of(
+    run: Callable[[np.ndarray], np.ndarray], table: np.ndarray, images: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """Every uint8 NHWC image's logits through `run`, in the service's preprocessing, and the seconds in `run`."""
+    logits, seconds = [], 0.0
+    for start in range(0, len(images), BATCH):
+        batch = normalize(images[start : start + BATCH], table)
+        began = time.perf_counter()
+        logits.append(run(batch))
+        seconds += time.perf_counter() - began
+    return np.concatenate(logits), seconds
+
+
 def predicted_classes(
     run: Callable[[np.ndarray], np.ndarray], table: np.ndarray, images: np.ndarray
 ) -> tuple[np.ndarray, float]:
     """The top class of every uint8 NHWC image through `run`, and the seconds spent in `run`."""
-    predictions, seconds = [], 0.0
-    for start in range(0, len(images), BATCH):
-        batch = normalize(images[start : start + BATCH], table)
-        began = time.perf_counter()
-        predictions.append(run(batch).argmax(1))
-        seconds += time.perf_counter() - began
-    return np.concatenate(predictions), seconds
+    logits, seconds = logits_of(run, table, images)
+    return logits.argmax(1), seconds

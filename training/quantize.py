@@ -22,6 +22,7 @@ from core.files import refuse_existing, sha256_of, write_atomic
 from core.preprocess import normalize
 from core.runtime import OnnxModel, softmax
 from core.selfcheck import METADATA_KEY, encode_reference
+from training.calibrate import calibration_of
 from training.data import load_split
 from training.inference import onnx_runner, onnx_test_accuracy
 from training.onnx_metadata import package_version, stamp_metadata
@@ -136,9 +137,15 @@ def _quantize_to(
             f"int8 agrees with fp32 on {agreement:.2%} of the held-out images, below the "
             f"{min_agreement:.0%} required (--min-agreement)"
         )
+    # The fp32 model's temperature, and this copy's own figures with it (None where the fp32 file has none).
+    calibration = (
+        calibration_of(run, fp32.table, data, temperature=fp32.info.temperature) if (fp32.info.temperature) else None
+    )
     info = replace(
         fp32.info,
         precision="int8",
+        calibration=calibration,
+        val_accuracy=calibration["validation"]["after"]["accuracy"] if calibration else None,
         source_sha256=sha256_of(source),
         source_test_accuracy=fp32.info.test_accuracy,
         test_accuracy=onnx_test_accuracy(run, data),
