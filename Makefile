@@ -16,9 +16,9 @@ $(VENV)/.serve: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-# Everything: training extra (torch from pip) and test tools.
+# Everything: training extra (torch from pip), Ray for predict --ray, and test tools.
 $(VENV)/.all: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[train,dev]'
+	$(BIN)/pip install -q -e '.[train,ray,dev]'
 	touch $@ $(VENV)/.serve
 
 register-shipped: $(VENV)/.serve

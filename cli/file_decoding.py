@@ -17,11 +17,20 @@ from core.preprocess import decode_rgb
 def decode_file(path: str) -> np.ndarray | str:
     """Pixels, or the error text for this one file."""
     try:
-        return decode_rgb(Path(path).read_bytes())
-    except ImageError as exc:
-        return str(exc)
+        data = Path(path).read_bytes()
     except OSError as exc:
         return f"cannot read file: {exc.strerror or exc}"
+    return decode_bytes(data)
+
+
+def decode_bytes(data: bytes | None) -> np.ndarray | str:
+    """Pixels, or the error text for these bytes (None: a missing value in a table of images)."""
+    if data is None:
+        return "no image bytes"
+    try:
+        return decode_rgb(data)
+    except ImageError as exc:
+        return str(exc)
 
 
 def decode_files(paths: list[str]) -> list[np.ndarray | str]:

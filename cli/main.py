@@ -135,6 +135,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    if args.ray:
+        return _predict_on_ray(args)
+    for flag in ("address", "actors", "cpus_per_actor", "gpus_per_actor"):
+        if getattr(args, flag) is not None:
+            option = "--" + flag.replace("_", "-")
+            raise UserError(f"{option} is for a Ray run; add --ray, or drop {option}")
+    if args.format == "parquet" or args.out.endswith(".parquet"):
+        raise UserError("Parquet output is written by a Ray run; add --ray, or write --out FILE.csv or FILE.jsonl")
     from cli.predict import predict
 
     return predict(
@@ -150,6 +158,34 @@ def _predict(args: argparse.Namespace) -> int:
         force=args.force,
         quiet=args.quiet,
         precision=args.precision,
+    )
+
+
+def _predict_on_ray(args: argparse.Namespace) -> int:
+    for flag, value in (("--server", args.server), ("--workers", args.workers)):
+        if value is not None:
+            raise UserError(f"{flag} is for a run on this machine; drop it, or drop --ray")
+    try:
+        from cli.ray_predict import predict_on_ray
+    except ImportError:
+        raise UserError("--ray needs Ray: pip install -e '.[ray]'") from None
+    return predict_on_ray(
+        args.inputs,
+        address=args.address,
+        model=args.model,
+        precision=args.precision,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        out=args.out,
+        fmt=args.format,
+        recursive=args.recursive,
+        force=args.force,
+        quiet=args.quiet,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor or 1.0,
+        gpus_per_actor=args.gpus_per_actor,
+        image_column=args.image_column,
+        id_column=args.id_column,
     )
 
 
@@ -280,6 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", metavar="URL", help="use a running service, e.g. http://localhost:3000")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    ray = p.add_argument_group("on a Ray cluster (pip install -e '.[ray]')")
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        help="run on Ray Data; inputs may also be *.parquet and URIs (s3://bucket/images/)",
+    )
+    ray.add_argument(
+        "--address",
+        help="the cluster: auto (the one this node is in) or ray://HOST:10001 (default: RAY_ADDRESS, else a local Ray)",
+    )
+    ray.add_argument("--actors", type=whole(1, 100_000), help="model actors (default: one per GPU, else per CPU)")
+    ray.add_argument("--cpus-per-actor", type=number(0, low_open=True), help="also its threads (default 1)")
+    ray.add_argument("--gpus-per-actor", type=number(0), help="default: 1 where the cluster has GPUs, else 0")
+    ray.add_argument("--image-column", default="image", help="Parquet input: the image bytes (default image)")
+    ray.add_argument("--id-column", default="path", help="Parquet input: what names each row (default path)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix on a labelled split")

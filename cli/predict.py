@@ -36,9 +36,12 @@ if TYPE_CHECKING:
     import httpx
     import tenacity
 
+    from core.runtime import OnnxModel
+
 RETRY_STATUSES = (429, 503)
 API_KEY_VARIABLE = "CIFAR10_API_KEY"  # the key for --server, from the environment (a flag would show in ps)
 MAX_RETRIES = 5
+COLUMNS = ("path", "label", "probability", "top_labels", "top_probabilities", "error")
 
 
 @dataclass
@@ -48,6 +51,22 @@ class Row:
     path: str
     top: list[tuple[str, float]] = field(default_factory=list)
     error: str = ""
+
+    def fields(self) -> dict:
+        """The output's columns, as JSONL and Parquet hold them (no label or probability for an error row)."""
+        return {
+            "path": self.path,
+            "label": self.top[0][0] if self.top else None,
+            "probability": self.top[0][1] if self.top else None,
+            "top_labels": [n for n, _ in self.top],
+            "top_probabilities": [p for _, p in self.top],
+            "error": self.error or None,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict) -> Row:
+        top = list(zip(fields["top_labels"], fields["top_probabilities"], strict=True))
+        return cls(fields["path"], top, fields["error"] or "")
 
 
 def files_in(folder: str, recursive: bool) -> Iterator[str]:
@@ -139,21 +158,26 @@ class LocalPredictor:
                 yield from self._infer(*self.pending.popleft())
 
     def _infer(self, paths: list[str], future: Future) -> Iterator[Row]:
-        decoded = future.result()
-        good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-        best = {}
-        if good:
-            logits = self.model.logits(normalize(np.stack([decoded[i] for i in good]), self.model.table))
-            best = dict(
-                zip(good, zip(*top_classes(logits, self.top_k, self.model.temperature), strict=True), strict=True)
-            )
-        names = self.model.info.class_names
-        for i, path in enumerate(paths):
-            if i in best:
-                indices, probabilities = best[i]
-                yield Row(path, [(names[j], p) for j, p in zip(indices, probabilities, strict=True)])
-            else:
-                yield Row(path, error=decoded[i])
+        yield from label(self.model, paths, future.result(), self.top_k)
+
+
+def label(model: OnnxModel, paths: list[str], decoded: list[np.ndarray | str], top_k: int) -> list[Row]:
+    """One model call for a batch's decoded images; a row for each path, an error row where decoding failed."""
+    good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
+    best = {}
+    if good:
+        logits = model.logits(normalize(np.stack([decoded[i] for i in good]), model.table))
+        ranked = top_classes(logits, top_k, model.temperature)
+        best = dict(zip(good, zip(*ranked, strict=True), strict=True))
+    names = model.info.class_names
+    rows = []
+    for i, path in enumerate(paths):
+        if i in best:
+            indices, probabilities = best[i]
+            rows.append(Row(path, [(names[j], p) for j, p in zip(indices, probabilities, strict=True)]))
+        else:
+            rows.append(Row(path, error=decoded[i]))
+    return rows
 
 
 def _retry_after_doubled(state: tenacity.RetryCallState) -> float:
@@ -261,34 +285,21 @@ class Writer:
 
     def write(self, row: Row) -> None:
         if self.csv and not self.rows:  # with the first row: a run that fails before any writes nothing
-            self.csv.writerow(["path", "label", "probability", "top_labels", "top_probabilities", "error"])
+            self.csv.writerow(COLUMNS)
         self.rows += 1
-        label, probability = row.top[0] if row.top else ("", None)
+        fields = row.fields()
         if self.csv:
-            self.csv.writerow(
-                [
-                    row.path,
-                    label,
-                    "" if probability is None else f"{probability:.6f}",
-                    ";".join(n for n, _ in row.top),
-                    ";".join(f"{p:.6f}" for _, p in row.top),
-                    row.error,
-                ]
+            probability = fields["probability"]
+            fields.update(
+                label=fields["label"] or "",
+                probability="" if probability is None else f"{probability:.6f}",
+                top_labels=";".join(fields["top_labels"]),
+                top_probabilities=";".join(f"{p:.6f}" for p in fields["top_probabilities"]),
+                error=row.error,
             )
+            self.csv.writerow(fields.values())
         else:
-            self.stream.write(
-                json.dumps(
-                    {
-                        "path": row.path,
-                        "label": label or None,
-                        "probability": probability,
-                        "top_labels": [n for n, _ in row.top],
-                        "top_probabilities": [p for _, p in row.top],
-                        "error": row.error or None,
-                    }
-                )
-                + "\n"
-            )
+            self.stream.write(json.dumps(fields) + "\n")
 
     def close(self, complete: bool) -> None:
         if self.partial is None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -104,18 +106,42 @@ def int8_copy(
     return None
 
 
+@dataclass(frozen=True)
+class ModelFiles:
+    """The files that may answer for a model spec: one named outright (`named`: loaded as it is), or an fp32 file
+    and, where it was asked for and exists, the int8 copy made from it."""
+
+    spec: str
+    main: Path
+    int8: Path | None = None
+    named: bool = False
+
+    def load(self, precision: str = "auto", min_agreement: float = MIN_AGREEMENT, **session: Any) -> Choice:
+        """The copy that answers here with OnnxModel(**session) (core/selfcheck.py: int8 on a CPU host where its
+        self-check passes, for `auto`)."""
+        if self.named:
+            return Choice(OnnxModel(self.main, **session), "as named")
+        on_cpu = CUDA not in choose_providers(session.get("providers", "auto"))
+        int8 = partial(OnnxModel, self.int8, **session) if self.int8 else None
+        return choose(self.spec, partial(OnnxModel, self.main, **session), int8, precision, on_cpu, min_agreement)
+
+
+def model_files(spec: str, with_int8: bool = True) -> ModelFiles:
+    """What `spec` names: a served name (`resnet18`: its fp32 file, and its int8 copy if `with_int8`), or a store tag,
+    FILE.onnx or -int8 copy (that file alone)."""
+    path = resolve(spec)
+    if spec.endswith((".onnx", INT8)) or ":" in spec or Path(spec).is_file():
+        return ModelFiles(spec, path, named=True)
+    copy = int8_copy(spec, sha256_of(path)) if with_int8 else None
+    return ModelFiles(spec, path, resolve(copy) if copy else None)
+
+
 def load(spec: str, precision: str = "auto", min_agreement: float = MIN_AGREEMENT, **session: Any) -> Choice:
     """The model `spec` names, loaded with OnnxModel(**session): for a served name (`resnet18`), the copy that
-    answers in `precision` (core/selfcheck.py: its int8 copy on a CPU host where the self-check passes); for a
-    store tag or FILE.onnx that file."""
-    path = resolve(spec)
-    if spec.endswith((".onnx", INT8)) or ":" in spec or Path(spec).is_file():  # a file, tag or copy: as named
-        return Choice(OnnxModel(path, **session), "as named")
+    answers in `precision` on this host; for a store tag or FILE.onnx that file."""
     on_cpu = CUDA not in choose_providers(session.get("providers", "auto"))
     wants_int8 = precision == "int8" or (precision == "auto" and on_cpu)
-    copy = int8_copy(spec, sha256_of(path)) if wants_int8 else None
-    int8 = (lambda: OnnxModel(resolve(copy), **session)) if copy else None
-    return choose(spec, lambda: OnnxModel(path, **session), int8, precision, on_cpu, min_agreement)
+    return model_files(spec, wants_int8).load(precision, min_agreement, **session)
 
 
 def checked_name(name: str | None, info: ModelInfo) -> str:

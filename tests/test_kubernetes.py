@@ -7,6 +7,7 @@ import copy
 import gzip
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -202,3 +203,49 @@ def test_the_kserve_probe_paths_answer_on_a_real_server(server: str) -> None:
     container = yaml.safe_load((KSERVE / "servingruntime.yaml").read_text())["spec"]["containers"][0]
     for probe in ("readinessProbe", "livenessProbe"):
         assert httpx.get(server + container[probe]["httpGet"]["path"]).status_code == 200, probe
+
+
+RAYJOB = ROOT / "deploy" / "kubernetes" / "ray" / "rayjob.yaml"
+
+
+def rayjob_problems(job: dict) -> list[str]:
+    """What KubeRay's schema cannot check: the entrypoint is a `cifar10 predict --ray` that parses, on the cluster
+    it runs in; Ray's version is the [ray] extra's; every pod runs the image ray.Containerfile builds."""
+    from cli.main import build_parser
+
+    found = []
+    command = shlex.split(job["spec"]["entrypoint"])
+    try:
+        args = build_parser().parse_args(command[1:])
+    except SystemExit:
+        return [f"cifar10 cannot parse the entrypoint {job['spec']['entrypoint']!r}"]
+    if command[0] != "cifar10" or not args.ray or args.address != "auto":
+        found.append("the entrypoint must be cifar10 predict --ray --address auto (the cluster the job runs in)")
+    pinned = re.search(r'"ray\[data\]==([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    cluster = job["spec"]["rayClusterSpec"]
+    if cluster["rayVersion"] != pinned:
+        found.append(f"rayVersion {cluster['rayVersion']} is not the [ray] extra's {pinned}")
+    built = re.search(r"-t (\S+) \.", (ROOT / "deploy" / "container" / "ray.Containerfile").read_text()).group(1)
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for container in (c for g in groups for c in g["template"]["spec"]["containers"]):
+        if container["image"] != built:
+            found.append(f"{container['name']} runs {container['image']}, not {built} (ray.Containerfile)")
+    return found
+
+
+def test_the_rayjob_passes_kuberays_schema_and_runs_a_predict_that_parses() -> None:
+    import jsonschema
+
+    schema = strict(
+        json.loads(gzip.decompress((ROOT / "tests" / "schemas" / "kuberay-rayjob-crd.json.gz").read_bytes()))["RayJob"]
+    )
+    job = yaml.safe_load(RAYJOB.read_text())
+    jsonschema.validate(job, schema)
+    assert rayjob_problems(job) == []
+    typo = copy.deepcopy(job)
+    typo["spec"]["shutdownAfterJobFinish"] = True  # not a field: the strict schema says so
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(typo, schema)
+    wrong = copy.deepcopy(job)
+    wrong["spec"]["entrypoint"] = "cifar10 predict s3://b/images/ --ray --top-k 11"
+    assert any("cannot parse" in p for p in rayjob_problems(wrong))
