@@ -67,3 +67,12 @@ def test_paths_fit_together() -> None:
     assert quantize[2] == written
     overlay = yaml.safe_load((ROOT / "deploy/kubernetes/overlays/cpu/kustomization.yaml").read_text())
     assert "newName:" in README and any("newName" in image for image in overlay["images"])
+
+
+def test_the_configuration_table_lists_every_setting_the_service_reads() -> None:
+    from dataclasses import fields
+
+    from service.settings import Settings
+
+    listed = set(re.findall(r"^\| `(CIFAR10_[A-Z0-9_]+)`", section("Configuration"), re.M))
+    assert listed == {f"CIFAR10_{spec.name.upper()}" for spec in fields(Settings)}
