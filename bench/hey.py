@@ -38,9 +38,11 @@ def run_load(
     requests: int,
     images_per_request: int = 1,
     timeout_s: int = 120,
+    headers: dict[str, str] | None = None,
 ) -> dict:
     """One closed-loop run: `requests` requests from `concurrency` clients; latency from hey's CSV."""
     requests = max(requests, concurrency)
+    extra = [arg for name, value in (headers or {}).items() for arg in ("-H", f"{name}: {value}")]
     result = subprocess.run(
         [
             hey_path(),
@@ -58,6 +60,7 @@ def run_load(
             "csv",
             "-D",
             "/dev/stdin",
+            *extra,
             url,
         ],
         input=body,

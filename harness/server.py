@@ -57,6 +57,12 @@ def stop_server(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def register_shipped(home: Path) -> None:
+    """The shipped models into the store at `home` (what `make serve` does first)."""
+    env = {**os.environ, "BENTOML_HOME": str(home)}
+    subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
+
+
 class Server:
     """A `bentoml serve` of the shipped models with the given CIFAR10_* settings, from `checkout` (this one)."""
 
