@@ -12,40 +12,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
-import tomllib
 import zipfile
 from pathlib import Path
 
+from bench.command import timed
 from bench.hey import target_loads
 from bench.report import ROOT, table
 from harness.samples import TEST_ZIP
-from harness.server import Server
+from harness.server import Server, register_shipped
 
 RESNET_PREDICT_IMAGES = 2000  # ResNet-18 runs ~130 images/s here: the whole test set would take 80 s a round
-
-
-def predict_command(checkout: Path, folder: str, model: str) -> list[str]:
-    """`cifar10 predict` through the checkout's own entry point (from its pyproject.toml), with this Python."""
-    module, function = tomllib.loads((checkout / "pyproject.toml").read_text())["project"]["scripts"]["cifar10"].split(
-        ":"
-    )
-    return [
-        sys.executable,
-        "-c",
-        f"import sys; from {module} import {function}; sys.exit({function}())",
-        "predict",
-        folder,
-        "--recursive",
-        "--model",
-        model,
-        "--out",
-        "-",
-        "--quiet",
-    ]
 
 
 def measure(checkout: Path, home: Path, folders: dict[str, str], quick: bool) -> dict[str, float]:
@@ -59,10 +36,9 @@ def measure(checkout: Path, home: Path, folders: dict[str, str], quick: bool) ->
         "errors": float(sum(sum(load["errors"].values()) for load in loads.values())),
     }
     for model, folder in folders.items():
-        began = time.perf_counter()
-        subprocess.run(predict_command(checkout, folder, model), cwd=checkout, check=True, stdout=subprocess.DEVNULL)
+        seconds, _ = timed(["predict", folder, "--recursive", "--model", model, "--out", "-", "--quiet"], checkout)
         images = sum(1 for _ in Path(folder).rglob("*.jpg"))
-        figures[f"predict {model} images/s (wall clock)"] = images / (time.perf_counter() - began)
+        figures[f"predict {model} images/s (wall clock)"] = images / seconds
     return figures
 
 
@@ -76,7 +52,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in checkouts}
     with tempfile.TemporaryDirectory() as home, tempfile.TemporaryDirectory() as images:
         os.environ["BENTOML_HOME"] = home  # for the servers, the store and `predict`
-        subprocess.run([sys.executable, "-m", "core.store"], cwd=ROOT, check=True, capture_output=True)
+        register_shipped(os.environ)
         with zipfile.ZipFile(TEST_ZIP) as archive:
             names = sorted(n for n in archive.namelist() if n.endswith(".jpg"))
             archive.extractall(f"{images}/lenet", members=names)

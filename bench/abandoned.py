@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -20,6 +21,7 @@ import httpx
 import numpy as np
 
 from bench.report import machine, machine_line, table, write_json
+from harness.clients import classify_request, send_and_hang_up
 from harness.samples import cifar_samples
 from harness.server import Server, register_shipped
 
@@ -27,20 +29,8 @@ WAITING = 12  # requests per waiting client
 HANG_UPS = 300
 
 
-def raw_request(port: int, image: bytes) -> bytes:
-    request = httpx.Request("POST", f"http://127.0.0.1:{port}/classify", files={"image": ("x.jpg", image)})
-    head = "".join(f"{k}: {v}\r\n" for k, v in request.headers.items())
-    return f"POST /classify HTTP/1.1\r\n{head}\r\n".encode() + request.read()
-
-
-async def one_run(url: str, port: int, image: bytes, burst: bool) -> dict:
-    request = raw_request(port, image)
-
-    async def hang_up() -> None:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(request)
-        await writer.drain()
-        writer.close()
+async def one_run(url: str, image: bytes, burst: bool) -> dict:
+    request = classify_request(url, image)
 
     async def wait(client: httpx.AsyncClient) -> list[tuple[int, float]]:
         answers = []
@@ -53,7 +43,7 @@ async def one_run(url: str, port: int, image: bytes, burst: bool) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         waiting = [asyncio.ensure_future(wait(client)) for _ in range(8)]
         if burst:
-            await asyncio.gather(*(hang_up() for _ in range(HANG_UPS)))
+            await asyncio.gather(*(send_and_hang_up(url, request) for _ in range(HANG_UPS)))
         answers = [a for done in await asyncio.gather(*waiting) for a in done]
     latencies = np.array([ms for _, ms in answers])
     return {
@@ -72,12 +62,12 @@ def main() -> None:
     image = cifar_samples(1)[3][1]
     runs: dict[str, list[dict]] = {"quiet": [], "burst": []}
     with tempfile.TemporaryDirectory() as folder:
-        register_shipped(Path(folder))
+        register_shipped({**os.environ, "BENTOML_HOME": folder})
         with Server(Path(folder), workers="1", precision="fp32") as server:
-            asyncio.run(one_run(server.url, server.port, image, False))  # warm
+            asyncio.run(one_run(server.url, image, False))  # warm
             for _ in range(args.rounds):
                 for kind in runs:
-                    runs[kind].append(asyncio.run(one_run(server.url, server.port, image, kind == "burst")))
+                    runs[kind].append(asyncio.run(one_run(server.url, image, kind == "burst")))
                 time.sleep(1)
             metrics = httpx.get(f"{server.url}/metrics").text
     rows = [

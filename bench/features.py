@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import statistics
 import struct
 import tempfile
@@ -75,7 +76,7 @@ def main() -> None:
     binary, header_length = v2_binary(batch)
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as home:
-        register_shipped(Path(home))
+        register_shipped({**os.environ, "BENTOML_HOME": home})
         for _ in range(args.rounds):
             for form in ("json", "off"):
                 with Server(Path(home), access_log=form) as server:

@@ -15,9 +15,7 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -25,10 +23,11 @@ import httpx
 import psutil
 
 from bench import runtime
+from bench.command import timed
 from bench.hey import multipart, run_load
 from bench.report import RESULTS, ROOT, machine, table
 from harness.samples import TEST_ZIP, cifar_samples
-from harness.server import Server
+from harness.server import Server, register_shipped
 
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 START, END = "<!-- gpu section: written by python -m bench.gpu -->", "<!-- end of gpu section -->"
@@ -59,31 +58,6 @@ def gpu_memory_mb(server: Server) -> dict[int, float]:
     return {int(pid): float(mb) for pid, mb in rows if int(pid) in pids}
 
 
-def predict_seconds(model: str, folder: str) -> float:
-    began = time.perf_counter()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cli.main",
-            "predict",
-            folder,
-            "--recursive",
-            "--model",
-            model,
-            "--precision",
-            "fp32",
-            "--out",
-            "-",
-            "--quiet",
-        ],
-        check=True,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-    )
-    return time.perf_counter() - began
-
-
 def run(quick: bool, dry_run: bool = False) -> dict:
     info = machine()
     print(json.dumps(info), flush=True)
@@ -98,13 +72,7 @@ def run(quick: bool, dry_run: bool = False) -> dict:
     _, image = cifar_samples(1)[3]
     loads, scale = [], 8 if quick else 1
     with tempfile.TemporaryDirectory() as home:
-        subprocess.run(
-            [sys.executable, "-m", "core.store"],
-            env={**os.environ, "BENTOML_HOME": home},
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        )
+        register_shipped({**os.environ, "BENTOML_HOME": home})
         with Server(Path(home), providers=providers) as server:
             described = httpx.get(f"{server.url}/models").json()
             for arch, clients in [(a, c) for a in ("resnet18", "lenet") for c in (1, 64, 256)]:
@@ -137,7 +105,11 @@ def run(quick: bool, dry_run: bool = False) -> dict:
         with tempfile.TemporaryDirectory() as folder, zipfile.ZipFile(TEST_ZIP) as archive:
             archive.extractall(folder, members=[n for n in archive.namelist() if n.endswith(".jpg")])
             images = sum(1 for _ in Path(folder).rglob("*.jpg"))
-            predict = {arch: images / predict_seconds(arch, folder) for arch in ("resnet18", "lenet")}
+            predict = {
+                arch: images
+                / timed(["predict", folder, "--recursive", "--model", arch, "--precision", "fp32", "--quiet"])[0]
+                for arch in ("resnet18", "lenet")
+            }
     figures = {
         "resnet18 /classify c=64 req/s": _find(loads, "resnet18", 64)["requests_per_s"],
         "resnet18 /classify c=256 req/s": _find(loads, "resnet18", 256)["requests_per_s"],

@@ -10,25 +10,19 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench.report import ROOT, machine, machine_line, table, write_json
+from bench.command import timed
+from bench.report import machine, machine_line, table, write_json
 from harness.samples import cifar_samples
 
-SUMMARY = re.compile(r"([\d,]+) images?, ([\d,]+) errors?, ([\d,]+) images/s")
+SUMMARY = re.compile(r"([\d,]+) images?, ([\d,]+) errors?")
 
 
 def run(args: list[str]) -> dict:
-    started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed:\n{result.stderr[-2000:]}")
-    images, errors, _ = SUMMARY.search(result.stderr.strip().splitlines()[-1]).groups()
+    wall, stderr = timed(args)
+    images, errors = SUMMARY.search(stderr.strip().splitlines()[-1]).groups()
     count = int(images.replace(",", ""))
     return {"images": count, "errors": int(errors), "wall_s": wall, "images_per_s_wall": count / wall}
 

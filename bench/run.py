@@ -10,23 +10,21 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
 import httpx
 
 from bench import ceiling, gpu, runtime
+from bench.command import timed
 from bench.hey import multipart, run_load, target_loads
-from bench.report import ROOT, machine, machine_line, table, write_csv, write_json
+from bench.report import machine, machine_line, table, write_csv, write_json
 from core.host import gpu_count, usable_cores
 from core.runtime import OnnxModel
 from core.store import shipped_file
 from harness.samples import TEST_ZIP, cifar_samples
-from harness.server import Server, stop_server
+from harness.server import Server, register_shipped, stop_server
 
 CONCURRENCY = (1, 8, 32, 64)
 WORKERS = usable_cores()  # the service's default on a CPU host; the reference endpoints get as many
@@ -252,28 +250,8 @@ def predict_runs(raw: list[dict], quick: bool) -> list[dict]:
             out.parent.mkdir(exist_ok=True)
             times = []
             for _ in range(repeats):  # wall clock of the whole command, start-up included
-                began = time.perf_counter()
-                subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "cli.main",
-                        "predict",
-                        folder,
-                        "--recursive",
-                        "--model",
-                        arch,
-                        "--batch-size",
-                        "64",
-                        "--out",
-                        str(out),
-                        "--quiet",
-                        "--force",
-                    ],
-                    check=True,
-                    cwd=ROOT,
-                )
-                times.append(time.perf_counter() - began)
+                args = ["predict", folder, "--recursive", "--model", arch, "--batch-size", "64", "--out", str(out)]
+                times.append(timed([*args, "--quiet", "--force"])[0])
             seconds = statistics.median(times)
             raw64 = max((r for r in raw if r["model"] == arch and r["batch"] == 64), key=lambda r: r["images_per_s"])
             rows.append(
@@ -306,8 +284,7 @@ def main() -> None:
     print(machine_line(info), flush=True)
     raw = runtime.run(archs=("resnet18", "resnet18-int8", "lenet"), seconds=1.0 if args.quick else 3.0)
     with tempfile.TemporaryDirectory() as home:
-        env = {**os.environ, "BENTOML_HOME": home}
-        subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
+        register_shipped({**os.environ, "BENTOML_HOME": home})
         ceilings = ceiling_runs(Path(home), args.quick)
         with Server(Path(home)) as server:
             load = load_runs(server, raw, args.quick, "defaults")

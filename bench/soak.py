@@ -16,7 +16,6 @@ import csv
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -28,7 +27,7 @@ import psutil
 
 from harness.clients import run_clients
 from harness.samples import ROOT, cifar_samples
-from harness.server import free_port, start_server
+from harness.server import free_port, register_shipped, start_server
 
 OUT = ROOT / "bench" / "soak"
 BAD = [b"plain text, not an image", b"%PDF-1.7\n", b"\xff\xd8\xff\xe0 truncated"]  # 415, 415, 400
@@ -74,7 +73,7 @@ class Soak:
                 self.records.append((due - began, time.perf_counter() - due, outcome))
 
     async def run(self) -> None:
-        subprocess.run([sys.executable, "-m", "core.store"], env=self.env, cwd=ROOT, check=True, capture_output=True)
+        register_shipped(self.env)
         self.process = self.start()
         until = time.monotonic() + 10
         outcomes, _ = await run_clients(

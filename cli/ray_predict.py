@@ -36,7 +36,8 @@ SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
-# Reads ask for no CPU of their own: the actors hold every CPU by default, and a read waiting for one never runs.
+NO_INPUTS = "no input files: pass image files, folders, globs, *.parquet, URIs or - for paths on stdin"
+# Reads ask for no CPU of their own: the actors may come to hold every CPU, and a read waiting for one stalls all.
 READ_CPUS = 0
 
 
@@ -95,7 +96,7 @@ def inputs_dataset(inputs: list[str], recursive: bool, image_column: str, id_col
             local.append(item)
     flush()
     if not parts:
-        raise UserError("no input files: pass image files, folders, globs, *.parquet, URIs or - for paths on stdin")
+        raise UserError(NO_INPUTS)
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
@@ -112,15 +113,14 @@ def connect(address: str | None, quiet: bool) -> None:
     context.enable_progress_bars = not quiet and sys.stderr.isatty()
 
 
-def actor_shape(actors: int | None, cpus: float, gpus: float | None) -> tuple[int, float, float]:
-    """(actors, CPUs and GPUs per actor): a GPU each where the cluster has GPUs, else one per CPU."""
+def actor_shape(actors: int | None, cpus: float, gpus: float | None) -> tuple[int, float]:
+    """(actors, GPUs per actor): a GPU each where the cluster has GPUs, else an actor per `cpus` CPUs."""
     resources = ray.cluster_resources()
     if gpus is None:
         gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
     if actors is None:
-        count = resources.get("GPU", 0) / gpus if gpus else resources.get("CPU", 1) / cpus
-        actors = max(1, int(count))
-    return actors, cpus, gpus
+        actors = max(1, int(resources.get("GPU", 0) / gpus if gpus else resources.get("CPU", 1) / cpus))
+    return actors, gpus
 
 
 def predict_on_ray(
@@ -153,7 +153,7 @@ def predict_on_ray(
     complete = False
     try:
         connect(address, quiet)
-        count, cpus, gpus = actor_shape(actors, cpus_per_actor, gpus_per_actor)
+        count, gpus = actor_shape(actors, cpus_per_actor, gpus_per_actor)
         blobs = {path.name: path.read_bytes() for path in (files.main, files.int8) if path is not None}
         rows = inputs_dataset(inputs, recursive, image_column, id_column).map_batches(
             Labeller,
@@ -162,11 +162,12 @@ def predict_on_ray(
                 "blobs": {"ref": ray.put(blobs)},  # in a dict: Ray passes the reference, not a copy per actor
                 "precision": precision,
                 "top_k": top_k,
-                "threads": max(1, int(cpus)),
+                "threads": max(1, int(cpus_per_actor)),
             },
             batch_size=batch_size,
+            # grown from one actor: a pool of every CPU at once left the first Parquet read waiting for ever
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=count),
-            num_cpus=cpus,
+            num_cpus=cpus_per_actor,
             num_gpus=gpus,
         )
         if writer is None:
@@ -177,7 +178,7 @@ def predict_on_ray(
                 writer.write(row)
                 progress.update(row)
         if progress.images == 0:
-            raise UserError("no input files: pass image files, folders, globs, *.parquet, URIs or - for paths on stdin")
+            raise UserError(NO_INPUTS)
         complete = True
     finally:
         if writer is not None:

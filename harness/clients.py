@@ -66,3 +66,18 @@ async def run_clients(
     files, data = {"image": ("x.jpg", image)}, {"model": model}
     await asyncio.gather(*(_client(url, files, data, keep_alive, stop, outcomes, latencies) for _ in range(clients)))
     return outcomes, latencies
+
+
+def classify_request(url: str, image: bytes) -> bytes:
+    """A multipart POST /classify of `image` to the server at `url`, as the bytes a client writes."""
+    request = httpx.Request("POST", f"{url}/classify", files={"image": ("x.jpg", image)})
+    head = "".join(f"{k}: {v}\r\n" for k, v in request.headers.items())
+    return f"POST /classify HTTP/1.1\r\n{head}\r\n".encode() + request.read()
+
+
+async def send_and_hang_up(url: str, request: bytes) -> None:
+    """Write `request` on a new connection to `url` and close it at once, before any answer."""
+    _, writer = await asyncio.open_connection(httpx.URL(url).host, httpx.URL(url).port)
+    writer.write(request)
+    await writer.drain()
+    writer.close()

@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -57,10 +59,23 @@ def stop_server(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def register_shipped(home: Path) -> None:
-    """The shipped models into the store at `home` (what `make serve` does first)."""
-    env = {**os.environ, "BENTOML_HOME": str(home)}
-    subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
+def register_shipped(env: Mapping[str, str]) -> None:
+    """The shipped models into the store of env's BENTOML_HOME, as `make serve` does first."""
+    subprocess.run([sys.executable, "-m", "core.store"], env=dict(env), cwd=ROOT, check=True, capture_output=True)
+
+
+@contextmanager
+def serving(env: Mapping[str, str]) -> Iterator[tuple[subprocess.Popen, str, Path]]:
+    """The shipped models registered and served with `env` (its BENTOML_HOME holds the store and the log);
+    yields the process, its URL and its log; stops it unless it has already exited."""
+    register_shipped(env)
+    port = free_port()
+    process = start_server(["service.service:Classifier"], dict(env), ROOT, port)
+    try:
+        yield process, f"http://127.0.0.1:{port}", Path(env["BENTOML_HOME"]) / f"serve-{port}.log"
+    finally:
+        if process.poll() is None:
+            stop_server(process)
 
 
 class Server:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.samples import cifar_samples
-from harness.server import free_port, start_server, stop_server
+from harness.server import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,11 +61,8 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path = ROOT, timeout: floa
 @pytest.fixture(scope="session")
 def server(isolated_homes: None) -> Iterator[str]:
     """A real `bentoml serve` of the shipped models on a free localhost port."""
-    subprocess.run([sys.executable, "-m", "core.store"], check=True, cwd=ROOT, capture_output=True)
-    port = free_port()
-    process = start_server(["service.service:Classifier"], dict(os.environ), ROOT, port)
-    yield f"http://127.0.0.1:{port}"
-    stop_server(process)
+    with serving(os.environ) as (_, url, _):  # BENTOML_HOME: isolated_homes'
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -75,11 +72,8 @@ def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     keys = home / "api-keys"
     keys.write_text("# the team's keys\nkey-one\nkey-two  # the CI's\nscrape-key metrics\n")
     env = {**os.environ, "BENTOML_HOME": str(home), "CIFAR10_API_KEYS_FILE": str(keys), "CIFAR10_WORKERS": "1"}
-    subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
-    port = free_port()
-    process = start_server(["service.service:Classifier"], env, ROOT, port)
-    yield f"http://127.0.0.1:{port}", keys, home / f"serve-{port}.log"
-    stop_server(process)
+    with serving(env) as (_, url, log):
+        yield url, keys, log
 
 
 def near_tied_checkpoint(folder: Path) -> Path:

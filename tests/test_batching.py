@@ -38,17 +38,22 @@ def inputs(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, 32, 32)).astype(np.float32)
 
 
-def test_concurrent_requests_share_calls_and_get_their_own_rows(lenet) -> None:
-    run = Recorded(lenet, delay_s=0.05)
-    batcher = Batcher("lenet", run, max_batch_size=64, max_latency_s=5, device_lock=threading.Lock())
+def each_gets_its_own_rows(batcher: Batcher, lenet: OnnxModel) -> list[np.ndarray]:
+    """24 concurrent requests of 1-3 images each: every one gets LeNet's rows for its own inputs. The requests."""
     requests = [inputs(1 + i % 3, seed=i) for i in range(24)]
 
     async def main() -> list[np.ndarray]:
         return await asyncio.gather(*(batcher(x) for x in requests))
 
-    results = asyncio.run(main())
-    for x, rows in zip(requests, results, strict=True):
+    for x, rows in zip(requests, asyncio.run(main()), strict=True):
         assert np.allclose(rows, lenet.logits(x), atol=1e-5)
+    return requests
+
+
+def test_concurrent_requests_share_calls_and_get_their_own_rows(lenet) -> None:
+    run = Recorded(lenet, delay_s=0.05)
+    batcher = Batcher("lenet", run, max_batch_size=64, max_latency_s=5, device_lock=threading.Lock())
+    requests = each_gets_its_own_rows(batcher, lenet)
     assert sum(run.sizes) == sum(len(x) for x in requests)
     assert len(run.sizes) < len(requests) and max(run.sizes) <= 64
 
@@ -146,14 +151,7 @@ def test_inline_the_requests_of_one_pass_share_one_call_in_the_event_loop(lenet)
     batcher = Batcher(
         "lenet", on_which_thread, max_batch_size=32, max_latency_s=5, device_lock=threading.Lock(), inline=True
     )
-    requests = [inputs(1 + i % 3, seed=i) for i in range(24)]
-
-    async def main() -> list[np.ndarray]:
-        return await asyncio.gather(*(batcher(x) for x in requests))
-
-    results = asyncio.run(main())
-    for x, rows in zip(requests, results, strict=True):
-        assert np.allclose(rows, lenet.logits(x), atol=1e-5)
+    each_gets_its_own_rows(batcher, lenet)
     assert sum(run.sizes) == 48 and len(run.sizes) == 2 and max(run.sizes) <= 32  # one pass, two calls
     assert set(threads) == {threading.main_thread()}
 

@@ -15,7 +15,7 @@ import yaml
 
 from core.runtime import CUDA, choose_providers
 from harness.samples import REAL_IMAGES, ROOT
-from harness.server import free_port, start_server, stop_server
+from harness.server import free_port, register_shipped, start_server, stop_server
 
 
 def readme_deployment_command(start: str) -> list[str]:
@@ -97,7 +97,7 @@ def test_serving_code_runs_with_torch_unimportable(samples, tmp_path: Path) -> N
         f"sys.exit(main(['predict', {str(image)!r}, '--model', 'lenet', '--format', 'jsonl']))\n"
     )
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home")}  # the service checks its models at import
-    subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
+    register_shipped(env)
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert '"label": ' in result.stdout and "torch" not in result.stderr

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -16,8 +14,8 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from harness.samples import ROOT
-from harness.server import free_port, start_server, stop_server
+from harness.clients import classify_request, send_and_hang_up
+from harness.server import serving
 from service.batching import Batcher
 from service.classification import Limits
 from tests.test_limits import call
@@ -121,23 +119,13 @@ def test_clients_that_send_and_hang_up_are_not_computed_while_the_waiting_ones_a
         # nor shedding: until the event loop has read the hang-ups, a slow host's estimated wait counts them
         "CIFAR10_MAX_LATENCY_MS": "120000",
     }
-    subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
-    port = free_port()
-    process = start_server(["service.service:Classifier"], env, ROOT, port)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with serving(env) as (_, url, _):
         image = samples[0][1]
         alone = httpx.post(f"{url}/classify", files={"image": ("x.jpg", image)}, data={"top_k": "10"}).json()
-        request = raw_request(port, image)
+        request = classify_request(url, image)
         before = inference_images(url)
 
         async def main() -> list[httpx.Response]:
-            async def hang_up() -> None:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.write(request)
-                await writer.drain()
-                writer.close()
-
             async def wait(client: httpx.AsyncClient) -> list[httpx.Response]:
                 return [
                     await client.post("/classify", files={"image": ("x.jpg", image)}, data={"top_k": "10"})
@@ -146,14 +134,12 @@ def test_clients_that_send_and_hang_up_are_not_computed_while_the_waiting_ones_a
 
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
                 waiting = [asyncio.ensure_future(wait(client)) for _ in range(8)]
-                await asyncio.gather(*(hang_up() for _ in range(300)))
+                await asyncio.gather(*(send_and_hang_up(url, request) for _ in range(300)))
                 return [answer for answers in await asyncio.gather(*waiting) for answer in answers]
 
         answers = asyncio.run(main())
         computed = settled_images(url) - before
         metrics = httpx.get(f"{url}/metrics").text
-    finally:
-        stop_server(process)
     assert [a.status_code for a in answers] == [200] * 40
     for answer in answers:
         assert [p["label"] for p in answer.json()["predictions"]][:1] == [alone["predictions"][0]["label"]]
@@ -164,12 +150,6 @@ def test_clients_that_send_and_hang_up_are_not_computed_while_the_waiting_ones_a
     skipped = metric(metrics, IMAGES + '{model="resnet18",outcome="skipped"}')
     print(f"\n300 abandoned requests: {abandoned:.0f} of their images computed, {skipped:.0f} skipped")
     assert abandoned < 150 and skipped >= 150
-
-
-def raw_request(port: int, image: bytes) -> bytes:
-    body = httpx.Request("POST", f"http://127.0.0.1:{port}/classify", files={"image": ("x.jpg", image)})
-    head = "".join(f"{k}: {v}\r\n" for k, v in body.headers.items())
-    return f"POST /classify HTTP/1.1\r\n{head}\r\n".encode() + body.read()
 
 
 def metric(text: str, name: str) -> float:

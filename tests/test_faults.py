@@ -13,8 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
@@ -25,25 +24,18 @@ from PIL import Image
 from core.store import MODEL_FILE
 from harness.clients import run_clients
 from harness.samples import ROOT
-from harness.server import free_port, serve_expecting_exit, start_server, stop_server
+from harness.server import register_shipped, serve_expecting_exit, serving
 
 pytestmark = pytest.mark.server
 GRACE_S = 3
 ANSWERS_BEFORE_SIGTERM = 32
 
 
-@contextmanager
-def server(home: Path, **settings: str) -> Iterator[tuple[subprocess.Popen, str, Path]]:
+def server(home: Path, **settings: str) -> AbstractContextManager[tuple[subprocess.Popen, str, Path]]:
     """A server of the shipped models with CIFAR10_* settings; yields the process, its URL and its log."""
-    env = {**os.environ, "BENTOML_HOME": str(home), **{f"CIFAR10_{k.upper()}": v for k, v in settings.items()}}
-    subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
-    port = free_port()
-    process = start_server(["service.service:Classifier"], env, ROOT, port)
-    try:
-        yield process, f"http://127.0.0.1:{port}", home / f"serve-{port}.log"
-    finally:
-        if process.poll() is None:
-            stop_server(process)
+    return serving(
+        {**os.environ, "BENTOML_HOME": str(home), **{f"CIFAR10_{k.upper()}": v for k, v in settings.items()}}
+    )
 
 
 @pytest.mark.parametrize("keep_alive", [True, False], ids=["keep-alive", "new-connections"])
@@ -244,8 +236,7 @@ def serve_and_fail(home: Path) -> list[str]:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Path:
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path)}
-    subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
+    register_shipped({**os.environ, "BENTOML_HOME": str(tmp_path)})
     return tmp_path
 
 

@@ -10,35 +10,23 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from harness.samples import ROOT
-from harness.server import free_port, start_server, stop_server
+from harness.server import serving
 from tests.test_faults import slow_batch
 
 pytestmark = pytest.mark.server
 
 
-@contextmanager
-def serving(home: Path, **settings: str) -> Iterator[tuple[subprocess.Popen, str, Path]]:
-    env = {**os.environ, "BENTOML_HOME": str(home), **settings}
-    subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
-    port = free_port()
-    process = start_server(["service.service:Classifier"], env, ROOT, port)
-    try:
-        yield process, f"http://127.0.0.1:{port}", home / f"serve-{port}.log"
-    finally:
-        if process.poll() is None:
-            stop_server(process)
+def serving_in(home: Path, **variables: str) -> AbstractContextManager[tuple[subprocess.Popen, str, Path]]:
+    return serving({**os.environ, "BENTOML_HOME": str(home), **variables})
 
 
 def access_lines(log: Path) -> list[dict]:
@@ -47,7 +35,7 @@ def access_lines(log: Path) -> list[dict]:
 
 def test_every_request_leaves_one_access_line_with_its_id(tmp_path: Path, samples) -> None:
     settings = {"CIFAR10_WORKERS": "1", "CIFAR10_MAX_CONCURRENCY": "1", "CIFAR10_DRAIN_S": "20"}
-    with serving(tmp_path, **settings) as (process, url, log):
+    with serving_in(tmp_path, **settings) as (process, url, log):
         ok = httpx.post(
             f"{url}/classify",
             files={"image": ("x.jpg", samples[0][1])},
@@ -93,7 +81,7 @@ def test_every_request_leaves_one_access_line_with_its_id(tmp_path: Path, sample
 
 def test_sampled_and_text_access_logs_keep_every_error(tmp_path: Path, samples) -> None:
     settings = {"CIFAR10_WORKERS": "1", "CIFAR10_ACCESS_LOG": "text", "CIFAR10_ACCESS_LOG_SAMPLE": "5"}
-    with serving(tmp_path, **settings) as (_, url, log):
+    with serving_in(tmp_path, **settings) as (_, url, log):
         ids = [
             httpx.post(f"{url}/classify", files={"image": ("x.jpg", samples[0][1])}).headers["x-request-id"]
             for _ in range(10)
@@ -147,7 +135,7 @@ def test_with_otlp_tracing_each_classify_request_has_a_span_and_a_model_call(tmp
     )
     settings = {"CIFAR10_WORKERS": "1", "BENTOML_CONFIG_OPTIONS": options, "OTEL_BSP_SCHEDULE_DELAY": "100"}
     try:
-        with serving(tmp_path, **settings) as (_, url, log):
+        with serving_in(tmp_path, **settings) as (_, url, log):
             answer = httpx.post(f"{url}/classify", files={"image": ("x.jpg", samples[0][1])}, data={"model": "lenet"})
             listed = httpx.get(f"{url}/models")
             deadline = time.monotonic() + 20

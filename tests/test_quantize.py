@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -18,7 +16,7 @@ from core.runtime import OnnxModel
 from core.selfcheck import choose, reference_of, self_check
 from core.store import PRETRAINED, shipped_file
 from harness.samples import ROOT
-from harness.server import free_port, serve_expecting_exit, start_server, stop_server
+from harness.server import free_port, serve_expecting_exit, serving, start_server, stop_server
 from tests.conftest import near_tied_checkpoint, run_cli, wrong_int8
 from tests.test_shipped import accuracy_on_2000_test_images
 
@@ -167,14 +165,9 @@ def test_the_service_serves_int8_on_this_cpu_unless_fp32_is_pinned(quantized, pr
     _, home, result = quantized
     assert result.returncode == 0, result.stderr
     env = {**os.environ, "BENTOML_HOME": str(home), "CIFAR10_PRECISION": precision, "CIFAR10_WORKERS": "1"}
-    subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
-    port = free_port()
-    process = start_server(["service.service:Classifier"], env, ROOT, port)
-    try:
-        resnet = httpx.get(f"http://127.0.0.1:{port}/models").json()["models"]["resnet18"]
-        answer = httpx.post(f"http://127.0.0.1:{port}/classify", files={"image": ("x.jpg", samples[0][1])})
-    finally:
-        stop_server(process)
+    with serving(env) as (_, url, _):
+        resnet = httpx.get(f"{url}/models").json()["models"]["resnet18"]
+        answer = httpx.post(f"{url}/classify", files={"image": ("x.jpg", samples[0][1])})
     assert answer.status_code == 200
     if precision == "fp32":
         assert resnet["precision"] == "fp32" and resnet["store_tag"].startswith("cifar10-resnet18:")

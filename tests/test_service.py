@@ -6,8 +6,6 @@ import asyncio
 import io
 import json
 import os
-import subprocess
-import sys
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +19,7 @@ from PIL import Image
 from core.contract import CLASS_NAMES
 from core.runtime import choose_providers
 from harness.samples import REAL_IMAGES, ROOT, TEST_ZIP
-from harness.server import free_port, start_server, stop_server
+from harness.server import serving
 
 pytestmark = pytest.mark.server
 
@@ -280,14 +278,8 @@ def test_builtin_endpoints_still_work(server: str, samples) -> None:
 def own_server(home: Path, **env: str) -> Iterator[str]:
     """A second server with extra environment and its own BENTOML_HOME (a server start resets the
     Prometheus files of any other server sharing one); yields its URL."""
-    env = {**os.environ, "BENTOML_HOME": str(home), **env}
-    subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
-    port = free_port()
-    process = start_server(["service.service:Classifier"], env, ROOT, port)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_server(process)
+    with serving({**os.environ, "BENTOML_HOME": str(home), **env}) as (_, url, _):
+        yield url
 
 
 def test_overload_is_answered_with_retry_after_and_the_server_recovers(samples, tmp_path) -> None:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from harness.samples import ROOT
-from harness.server import serve_expecting_exit
+from harness.server import register_shipped, serve_expecting_exit
 from service.settings import SettingError, Settings
 
 
@@ -77,7 +75,7 @@ def test_a_server_that_cannot_serve_what_it_is_asked_says_why_in_one_line(
     settings: dict, words: str, tmp_path: Path
 ) -> None:
     env = {**os.environ, "BENTOML_HOME": str(tmp_path)}
-    subprocess.run([sys.executable, "-m", "core.store"], env=env, cwd=ROOT, check=True, capture_output=True)
+    register_shipped(env)
     result = serve_expecting_exit(["service.service:Classifier"], {**env, **settings}, ROOT)
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and words in lines[0], lines

@@ -18,7 +18,7 @@ import torch
 from core.runtime import OnnxModel
 from core.store import PRETRAINED
 from harness.samples import ROOT, TEST_ZIP
-from harness.server import free_port, serve_expecting_exit, start_server, stop_server
+from harness.server import free_port, register_shipped, serve_expecting_exit, start_server, stop_server
 from tests.conftest import near_tied_checkpoint, run_cli
 from training.evaluate import evaluate
 from training.export import parity_problem
@@ -286,7 +286,7 @@ def test_a_worse_model_is_flagged_at_registration_and_the_served_version_can_be_
     assert f"warning: cifar10-lenet:{new} is less accurate than cifar10-lenet:{good}" in worse.stdout
     assert f"to keep serving the previous one, pin it: CIFAR10_MODELS=resnet18,lenet:{good}" in worse.stdout
     server_env = {**os.environ, **env}
-    subprocess.run([sys.executable, "-m", "core.store"], env=server_env, cwd=ROOT, check=True, capture_output=True)
+    register_shipped(server_env)
     port = free_port()
     process = start_server(
         ["service.service:Classifier"], {**server_env, "CIFAR10_MODELS": f"lenet:{good}"}, ROOT, port
