@@ -1,6 +1,6 @@
 """What the access log and the Open Inference Protocol cost, side by side in one run.
 
-    python -m bench.features [--rounds 3]
+    python -m bench.features [--rounds 3] [--only access|v2]
 
 Access log: LeNet `/classify` at 32 clients on a server with CIFAR10_ACCESS_LOG=json (the default) and one
 with it off, alternating. v2: on one server, LeNet one image at 32 clients as `/classify` (multipart) and as
@@ -66,6 +66,7 @@ def median_row(name: str, runs: list[dict], key: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", choices=("access", "v2"), help="measure one of the two")
     args = parser.parse_args()
     info = machine()
     samples = cifar_samples(7)
@@ -78,11 +79,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as home:
         register_shipped({**os.environ, "BENTOML_HOME": home})
         for _ in range(args.rounds):
-            for form in ("json", "off"):
+            for form in ("json", "off") if args.only != "v2" else ():
                 with Server(Path(home), access_log=form) as server:
                     runs.setdefault(f"lenet /classify c=32, access log {form}", []).append(
                         run_load(f"{server.url}/classify", *lenet, 32, LENET_REQUESTS)
                     )
+            if args.only == "access":
+                continue
             with Server(Path(home)) as server:
                 loads = {
                     "lenet /classify c=32": (f"{server.url}/classify", *lenet, 32, LENET_REQUESTS, 1, None),
@@ -126,7 +129,7 @@ def main() -> None:
         "v2 JSON / classify": ("lenet v2 infer (JSON) c=32", "lenet /classify c=32"),
         "v2 binary / classify_batch": ("resnet18 v2 infer (binary) x64 c=4", "resnet18 /classify_batch x64 c=4"),
     }
-    print("; ".join(f"{name}: {median[a] / median[b]:.3f}" for name, (a, b) in ratios.items()))
+    print("; ".join(f"{name}: {median[a] / median[b]:.3f}" for name, (a, b) in ratios.items() if a in median))
     write_json("features.json", {"runs": runs, "medians": rows}, info)
 
 
