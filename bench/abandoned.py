@@ -3,18 +3,23 @@
     python -m bench.abandoned [--rounds 3]
 
 One server (ResNet-18 pinned to fp32, the slow copy, so the queue is long: overload), 8 clients each sending
-`WAITING` requests one after another; in the `burst` runs, 300 connections meanwhile send a request each and
-close at once. Medians of the rounds, alternating quiet and burst runs on the same server.
+`WAITING` requests one after another. In the burst runs, 300 connections meanwhile send a request each and
+close at once, from another process (in the waiting clients' event loop they would delay those clients
+themselves): to the service, or, as the control, to a bare listener that reads and drops them, which shows
+what making and accepting 300 connections costs the waiting clients on this host by itself. Medians of the
+rounds; each round runs the three kinds one after another on the same server.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -23,13 +28,41 @@ import numpy as np
 from bench.report import machine, machine_line, table, write_json
 from harness.clients import classify_request, send_and_hang_up
 from harness.samples import cifar_samples
-from harness.server import Server, register_shipped
+from harness.server import Server, free_port, register_shipped
 
 WAITING = 12  # requests per waiting client
 HANG_UPS = 300
+KINDS = {
+    "quiet": "8, quiet",
+    "control": f"8, beside {HANG_UPS} hang-ups to a bare listener",
+    "burst": f"8, beside {HANG_UPS} hang-ups to the service",
+}
 
 
-async def one_run(url: str, image: bytes, burst: bool) -> dict:
+def hang_ups(url: str, request: bytes) -> None:
+    """HANG_UPS connections that each send `request` to `url` and close at once (in the burst process)."""
+
+    async def all_of_them() -> None:
+        await asyncio.gather(*(send_and_hang_up(url, request) for _ in range(HANG_UPS)))
+
+    asyncio.run(all_of_them())
+
+
+def bare_listener(port: int) -> None:
+    """Accept connections on `port`, read each to its end and close it (the control's server, in its own process)."""
+
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):
+            pass
+        writer.close()
+
+    async def serve() -> None:
+        await (await asyncio.start_server(drop, "127.0.0.1", port)).serve_forever()
+
+    asyncio.run(serve())
+
+
+async def one_run(url: str, image: bytes, burst: ProcessPoolExecutor | None, burst_url: str) -> dict:
     request = classify_request(url, image)
 
     async def wait(client: httpx.AsyncClient) -> list[tuple[int, float]]:
@@ -42,8 +75,8 @@ async def one_run(url: str, image: bytes, burst: bool) -> dict:
 
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         waiting = [asyncio.ensure_future(wait(client)) for _ in range(8)]
-        if burst:
-            await asyncio.gather(*(send_and_hang_up(url, request) for _ in range(HANG_UPS)))
+        if burst is not None:
+            await asyncio.get_running_loop().run_in_executor(burst, hang_ups, burst_url, request)
         answers = [a for done in await asyncio.gather(*waiting) for a in done]
     latencies = np.array([ms for _, ms in answers])
     return {
@@ -60,19 +93,27 @@ def main() -> None:
     args = parser.parse_args()
     info = machine()
     image = cifar_samples(1)[3][1]
-    runs: dict[str, list[dict]] = {"quiet": [], "burst": []}
-    with tempfile.TemporaryDirectory() as folder:
-        register_shipped({**os.environ, "BENTOML_HOME": folder})
-        with Server(Path(folder), workers="1", precision="fp32") as server:
-            asyncio.run(one_run(server.url, image, False))  # warm
-            for _ in range(args.rounds):
-                for kind in runs:
-                    runs[kind].append(asyncio.run(one_run(server.url, image, kind == "burst")))
-                time.sleep(1)
-            metrics = httpx.get(f"{server.url}/metrics").text
+    runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
+    control_port = free_port()
+    control = multiprocessing.Process(target=bare_listener, args=(control_port,), daemon=True)
+    control.start()
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            register_shipped({**os.environ, "BENTOML_HOME": folder})
+            with Server(Path(folder), workers="1", precision="fp32") as server, ProcessPoolExecutor(1) as burst:
+                burst.submit(time.sleep, 0).result()  # its process started before any run
+                asyncio.run(one_run(server.url, image, None, ""))  # warm
+                targets = {"quiet": "", "control": f"http://127.0.0.1:{control_port}", "burst": server.url}
+                for _ in range(args.rounds):
+                    for kind, target in targets.items():
+                        runs[kind].append(asyncio.run(one_run(server.url, image, burst if target else None, target)))
+                        time.sleep(1)
+                metrics = httpx.get(f"{server.url}/metrics").text
+    finally:
+        control.terminate()
     rows = [
         {
-            "waiting clients": f"8, {kind}" + (f" ({HANG_UPS} hang-ups)" if kind == "burst" else ""),
+            "waiting clients": KINDS[kind],
             "answered": f"{sum(r['ok'] for r in rs)}/{sum(r['requests'] for r in rs)}",
             "p50_ms": statistics.median(r["p50_ms"] for r in rs),
             "p99_ms": statistics.median(r["p99_ms"] for r in rs),
@@ -80,11 +121,14 @@ def main() -> None:
         }
         for kind, rs in runs.items()
     ]
-    skipped = [line for line in metrics.splitlines() if line.startswith("cifar10_abandoned_images_total{")]
+    abandoned = [line for line in metrics.splitlines() if line.startswith("cifar10_abandoned_")]
+    p99 = {kind: row["p99_ms"] for kind, row in zip(KINDS, rows, strict=True)}
     print(machine_line(info))
     print(table(rows, list(rows[0])))
-    print("burst / quiet p99:", f"{rows[1]['p99_ms'] / rows[0]['p99_ms']:.2f};", "; ".join(skipped))
-    write_json("abandoned.json", {"runs": runs, "abandoned": skipped}, info)
+    burst, control = p99["burst"] / p99["control"], p99["control"] / p99["quiet"]
+    print(f"p99 burst / control: {burst:.2f}; control / quiet: {control:.2f}")
+    print("\n".join(abandoned))
+    write_json("abandoned.json", {"runs": runs, "abandoned": abandoned}, info)
 
 
 if __name__ == "__main__":

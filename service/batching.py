@@ -1,7 +1,9 @@
 """Dynamic batching: concurrent requests for one model share a model call.
 
 Greedy, like Triton's dynamic batcher: whenever the model is free, everything queued (up to
-`max_batch_size` images) goes into the next call. A lone request runs at once.
+`max_batch_size` images) goes into the next call. A lone request runs at once. A request whose client
+has gone is left out: its future is done (cancelled), or its hang-up probe says so (the socket knows
+before the busy event loop reads it).
 
 Two ways to run the calls. A model whose calls cost little (`inline`: LeNet on a CPU, ~40 us an image)
 runs them in the event loop itself: the requests that reach the batcher in one pass of the loop share
@@ -19,17 +21,20 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import numpy as np
 
-from service.errors import Overloaded
+from service.errors import ClientGone, Overloaded
 from service.metrics import ABANDONED_IMAGES
 
 logger = logging.getLogger("cifar10.batching")
 # A model call whose queued work is estimated below this waits this long for more work when under load.
 GATHER_S = 0.002
+SWEEP_S = 0.005  # when about to refuse for a long queue or too many requests: how often to look for hung-up ones
+HangUpProbe: TypeAlias = Callable[[], bool]  # whether a request's client has closed its connection
 
 
 @dataclass
@@ -37,6 +42,7 @@ class _Pending:
     inputs: np.ndarray
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    hung_up: HangUpProbe | None = None
     queued_at: float = field(default_factory=time.monotonic)
     queued: bool = False  # its images are counted in the batcher's queued_images
 
@@ -117,16 +123,18 @@ class Batcher:
         self.prepare = prepare
         self.inline = inline
         self.passing: list[_Pending] = []  # inline: the requests of this pass of the event loop
+        self.last_sweep = 0.0
         self.ready = threading.Condition()
         threading.Thread(target=self._serve, name=f"batcher-{name}", daemon=True).start()
 
     async def __call__(self, inputs: np.ndarray) -> np.ndarray:
         return (await self.call(inputs))[0]
 
-    async def call(self, inputs: np.ndarray) -> tuple[np.ndarray, int]:
-        """This request's rows of the output, and how many images the model call that made them held."""
+    async def call(self, inputs: np.ndarray, hung_up: HangUpProbe | None = None) -> tuple[np.ndarray, int]:
+        """This request's rows of the output, and how many images the model call that made them held. Raises
+        ClientGone where `hung_up()` turns true before its images go into a call."""
         loop = asyncio.get_running_loop()
-        pending = _Pending(inputs, loop.create_future(), loop)
+        pending = _Pending(inputs, loop.create_future(), loop, hung_up)
         if self.inline:
             if not self.passing:
                 loop.call_soon(self._run_passing)  # after the requests already scheduled in this pass
@@ -138,6 +146,8 @@ class Batcher:
     def _enqueue(self, pendings: list[_Pending]) -> None:
         with self.ready:
             if self.queued_images * self.seconds_per_image > self.max_latency_s:  # its wait, not its own call
+                self._sweep()
+            if self.queued_images * self.seconds_per_image > self.max_latency_s:
                 raise self._overloaded()
             self.queue.extend(pendings)
             self.queued_images += sum(len(p.inputs) for p in pendings)
@@ -153,10 +163,24 @@ class Batcher:
                 pending.queued = False
                 self.queued_images -= len(pending.inputs)
 
+    def _sweep(self) -> None:
+        """Drop the queued requests whose clients have hung up, so that they shed no live one; at most once per
+        SWEEP_S (the queue is long here). In the event loop."""
+        now = time.monotonic()
+        if now - self.last_sweep < SWEEP_S:
+            return
+        self.last_sweep = now
+        live, gone = self._parted(self.queue)
+        self.queue = deque(live)
+        for pending in gone:
+            self._unqueue(pending)
+        _settle([(p.future, ClientGone()) for p in gone])
+
     def _run_passing(self) -> None:
         """Inline: the model calls for this pass's requests, in the event loop; to the thread if a call of another
         model holds the device."""
-        passing, self.passing = [p for p in self.passing if not self._abandoned(p)], []
+        (passing, gone), self.passing = self._parted(self.passing), []
+        _settle([(p.future, ClientGone()) for p in gone])
         while passing:
             batch, images = [], 0
             while passing and (not batch or images + len(passing[0].inputs) <= self.max_batch_size):
@@ -197,23 +221,34 @@ class Batcher:
     def _take(self) -> list[_Pending]:
         """Pop queued requests up to max_batch_size images; shed those that waited too long."""
         batch: list[_Pending] = []
+        left: list[tuple[_Pending, BaseException]] = []
         images = 0
         now = time.monotonic()
         while self.queue and (not batch or images + len(self.queue[0].inputs) <= self.max_batch_size):
             pending = self.queue.popleft()
             self._unqueue(pending)  # the condition's lock is re-entrant
             if self._abandoned(pending):
-                continue
-            if now - pending.queued_at > self.max_latency_s:
-                _hand_back([(pending, self._overloaded())])
-                continue
-            batch.append(pending)
-            images += len(pending.inputs)
+                left.append((pending, ClientGone()))  # told only if its request still waits (hung up, not cancelled)
+            elif now - pending.queued_at > self.max_latency_s:
+                left.append((pending, self._overloaded()))
+            else:
+                batch.append(pending)
+                images += len(pending.inputs)
+        _hand_back(left)
         return batch
 
+    def _parted(self, pendings: Iterable[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
+        """(the live requests, the abandoned ones)."""
+        live: list[_Pending] = []
+        gone: list[_Pending] = []
+        for pending in pendings:
+            (gone if self._abandoned(pending) else live).append(pending)
+        return live, gone
+
     def _abandoned(self, pending: _Pending) -> bool:
-        """Whether the request has gone (its client disconnected, or it timed out): its images are skipped."""
-        if pending.future.done():
+        """Whether the request has gone (timed out, or its client disconnected, as its future or its hang-up probe
+        says): its images are skipped."""
+        if pending.future.done() or (pending.hung_up is not None and pending.hung_up()):
             ABANDONED_IMAGES.labels(model=self.name, outcome="skipped").inc(len(pending.inputs))
             return True
         return False

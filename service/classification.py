@@ -1,15 +1,17 @@
 """The classification routes as the service runs them, ahead of BentoML's per-request middleware.
 
 `Limits` reads a request's body under its size and time limits (413, 408), refuses past max_concurrency
-(429), gives up after timeout_s (504), sends the handler's answer as bare ASGI messages and counts it in
-/metrics. The handlers here turn a body into a Predictor call: `/classify` takes one image, as the
-multipart field `image` or as the whole body (`curl --data-binary @cat.jpg`, options in the query string),
+(429), gives up after timeout_s (504), drops a request whose client has hung up (its socket's probe or
+uvicorn says so), sends the handler's answer as bare ASGI messages and counts it in /metrics. The
+handlers here turn a body into a Predictor call: `/classify` takes one image, as the multipart field
+`image` or as the whole body (`curl --data-binary @cat.jpg`, options in the query string),
 `/classify_batch` the repeated field `images`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl
@@ -20,11 +22,14 @@ from core.errors import ImageError
 from service import multipart
 from service.access import Exchange
 from service.answers import ANSWERED, Answer, error_answer, send_answer, size_text, status_of
+from service.batching import SWEEP_S, HangUpProbe
+from service.bentoml_internals import HUNG_UP
 from service.errors import BadRequest, BodyTooLarge, ClientGone, SlowRequest, TimedOut, TooManyRequests
 from service.metrics import ABANDONED_REQUESTS, REQUEST_SECONDS, REQUESTS
 from service.predictor import Prediction, Predictor
 
 MAX_PARSED_PARTS = 1000  # parsed before the batch limit is checked, so its error can name the count
+DISCONNECT_S = 1.0  # how long a request whose socket says its client hung up waits for uvicorn to read that
 Handler = Callable[[Scope, bytes], Awaitable[Answer]]
 
 
@@ -48,7 +53,9 @@ class Limits:
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
         self.body_timeout_s = body_timeout_s
-        self.running = 0  # requests past their body read, against max_concurrency
+        # Requests past their body read, against max_concurrency, each with its hang-up probe (or None).
+        self.running: dict[int, HangUpProbe | None] = {}
+        self.last_sweep = 0.0
         self.meters: dict[tuple[str, int], tuple] = {}  # Prometheus children, looked up once per (route, status)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -57,9 +64,11 @@ class Limits:
         exchange: Exchange | None = scope.get("exchange")
         try:
             answer = await self._answer(self.handlers[route], scope, receive, exchange)
-        except ClientGone:  # nobody to answer; counted, and (in the access log) a 499 as nginx writes it
+        except ClientGone as gone:  # nobody to answer; counted, and (in the access log) a 499 as nginx writes it
+            ABANDONED_REQUESTS.labels(stage=gone.stage).inc()
             if exchange is not None:
                 exchange.status, exchange.error = 499, "the client disconnected before its answer"
+            await disconnected(receive)
             return
         await send_answer(send, answer)
         meters = self.meters.get((route, answer.status))
@@ -77,35 +86,50 @@ class Limits:
             body = await self._body(scope, receive)
             if exchange is not None:
                 exchange.bytes_in = len(body)
-            if self.running >= self.max_concurrency:
+            hung_up = scope.get(HUNG_UP)
+            if hung_up is not None and hung_up():  # sent its body and left (the loop has not read that yet)
+                raise ClientGone("reading")
+            if len(self.running) >= self.max_concurrency and self._sweep() >= self.max_concurrency:
                 raise TooManyRequests("too many requests in flight; retry shortly")
-            self.running += 1
+            self.running[id(scope)] = hung_up
             try:
                 async with asyncio.timeout(self.timeout_s):
                     return await unless_gone(handler(scope, body), receive)
             finally:
-                self.running -= 1
+                self.running.pop(id(scope), None)
         except TimeoutError:
             timed_out = TimedOut(f"no answer within {self.timeout_s:g} s; retry later or send fewer images")
             return error_answer(timed_out, request_id)
         except ANSWERED as exc:
             return error_answer(exc, request_id)
 
-    async def _body(self, scope: Scope, receive: Receive) -> bytes:
-        too_large = BodyTooLarge(
+    def _too_large(self) -> BodyTooLarge:
+        return BodyTooLarge(
             f"request body is larger than the {size_text(self.max_body_bytes)} limit; send a smaller image"
         )
+
+    def _sweep(self) -> int:
+        """Stop counting the requests whose clients have hung up (their sockets say so before the event loop reads
+        it): they hold no place a live client could have. Returns how many are left; checks at most once per SWEEP_S."""
+        now = time.monotonic()
+        if now - self.last_sweep >= SWEEP_S:
+            self.last_sweep = now
+            for key, hung_up in list(self.running.items()):
+                if hung_up is not None and hung_up():
+                    del self.running[key]
+        return len(self.running)
+
+    async def _body(self, scope: Scope, receive: Receive) -> bytes:
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise too_large
+            raise self._too_large()
         message = await receive()  # the common case: the whole body in one message, no timer needed
         if message["type"] == "http.disconnect":
-            ABANDONED_REQUESTS.labels(stage="reading").inc()
-            raise ClientGone
+            raise ClientGone("reading")
         if not message.get("more_body"):
             body = message.get("body", b"")
             if len(body) > self.max_body_bytes:
-                raise too_large
+                raise self._too_large()
             return body
         chunks, size = [message.get("body", b"")], len(message.get("body", b""))
         try:
@@ -113,18 +137,26 @@ class Limits:
                 while message.get("more_body"):
                     message = await receive()
                     if message["type"] == "http.disconnect":
-                        ABANDONED_REQUESTS.labels(stage="reading").inc()
-                        raise ClientGone
+                        raise ClientGone("reading")
                     chunks.append(message.get("body", b""))
                     size += len(chunks[-1])
                     if size > self.max_body_bytes:
-                        raise too_large
+                        raise self._too_large()
         except TimeoutError:
             raise SlowRequest(
                 f"the request body did not arrive within {self.body_timeout_s:g} s; send it faster "
                 "or send a smaller image"
             ) from None
         return b"".join(chunks)
+
+
+async def disconnected(receive: Receive) -> None:
+    """Return once uvicorn has read the hang-up too (at most DISCONNECT_S): an app that ends without an answer
+    before then makes uvicorn log an error and answer 500 to nobody."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DISCONNECT_S):
+            while (await receive())["type"] != "http.disconnect":
+                pass
 
 
 async def unless_gone(work: Awaitable[Answer], receive: Receive) -> Answer:
@@ -145,7 +177,6 @@ async def unless_gone(work: Awaitable[Answer], receive: Receive) -> Answer:
         return await work
     except asyncio.CancelledError:
         if gone:
-            ABANDONED_REQUESTS.labels(stage="waiting").inc()
             current.uncancel()
             raise ClientGone from None
         raise
@@ -223,7 +254,7 @@ def classify_handlers(predictor: Callable[[], Predictor], forms: Forms) -> dict[
         images, model, top_k = forms.read(scope, body, "image", max_files=1)
         noted(scope, model, len(images))
         serving = predictor()
-        [result] = await serving.classify(images, model, top_k)
+        [result] = await serving.classify(images, model, top_k, scope.get(HUNG_UP))
         if isinstance(result, ImageError):
             raise result
         return Answer(
@@ -234,7 +265,7 @@ def classify_handlers(predictor: Callable[[], Predictor], forms: Forms) -> dict[
         images, model, top_k = forms.read(scope, body, "images", max_files=MAX_PARSED_PARTS)
         noted(scope, model, len(images))
         serving = predictor()
-        results = await serving.classify(images, model, top_k)
+        results = await serving.classify(images, model, top_k, scope.get(HUNG_UP))
         items = [
             {"error": str(r), "status": status_of(r)} if isinstance(r, ImageError) else {"predictions": predictions(r)}
             for r in results

@@ -40,4 +40,9 @@ class NotFound(Exception):
 
 
 class ClientGone(Exception):
-    """The client disconnected before its answer was ready: nothing is sent, and its images are not computed."""
+    """The client disconnected before its answer was ready: nothing is sent, and its images are not computed.
+    `stage`: where the request was, for /metrics (reading its body, or waiting for its answer)."""
+
+    def __init__(self, stage: str = "waiting") -> None:
+        super().__init__(stage)
+        self.stage = stage

@@ -30,7 +30,7 @@ from core.host import gpu_count, usable_cores
 from core.preprocess import decode_plain_jpeg, normalize, open_image, to_pixels
 from core.runtime import CUDA, OnnxModel, choose_providers, rank
 from core.selfcheck import choose
-from service.batching import Batcher, bucket_sizes
+from service.batching import Batcher, HangUpProbe, bucket_sizes
 from service.cores import SharedCores
 from service.drain import say
 from service.errors import BadRequest
@@ -162,8 +162,11 @@ class Predictor:
             for arch in self.models
         }
 
-    async def classify(self, images: list[bytes], model: str, top_k: int) -> list[list[Prediction] | ImageError]:
-        """The top_k labels of each image, or the ImageError that image gave.
+    async def classify(
+        self, images: list[bytes], model: str, top_k: int, hung_up: HangUpProbe | None = None
+    ) -> list[list[Prediction] | ImageError]:
+        """The top_k labels of each image, or the ImageError that image gave. `hung_up`: whether the client has gone,
+        asked before its images go into a model call (see Batcher).
 
         Raises BadRequest for a bad option and Overloaded when the model's queue is too long.
         """
@@ -177,13 +180,13 @@ class Predictor:
             except ImageError as exc:
                 results[i] = exc
         if good:
-            ranked = await self.ranked(model, np.stack(pixels))  # normalized per batch by the batcher
+            ranked = await self.ranked(model, np.stack(pixels), hung_up)  # normalized per batch by the batcher
             names = self.models[model].all_cores.info.class_names
             for i, rows in zip(good, ranked[:, :top_k].tolist(), strict=True):
                 results[i] = [Prediction(names[int(j)], int(j), p) for j, p in rows]
         return results
 
-    async def ranked_images(self, images: list[bytes], model: str) -> np.ndarray:
+    async def ranked_images(self, images: list[bytes], model: str, hung_up: HangUpProbe | None = None) -> np.ndarray:
         """Each image's classes ranked (see `ranked`); the first image that cannot be used fails them all, its index
         in the error (for protocols without per-item errors)."""
         pixels = []
@@ -192,17 +195,17 @@ class Predictor:
                 pixels.append(await self._decode(data))
             except ImageError as exc:
                 raise type(exc)(f"image {index}: {exc}") from None
-        return await self.ranked(model, np.stack(pixels))
+        return await self.ranked(model, np.stack(pixels), hung_up)
 
     def class_names(self, model: str) -> tuple[str, ...]:
         return self.models[model].all_cores.info.class_names
 
-    async def ranked(self, model: str, inputs: np.ndarray) -> np.ndarray:
+    async def ranked(self, model: str, inputs: np.ndarray, hung_up: HangUpProbe | None = None) -> np.ndarray:
         """uint8 NHWC pixels (normalized here with the model's table) or normalized float32 NCHW inputs -> each
         one's classes from the most probable down, (N, classes, 2) of [class index, probability]
         (core.runtime.rank), through the model's batcher."""
         with model_span(model, len(inputs)) as span:
-            rows, call_images = await self.batchers[model].call(inputs)
+            rows, call_images = await self.batchers[model].call(inputs, hung_up)
             if span is not None:
                 span.set_attribute("cifar10.batch_images", call_images)
         return rows

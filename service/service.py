@@ -22,7 +22,7 @@ from core.host import gpu_count, usable_cores
 from core.runtime import CUDA, choose_providers
 from core.store import MODEL_FILE, int8_copy, served_names, store_name, verify_stored
 from service import tracing
-from service.bentoml_internals import limit_request_head_time, restart_dead_workers_within, service_class, slim_image
+from service.bentoml_internals import install_protocol, restart_dead_workers_within, service_class, slim_image
 from service.drain import say
 from service.http import HttpApi
 from service.predictor import Copies, ModelFile, Predictor
@@ -46,7 +46,7 @@ try:
     HTTP = HttpApi(SETTINGS)
 except UserError as exc:  # e.g. an API keys file that cannot be read
     sys.exit(f"error: {exc}")
-limit_request_head_time(SETTINGS.header_timeout_s)
+install_protocol(SETTINGS.header_timeout_s)
 restart_dead_workers_within(1.0)
 
 

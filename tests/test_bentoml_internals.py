@@ -2,6 +2,9 @@
 still where it was: on an upgrade, a failure here names what moved."""
 
 import inspect
+import socket
+import struct
+import time
 from pathlib import Path
 
 import bentoml
@@ -9,7 +12,7 @@ from bentoml._internal.configuration.containers import BentoMLContainer
 
 from core.bentoml_internals import bentoml_home, stored_file
 from core.store import MODEL_FILE, register, shipped_file
-from service.bentoml_internals import WHEELS_ONLY, cors_options, service_class, slim_image
+from service.bentoml_internals import WHEELS_ONLY, cors_options, hung_up, service_class, slim_image
 
 
 def test_the_store_layout_is_read_as_bentoml_writes_it() -> None:
@@ -58,6 +61,8 @@ def test_uvicorns_protocol_hooks_are_where_they_were() -> None:
         assert callable(getattr(HttpToolsProtocol, hook)), hook
     source = inspect.getsource(HttpToolsProtocol.__init__)
     assert "self.cycle" in source and "self.loop" in source
+    assert "self.scope = " in inspect.getsource(HttpToolsProtocol.on_message_begin)
+    assert "self.scope" in inspect.getsource(HttpToolsProtocol.on_headers_complete)
 
 
 def test_an_image_of_an_unknown_distro_gets_no_apt_step() -> None:
@@ -66,3 +71,25 @@ def test_an_image_of_an_unknown_distro_gets_no_apt_step() -> None:
     assert WHEELS_ONLY not in CONTAINER_METADATA
     assert not any("apt-get" in command for command in slim_image("3.11").commands)
     assert any("build-essential" in command for command in bentoml.images.Image(python_version="3.11").commands)
+
+
+def test_the_hang_up_probe_reads_a_real_socket() -> None:
+    """Open and idle, or with unread data: there. Closed by the client, reset by it, or closed here: hung up."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        for ending in ("close", "reset", "ours"):
+            client = socket.create_connection(listener.getsockname())
+            server, _ = listener.accept()
+            assert not hung_up(server)
+            client.sendall(b"POST /classify HTTP/1.1\r\n")
+            time.sleep(0.05)
+            assert not hung_up(server)  # data waiting to be read is not a hang-up
+            if ending == "reset":
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            if ending == "ours":
+                server.close()
+            else:
+                client.close()
+            time.sleep(0.05)
+            assert hung_up(server), ending
+            server.close()
+            client.close()

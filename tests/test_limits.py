@@ -2,11 +2,13 @@
 
 import asyncio
 import json
+from collections.abc import Callable
 
 import pytest
 
 from core.errors import ImageError, ImageTooLarge, UnsupportedImage
 from service.answers import Answer, error_answer, size_text
+from service.bentoml_internals import HUNG_UP
 from service.classification import Limits
 from service.errors import BadRequest, Overloaded, TimedOut, TooManyRequests
 
@@ -27,8 +29,10 @@ async def call(
     pause: float = 0,
     gone_after: float | None = None,
     cut_after: int | None = None,
+    hung_up: Callable[[], bool] | None = None,
 ) -> tuple[int, dict, dict] | None:
-    """One POST through `app`, the body sent in chunks `pause` seconds apart; returns status, headers and JSON."""
+    """One POST through `app`, the body sent in chunks `pause` seconds apart; returns status, headers and JSON.
+    `hung_up`: the request's hang-up probe, as service/bentoml_internals.py puts it in the scope."""
     chunks = [body[i : i + chunk] for i in range(0, len(body), chunk)] or [b""]
     messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
     sent = []
@@ -55,6 +59,8 @@ async def call(
         "headers": headers or [],
         "query_string": str(delay).encode(),
     }
+    if hung_up is not None:
+        scope[HUNG_UP] = hung_up
     await app(scope, receive, send)
     if not sent:
         return None
@@ -87,7 +93,7 @@ def test_past_max_concurrency_is_a_429_with_retry_after() -> None:
     assert sorted(status for status, _, _ in results) == [200, 200, 429]
     refused = next(r for r in results if r[0] == 429)
     assert refused[1][b"retry-after"] == b"1" and "retry" in refused[2]["error"]
-    assert app.running == 0
+    assert not app.running
 
 
 def test_a_request_past_the_timeout_is_a_504() -> None:
