@@ -1,10 +1,12 @@
-"""What an operator sees, read from a real server's output: one access line per request on every route (200, 4xx,
-429, a drain's 503), the request ID in the header, the error body and the line, and, with BentoML's tracing
-settings pointed at an in-process OTLP collector, a span per /classify request with its model call."""
+"""What an operator sees, read from a real server's output: one access line per request on every route (the
+classification routes, v2, the rest; 200, 4xx, 429, a drain's 503), the request ID in the header, the error
+body and the line, and, with BentoML's tracing settings pointed at an in-process OTLP collector, a span per
+/classify request with its model call."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.server
 import json
 import os
@@ -44,6 +46,14 @@ def test_every_request_leaves_one_access_line_with_its_id(tmp_path: Path, sample
         )
         text = httpx.post(f"{url}/classify", files={"image": ("a.txt", b"just text")})
         listed = httpx.get(f"{url}/models", headers={"x-request-id": "bad id with spaces"})
+        tensor = {
+            "name": "image",
+            "shape": [1],
+            "datatype": "BYTES",
+            "data": [base64.b64encode(samples[0][1]).decode()],
+        }
+        v2 = httpx.post(f"{url}/v2/models/lenet/infer", json={"inputs": [tensor]}, headers={"x-request-id": "v2-1"})
+        unknown = httpx.get(f"{url}/v2/models/no-such-model")
 
         async def overload_then_drain() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
@@ -59,11 +69,11 @@ def test_every_request_leaves_one_access_line_with_its_id(tmp_path: Path, sample
 
         slow, busy, refused = asyncio.run(overload_then_drain())
         process.wait(timeout=30)
-    answers = [ok, text, listed, busy, refused, slow]
-    assert [a.status_code for a in answers] == [200, 415, 200, 429, 503, 200]
+    answers = [ok, text, listed, v2, unknown, busy, refused, slow]
+    assert [a.status_code for a in answers] == [200, 415, 200, 200, 404, 429, 503, 200]
     assert ok.headers["x-request-id"] == "lb-abc123"  # the load balancer's ID, followed through
     assert listed.headers["x-request-id"] != "bad id with spaces"  # unusable: a new one
-    for answer in (text, busy, refused):
+    for answer in (text, unknown, busy, refused):
         assert answer.json().get("request_id") == answer.headers["x-request-id"], answer.text
     lines = access_lines(log)
     by_id = {line["request_id"]: line for line in lines}
@@ -73,6 +83,7 @@ def test_every_request_leaves_one_access_line_with_its_id(tmp_path: Path, sample
         assert line["status"] == answer.status_code and line["latency_ms"] > 0
         assert line["path"] == answer.request.url.path and line["bytes_out"] == len(answer.content)
     assert by_id["lb-abc123"]["model"] == "lenet" and by_id["lb-abc123"]["images"] == 1
+    assert by_id["v2-1"]["model"] == "lenet" and by_id["v2-1"]["images"] == 1
     assert by_id[text.headers["x-request-id"]]["error"] == text.json()["error"]
     assert "too many requests" in by_id[busy.headers["x-request-id"]]["error"]
     assert "shutting down" in by_id[refused.headers["x-request-id"]]["error"]
