@@ -2,6 +2,7 @@
 still where it was: on an upgrade, a failure here names what moved."""
 
 import inspect
+import select
 import socket
 import struct
 import time
@@ -81,7 +82,7 @@ def test_the_hang_up_probe_reads_a_real_socket() -> None:
             server, _ = listener.accept()
             assert not hung_up(server)
             client.sendall(b"POST /classify HTTP/1.1\r\n")
-            time.sleep(0.05)
+            assert select.select([server], [], [], 5)[0]
             assert not hung_up(server)  # data waiting to be read is not a hang-up
             if ending == "reset":
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -89,7 +90,9 @@ def test_the_hang_up_probe_reads_a_real_socket() -> None:
                 server.close()
             else:
                 client.close()
-            time.sleep(0.05)
+            deadline = time.monotonic() + 5  # the loopback delivers the FIN or RST at once; a busy host may lag
+            while not hung_up(server) and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert hung_up(server), ending
             server.close()
             client.close()
