@@ -32,18 +32,30 @@ def counted(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+class HeldModel:
+    """A model call that notes its first input, then holds until released."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.seen.append(int(batch[0, 0]))
+        self.started.set()
+        self.release.wait(5)
+        return batch
+
+
+def held_batcher(name: str, max_latency_s: float = 10) -> tuple[Batcher, HeldModel]:
+    """A batcher of one image per call in front of a HeldModel."""
+    model = HeldModel()
+    return Batcher(name, model, max_batch_size=1, max_latency_s=max_latency_s, device_lock=threading.Lock()), model
+
+
 def test_in_the_batcher_a_queued_request_is_skipped_and_a_computed_one_dropped_quietly(caplog) -> None:
     """A runs (0.2 s), B and C wait; B's client goes while queued, A's during its own call: the model never
     sees B, A's rows are dropped without an error, C is answered."""
-    seen: list[int] = []
-    release = threading.Event()
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        seen.append(int(batch[0, 0]))
-        release.wait(5)
-        return batch
-
-    batcher = Batcher("slow", run, max_batch_size=1, max_latency_s=10, device_lock=threading.Lock())
+    batcher, model = held_batcher("slow")
     before = {outcome: counted(IMAGES, model="slow", outcome=outcome) for outcome in ("skipped", "discarded")}
 
     async def main() -> np.ndarray:
@@ -51,11 +63,11 @@ def test_in_the_batcher_a_queued_request_is_skipped_and_a_computed_one_dropped_q
         await asyncio.sleep(0.1)  # A in the model, B and C queued
         b.cancel()
         a.cancel()
-        release.set()
+        model.release.set()
         return await c
 
     assert asyncio.run(main())[0, 0] == 3
-    assert seen == [1, 3]  # B was never computed
+    assert model.seen == [1, 3]  # B was never computed
     assert counted(IMAGES, model="slow", outcome="skipped") - before["skipped"] == 1
     assert counted(IMAGES, model="slow", outcome="discarded") - before["discarded"] == 1
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
@@ -64,18 +76,11 @@ def test_in_the_batcher_a_queued_request_is_skipped_and_a_computed_one_dropped_q
 def test_requests_gone_from_the_queue_no_longer_count_toward_the_wait_that_sheds() -> None:
     """Three queued requests whose clients left while a call runs: a new request is queued, not shed, though the
     three would have made its estimated wait too long."""
-    started, release = threading.Event(), threading.Event()
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        started.set()
-        release.wait(5)
-        return batch
-
-    batcher = Batcher("gone", run, max_batch_size=1, max_latency_s=0.25, device_lock=threading.Lock())
+    batcher, model = held_batcher("gone", max_latency_s=0.25)
 
     async def main() -> np.ndarray:
         first = asyncio.ensure_future(batcher(np.full((1, 4), 1, np.float32)))
-        while not started.is_set():
+        while not model.started.is_set():
             await asyncio.sleep(0.01)
         batcher.seconds_per_image = 0.1  # three queued images: 0.3 s of wait, over the 0.25 s budget
         gone = [asyncio.ensure_future(batcher(np.full((1, 4), 2, np.float32))) for _ in range(3)]
@@ -85,7 +90,7 @@ def test_requests_gone_from_the_queue_no_longer_count_toward_the_wait_that_sheds
         await asyncio.sleep(0)
         last = asyncio.ensure_future(batcher(np.full((1, 4), 3, np.float32)))
         await asyncio.sleep(0)
-        release.set()
+        model.release.set()
         await first
         return await last
 
@@ -95,15 +100,7 @@ def test_requests_gone_from_the_queue_no_longer_count_toward_the_wait_that_sheds
 def test_a_queued_request_whose_socket_shows_a_hang_up_is_never_computed() -> None:
     """A runs, B and C wait; B's client hangs up (its probe turns true) before the event loop could say so: the
     model never sees B, whose call ends with ClientGone, and C is answered."""
-    seen: list[int] = []
-    release = threading.Event()
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        seen.append(int(batch[0, 0]))
-        release.wait(5)
-        return batch
-
-    batcher = Batcher("hung-up", run, max_batch_size=1, max_latency_s=10, device_lock=threading.Lock())
+    batcher, model = held_batcher("hung-up")
     left = False
     skipped = counted(IMAGES, model="hung-up", outcome="skipped")
 
@@ -115,32 +112,25 @@ def test_a_queued_request_whose_socket_shows_a_hang_up_is_never_computed() -> No
         c = asyncio.ensure_future(batcher.call(np.full((1, 4), 3, np.float32), lambda: False))
         await asyncio.sleep(0.05)
         left = True
-        release.set()
+        model.release.set()
         return await asyncio.gather(a, b, c, return_exceptions=True)
 
     _, b, c = asyncio.run(main())
     assert isinstance(b, ClientGone) and c[0][0, 0] == 3
-    assert seen == [1, 3]
+    assert model.seen == [1, 3]
     assert counted(IMAGES, model="hung-up", outcome="skipped") - skipped == 1
 
 
 def test_requests_whose_sockets_show_a_hang_up_shed_no_live_one() -> None:
     """Three queued requests whose clients hung up (the event loop has not read it) would make a new request's wait
     too long: they are dropped instead, and the new one is queued and answered."""
-    started, release = threading.Event(), threading.Event()
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        started.set()
-        release.wait(5)
-        return batch
-
-    batcher = Batcher("hung-up-shed", run, max_batch_size=1, max_latency_s=0.25, device_lock=threading.Lock())
+    batcher, model = held_batcher("hung-up-shed", max_latency_s=0.25)
     left = False
 
     async def main() -> list:
         nonlocal left
         first = asyncio.ensure_future(batcher(np.full((1, 4), 1, np.float32)))
-        while not started.is_set():
+        while not model.started.is_set():
             await asyncio.sleep(0.01)
         batcher.seconds_per_image = 0.1  # three queued images: 0.3 s of wait, over the 0.25 s budget
         gone = [asyncio.ensure_future(batcher.call(np.full((1, 4), 2, np.float32), lambda: left)) for _ in range(3)]
@@ -148,7 +138,7 @@ def test_requests_whose_sockets_show_a_hang_up_shed_no_live_one() -> None:
         left = True
         last = asyncio.ensure_future(batcher(np.full((1, 4), 3, np.float32)))
         await asyncio.sleep(0)
-        release.set()
+        model.release.set()
         await first
         return [await last, *await asyncio.gather(*gone, return_exceptions=True)]
 
