@@ -7,7 +7,8 @@ One server (ResNet-18 pinned to fp32, the slow copy, so the queue is long: overl
 close at once, from another process (in the waiting clients' event loop they would delay those clients
 themselves): to the service, or, as the control, to a bare listener that reads and drops them, which shows
 what making and accepting 300 connections costs the waiting clients on this host by itself. Medians of the
-rounds; each round runs the three kinds one after another on the same server.
+rounds; each round runs the three kinds one after another on the same server. Last, bursts alone: the CPU
+time each hang-up costs the server worker's event-loop thread and the bare listener.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 
 from bench.report import machine, machine_line, table, write_json
 from harness.clients import classify_request, send_and_hang_up
@@ -32,6 +34,7 @@ from harness.server import Server, free_port, register_shipped
 
 WAITING = 12  # requests per waiting client
 HANG_UPS = 300
+CPU_BURSTS = 5
 KINDS = {
     "quiet": "8, quiet",
     "control": f"8, beside {HANG_UPS} hang-ups to a bare listener",
@@ -60,6 +63,20 @@ def bare_listener(port: int) -> None:
         await (await asyncio.start_server(drop, "127.0.0.1", port)).serve_forever()
 
     asyncio.run(serve())
+
+
+def main_thread_cpu_per_hang_up(pid: int, url: str, request: bytes, burst: ProcessPoolExecutor) -> float:
+    """Microseconds of CPU that process `pid`'s main thread (an event loop) spends per hang-up sent to `url`."""
+
+    def seconds() -> float:
+        main = next(t for t in psutil.Process(pid).threads() if t.id == pid)
+        return main.user_time + main.system_time
+
+    before = seconds()
+    for _ in range(CPU_BURSTS):
+        burst.submit(hang_ups, url, request).result()
+        time.sleep(0.3)  # the last hang-ups handled
+    return (seconds() - before) / (CPU_BURSTS * HANG_UPS) * 1e6
 
 
 async def one_run(url: str, image: bytes, burst: ProcessPoolExecutor | None, burst_url: str) -> dict:
@@ -109,6 +126,12 @@ def main() -> None:
                         runs[kind].append(asyncio.run(one_run(server.url, image, burst if target else None, target)))
                         time.sleep(1)
                 metrics = httpx.get(f"{server.url}/metrics").text
+                request = classify_request(server.url, image)
+                [worker] = psutil.Process(server.process.pid).children()
+                cpu = {
+                    "service": main_thread_cpu_per_hang_up(worker.pid, server.url, request, burst),
+                    "bare listener": main_thread_cpu_per_hang_up(control.pid, targets["control"], request, burst),
+                }
     finally:
         control.terminate()
     rows = [
@@ -128,7 +151,8 @@ def main() -> None:
     burst, control = p99["burst"] / p99["control"], p99["control"] / p99["quiet"]
     print(f"p99 burst / control: {burst:.2f}; control / quiet: {control:.2f}")
     print("\n".join(abandoned))
-    write_json("abandoned.json", {"runs": runs, "abandoned": abandoned}, info)
+    print("event-loop CPU per hang-up:", "; ".join(f"{name} {us:.0f} us" for name, us in cpu.items()))
+    write_json("abandoned.json", {"runs": runs, "abandoned": abandoned, "cpu_us_per_hang_up": cpu}, info)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ when one of them has moved:
 - uvicorn's `protocols.http.auto.AutoHTTPProtocol` (what its default `http="auto"` resolves to when
   BentoML's worker builds its uvicorn.Config, after importing the service) and the hooks of its
   httptools protocol (`connection_made`, `on_headers_complete`, `on_response_complete`,
-  `connection_lost`, `shutdown`, `cycle`, `loop`, `scope`, `transport`), for a time limit on request
-  heads that uvicorn lacks, for a last moment to send a request when a worker shuts down, and to give
-  each request a look at its connection (`HUNG_UP`).
+  `connection_lost`, `shutdown`, `cycle`, `loop`, `scope`, `transport`, and the cycle's `disconnected`),
+  for a time limit on request heads that uvicorn lacks, for a last moment to send a request when a
+  worker shuts down, and to give each request its `Connection`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from typing import Any
 
 ASGIApp = Callable[..., Any]
 LAST_CALL_S = 0.5  # at shutdown, how long a connection without a request may still send one
-# The scope key of a request's hang-up probe: a callable that says whether its client has closed the connection.
-HUNG_UP = "cifar10.hung_up"
+CONNECTION = "cifar10.connection"  # the scope key of a request's Connection (below)
 _CLOSED = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
@@ -68,11 +67,30 @@ def hung_up(connection: asyncio.trsock.TransportSocket) -> bool:
     return any(events & _CLOSED for _, events in poller.poll(0))
 
 
+class Connection:
+    """A request's connection as uvicorn's protocol holds it: whether its client has hung up, and ending it then."""
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.socket = protocol.transport.get_extra_info("socket")
+
+    def hung_up(self) -> bool:
+        """Whether the client has gone, from its socket (see `hung_up`); safe from any thread."""
+        return hung_up(self.socket)
+
+    def end(self) -> None:
+        """End the connection of a client that has hung up, as uvicorn does once it has read the hang-up: no answer,
+        and no error logged for the missing one. In the event loop."""
+        if self.protocol.cycle is not None:
+            self.protocol.cycle.disconnected = True
+        self.protocol.transport.close()
+
+
 def install_protocol(head_timeout_s: float) -> None:
     """uvicorn's httptools protocol with three additions: a 408 for a request line and headers that take longer than
     `head_timeout_s` (uvicorn has no such limit: its keep-alive timer stops at a connection's first byte, so a client
     sending a header byte a second would hold its connection for ever); a last moment to send a request at
-    shutdown; and a `hung_up` probe in each request's scope (`HUNG_UP`). Call before uvicorn starts.
+    shutdown; and each request's `Connection` in its scope (`CONNECTION`). Call before uvicorn starts.
     """
     from uvicorn.protocols.http import auto
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -90,12 +108,12 @@ def install_protocol(head_timeout_s: float) -> None:
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
-            self.hang_up_probe = functools.partial(hung_up, transport.get_extra_info("socket"))
+            self.connection = Connection(self)
             self._start_head_timer()
 
         def on_headers_complete(self) -> None:
             self._stop_head_timer()
-            self.scope[HUNG_UP] = self.hang_up_probe
+            self.scope[CONNECTION] = self.connection
             super().on_headers_complete()
 
         def on_response_complete(self) -> None:

@@ -11,7 +11,6 @@ handlers here turn a body into a Predictor call: `/classify` takes one image, as
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl
@@ -23,13 +22,12 @@ from service import multipart
 from service.access import Exchange
 from service.answers import ANSWERED, Answer, error_answer, send_answer, size_text, status_of
 from service.batching import SWEEP_S, HangUpProbe
-from service.bentoml_internals import HUNG_UP
+from service.bentoml_internals import CONNECTION
 from service.errors import BadRequest, BodyTooLarge, ClientGone, SlowRequest, TimedOut, TooManyRequests
 from service.metrics import ABANDONED_REQUESTS, REQUEST_SECONDS, REQUESTS
 from service.predictor import Prediction, Predictor
 
 MAX_PARSED_PARTS = 1000  # parsed before the batch limit is checked, so its error can name the count
-DISCONNECT_S = 1.0  # how long a request whose socket says its client hung up waits for uvicorn to read that
 Handler = Callable[[Scope, bytes], Awaitable[Answer]]
 
 
@@ -68,7 +66,9 @@ class Limits:
             ABANDONED_REQUESTS.labels(stage=gone.stage).inc()
             if exchange is not None:
                 exchange.status, exchange.error = 499, "the client disconnected before its answer"
-            await disconnected(receive)
+            connection = scope.get(CONNECTION)
+            if connection is not None:  # its socket said so first: uvicorn has not read the hang-up yet
+                connection.end()
             return
         await send_answer(send, answer)
         meters = self.meters.get((route, answer.status))
@@ -86,7 +86,7 @@ class Limits:
             body = await self._body(scope, receive)
             if exchange is not None:
                 exchange.bytes_in = len(body)
-            hung_up = scope.get(HUNG_UP)
+            hung_up = hang_up_probe(scope)
             if hung_up is not None and hung_up():  # sent its body and left (the loop has not read that yet)
                 raise ClientGone("reading")
             if len(self.running) >= self.max_concurrency and self._sweep() >= self.max_concurrency:
@@ -150,13 +150,10 @@ class Limits:
         return b"".join(chunks)
 
 
-async def disconnected(receive: Receive) -> None:
-    """Return once uvicorn has read the hang-up too (at most DISCONNECT_S): an app that ends without an answer
-    before then makes uvicorn log an error and answer 500 to nobody."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(DISCONNECT_S):
-            while (await receive())["type"] != "http.disconnect":
-                pass
+def hang_up_probe(scope: Scope) -> HangUpProbe | None:
+    """Whether the request's client has hung up, asked of its socket; None where the protocol is not ours."""
+    connection = scope.get(CONNECTION)
+    return connection.hung_up if connection is not None else None
 
 
 async def unless_gone(work: Awaitable[Answer], receive: Receive) -> Answer:
@@ -254,7 +251,7 @@ def classify_handlers(predictor: Callable[[], Predictor], forms: Forms) -> dict[
         images, model, top_k = forms.read(scope, body, "image", max_files=1)
         noted(scope, model, len(images))
         serving = predictor()
-        [result] = await serving.classify(images, model, top_k, scope.get(HUNG_UP))
+        [result] = await serving.classify(images, model, top_k, hang_up_probe(scope))
         if isinstance(result, ImageError):
             raise result
         return Answer(
@@ -265,7 +262,7 @@ def classify_handlers(predictor: Callable[[], Predictor], forms: Forms) -> dict[
         images, model, top_k = forms.read(scope, body, "images", max_files=MAX_PARSED_PARTS)
         noted(scope, model, len(images))
         serving = predictor()
-        results = await serving.classify(images, model, top_k, scope.get(HUNG_UP))
+        results = await serving.classify(images, model, top_k, hang_up_probe(scope))
         items = [
             {"error": str(r), "status": status_of(r)} if isinstance(r, ImageError) else {"predictions": predictions(r)}
             for r in results

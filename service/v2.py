@@ -24,8 +24,7 @@ import numpy as np
 from starlette.types import Scope
 
 from service.answers import Answer
-from service.bentoml_internals import HUNG_UP
-from service.classification import header, noted
+from service.classification import hang_up_probe, header, noted
 from service.errors import BadRequest, NotFound
 from service.predictor import Predictor
 
@@ -120,9 +119,9 @@ class OpenInference:
         if count > serving.settings.max_batch_images:
             raise BadRequest(f"{count} inputs in one request; the limit is {serving.settings.max_batch_images}")
         if images is not None:
-            ranked = await serving.ranked_images(images, name, scope.get(HUNG_UP))
+            ranked = await serving.ranked_images(images, name, hang_up_probe(scope))
         else:
-            ranked = await serving.ranked(name, tensor, scope.get(HUNG_UP))
+            ranked = await serving.ranked(name, tensor, hang_up_probe(scope))
         return _response(request, name, serving.version(name), ranked, classes, top_k)
 
     def _serving(self, name: str, version: str | None) -> Predictor:

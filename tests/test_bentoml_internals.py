@@ -55,7 +55,7 @@ def test_the_process_managers_check_delay_and_respawn_are_where_they_were() -> N
 
 def test_uvicorns_protocol_hooks_are_where_they_were() -> None:
     from uvicorn.config import HTTP_PROTOCOLS
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
     assert HTTP_PROTOCOLS["auto"] == "uvicorn.protocols.http.auto:AutoHTTPProtocol"
     for hook in ("connection_made", "on_headers_complete", "on_response_complete", "connection_lost", "shutdown"):
@@ -64,6 +64,8 @@ def test_uvicorns_protocol_hooks_are_where_they_were() -> None:
     assert "self.cycle" in source and "self.loop" in source
     assert "self.scope = " in inspect.getsource(HttpToolsProtocol.on_message_begin)
     assert "self.scope" in inspect.getsource(HttpToolsProtocol.on_headers_complete)
+    # Connection.end: a cycle marked disconnected ends without uvicorn's "returned without starting response" 500
+    assert "not self.disconnected" in inspect.getsource(RequestResponseCycle.run_asgi)
 
 
 def test_an_image_of_an_unknown_distro_gets_no_apt_step() -> None:

@@ -2,13 +2,12 @@
 
 import asyncio
 import json
-from collections.abc import Callable
 
 import pytest
 
 from core.errors import ImageError, ImageTooLarge, UnsupportedImage
 from service.answers import Answer, error_answer, size_text
-from service.bentoml_internals import HUNG_UP
+from service.bentoml_internals import CONNECTION
 from service.classification import Limits
 from service.errors import BadRequest, Overloaded, TimedOut, TooManyRequests
 
@@ -29,10 +28,10 @@ async def call(
     pause: float = 0,
     gone_after: float | None = None,
     cut_after: int | None = None,
-    hung_up: Callable[[], bool] | None = None,
+    connection: object | None = None,
 ) -> tuple[int, dict, dict] | None:
     """One POST through `app`, the body sent in chunks `pause` seconds apart; returns status, headers and JSON.
-    `hung_up`: the request's hang-up probe, as service/bentoml_internals.py puts it in the scope."""
+    `connection`: the request's Connection, as service/bentoml_internals.py puts it in the scope."""
     chunks = [body[i : i + chunk] for i in range(0, len(body), chunk)] or [b""]
     messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
     sent = []
@@ -59,8 +58,8 @@ async def call(
         "headers": headers or [],
         "query_string": str(delay).encode(),
     }
-    if hung_up is not None:
-        scope[HUNG_UP] = hung_up
+    if connection is not None:
+        scope[CONNECTION] = connection
     await app(scope, receive, send)
     if not sent:
         return None
