@@ -184,7 +184,7 @@ def predict_on_ray(
         if writer is not None:
             writer.close(complete)
     wall = time.perf_counter() - progress.started
-    print(f"{progress.summary(out)} (Ray: {plural(count, 'actor')}, {wall:.1f} s)", file=sys.stderr)
+    print(f"{progress.summary(out)} (Ray: up to {plural(count, 'actor')}, {wall:.1f} s)", file=sys.stderr)
     return 1 if progress.errors == progress.images else 0
 
 

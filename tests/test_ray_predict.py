@@ -14,7 +14,9 @@ import yaml
 from harness.samples import ROOT, cifar_samples
 from tests.conftest import run_cli
 
-SUMMARY = re.compile(r"^([\d,]+) images?, ([\d,]+) errors?, [\d,]+ images/s -> .+ \(Ray: [\d,]+ actors?, [\d.]+ s\)$")
+SUMMARY = re.compile(
+    r"^([\d,]+) images?, ([\d,]+) errors?, [\d,]+ images/s -> .+ \(Ray: up to [\d,]+ actors?, [\d.]+ s\)$"
+)
 
 
 @pytest.fixture(scope="module")
