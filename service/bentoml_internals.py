@@ -26,6 +26,7 @@ import asyncio
 import functools
 import json
 import select
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -71,7 +72,7 @@ class Connection:
     """A request's connection as uvicorn's protocol holds it: whether its client has hung up, and ending it then."""
 
     def __init__(self, protocol: Any) -> None:
-        self.protocol = protocol
+        self.protocol = weakref.ref(protocol)  # the protocol holds this: no reference cycle for the GC to find
         self.socket = protocol.transport.get_extra_info("socket")
 
     def hung_up(self) -> bool:
@@ -81,9 +82,12 @@ class Connection:
     def end(self) -> None:
         """End the connection of a client that has hung up, as uvicorn does once it has read the hang-up: no answer,
         and no error logged for the missing one. In the event loop."""
-        if self.protocol.cycle is not None:
-            self.protocol.cycle.disconnected = True
-        self.protocol.transport.close()
+        protocol = self.protocol()
+        if protocol is None:  # gone with its connection
+            return
+        if protocol.cycle is not None:
+            protocol.cycle.disconnected = True
+        protocol.transport.close()
 
 
 def install_protocol(head_timeout_s: float) -> None:
