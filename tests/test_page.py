@@ -109,6 +109,8 @@ def test_switching_to_lenet_classifies_again_with_lenet(page, images) -> None:
 
 
 def test_the_page_works_from_the_keyboard(page, images) -> None:
+    # Playwright starts intercepting file choosers without waiting for the browser: start well before the Space
+    page.on("filechooser", lambda _: None)
     page.keyboard.press("Tab")  # the docs link, then the model list, then the file chooser
     while page.evaluate("document.activeElement.id") != "model":
         page.keyboard.press("Tab")
