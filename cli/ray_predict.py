@@ -183,7 +183,8 @@ def predict_on_ray(
     finally:
         if writer is not None:
             writer.close(complete)
-    wall = time.perf_counter() - progress.started
+        wall = time.perf_counter() - progress.started
+        ray.shutdown()  # before the summary: Ray's own lines about stopping its actors must not come after it
     print(f"{progress.summary(out)} (Ray: up to {plural(count, 'actor')}, {wall:.1f} s)", file=sys.stderr)
     return 1 if progress.errors == progress.images else 0
 
