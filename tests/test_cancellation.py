@@ -52,7 +52,7 @@ def held_batcher(name: str, max_latency_s: float = 10) -> tuple[Batcher, HeldMod
 
 
 def test_in_the_batcher_a_queued_request_is_skipped_and_a_computed_one_dropped_quietly(caplog) -> None:
-    """A runs (0.2 s), B and C wait; B's client goes while queued, A's during its own call: the model never
+    """A runs (held), B and C wait; B's client goes while queued, A's during its own call: the model never
     sees B, A's rows are dropped without an error, C is answered."""
     batcher, model = held_batcher("slow")
     before = {outcome: counted(IMAGES, model="slow", outcome=outcome) for outcome in ("skipped", "discarded")}
@@ -195,17 +195,15 @@ def test_requests_whose_clients_hung_up_hold_no_place_under_max_concurrency() ->
 
 
 def test_a_client_gone_while_sending_or_waiting_gets_nothing_and_is_counted() -> None:
-    requests = REQUESTS
-
     async def slow(scope, body):
         await asyncio.sleep(5)
 
     app = Limits({"/classify": slow}, max_body_bytes=10_000, max_concurrency=4, timeout_s=10)
-    reading, waiting = counted(requests, stage="reading"), counted(requests, stage="waiting")
+    reading, waiting = counted(REQUESTS, stage="reading"), counted(REQUESTS, stage="waiting")
     assert asyncio.run(call(app, b"x" * 3000, cut_after=1)) is None  # gone after 1 KB of its 3 KB body
-    assert counted(requests, stage="reading") - reading == 1 and counted(requests, stage="waiting") == waiting
+    assert counted(REQUESTS, stage="reading") - reading == 1 and counted(REQUESTS, stage="waiting") == waiting
     assert asyncio.run(call(app, b"y", gone_after=0.1)) is None  # gone while its handler waited
-    assert counted(requests, stage="waiting") - waiting == 1
+    assert counted(REQUESTS, stage="waiting") - waiting == 1
     assert not app.running
 
 

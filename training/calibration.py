@@ -19,12 +19,18 @@ BINS = 15
 SEARCH = (0.05, 20.0)  # the temperatures looked at
 
 
-def calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = BINS) -> float:
-    """Expected calibration error: the images' share-weighted gap between confidence and accuracy, per bin of
-    top-1 confidence (equal widths over 0-1)."""
+def binned(probabilities: np.ndarray, labels: np.ndarray, bins: int = BINS) -> tuple[np.ndarray, ...]:
+    """Each image's top-1 confidence, whether that class is right, and its bin of confidence (equal widths over
+    0-1)."""
     confidence = probabilities.max(1)
     correct = probabilities.argmax(1) == labels
-    which = np.minimum((confidence * bins).astype(np.int64), bins - 1)
+    return confidence, correct, np.minimum((confidence * bins).astype(np.int64), bins - 1)
+
+
+def calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = BINS) -> float:
+    """Expected calibration error: the images' share-weighted gap between confidence and accuracy, per bin of
+    top-1 confidence."""
+    confidence, correct, which = binned(probabilities, labels, bins)
     error = 0.0
     for b in range(bins):
         inside = which == b
@@ -93,9 +99,7 @@ def reliability_diagram(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarr
     ax.plot([0, 1], [0, 1], color="#9aa3ad", linestyle="--", label="perfectly calibrated")
     edges = np.linspace(0, 1, BINS + 1)
     for name, (probabilities, labels) in curves.items():
-        confidence = probabilities.max(1)
-        correct = probabilities.argmax(1) == labels
-        which = np.minimum((confidence * BINS).astype(np.int64), BINS - 1)
+        confidence, correct, which = binned(probabilities, labels)
         shown = [(confidence[which == b].mean(), correct[which == b].mean()) for b in range(BINS) if (which == b).any()]
         ece = calibration_error(probabilities, labels)
         ax.plot(*zip(*shown, strict=True), marker="o", label=f"{name} (ECE {ece:.3f})")

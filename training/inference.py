@@ -34,8 +34,8 @@ def onnx_test_accuracy(run: Callable[[np.ndarray], np.ndarray], data: str | None
         return None
     if test is None:
         return None
-    predicted, _ = predicted_classes(run, normalization_table(MEAN, STD), test.images)
-    accuracy = float((predicted == test.labels).mean())
+    logits, _ = logits_of(run, normalization_table(MEAN, STD), test.images)
+    accuracy = float((logits.argmax(1) == test.labels).mean())
     print(f"test accuracy of the ONNX file on {len(test):,} test images: {accuracy:.4f}")
     return accuracy
 
@@ -51,11 +51,3 @@ def logits_of(
         logits.append(run(batch))
         seconds += time.perf_counter() - began
     return np.concatenate(logits), seconds
-
-
-def predicted_classes(
-    run: Callable[[np.ndarray], np.ndarray], table: np.ndarray, images: np.ndarray
-) -> tuple[np.ndarray, float]:
-    """The top class of every uint8 NHWC image through `run`, and the seconds spent in `run`."""
-    logits, seconds = logits_of(run, table, images)
-    return logits.argmax(1), seconds

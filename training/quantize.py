@@ -139,7 +139,7 @@ def _quantize_to(
         )
     # The fp32 model's temperature, and this copy's own figures with it (None where the fp32 file has none).
     calibration = (
-        calibration_of(run, fp32.table, data, temperature=fp32.info.temperature) if (fp32.info.temperature) else None
+        calibration_of(run, fp32.table, data, temperature=fp32.info.temperature) if fp32.info.temperature else None
     )
     info = replace(
         fp32.info,
