@@ -2,8 +2,8 @@
 
 from core.contract import CLASS_NAMES
 
-# The seed's networks, each sized for 32x32 CIFAR images.
-ARCHS: tuple[str, ...] = ("lenet", "alexnet", "vgg11", "vgg16", "googlenet", "resnet18")
+# The seed's networks, each sized for 32x32 CIFAR images, and WhiteNet, built to train fast.
+ARCHS: tuple[str, ...] = ("lenet", "alexnet", "vgg11", "vgg16", "googlenet", "resnet18", "whitenet")
 
 
 def get_model(name: str, num_classes: int = len(CLASS_NAMES)):
@@ -28,6 +28,10 @@ def get_model(name: str, num_classes: int = len(CLASS_NAMES)):
         from models.resnet import resnet18
 
         return resnet18(num_classes)
+    if name == "whitenet":
+        from models.whitenet import WhiteNet
+
+        return WhiteNet(num_classes)
     raise ValueError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHS)}")
 
 
