@@ -116,6 +116,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         seed=args.seed,
         diagram=args.diagram,
         force=args.force,
+        outside=args.ood_images,
     )
     return 0
 
@@ -271,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.set_defaults(func=_quantize)
 
-    p = sub.add_parser("calibrate", help="fit a softmax temperature on the validation images; stamp it in a copy")
+    p = sub.add_parser(
+        "calibrate",
+        help="fit the softmax temperature and out-of-distribution score on the validation images; stamp them in a copy",
+    )
     p.add_argument("model", metavar="MODEL.onnx", help="an ONNX file from `cifar10 export` or `cifar10 quantize`")
     p.add_argument(
         "--data",
@@ -287,11 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-size", type=whole(1), default=5000, help="the run's --val-size (default 5000)")
     p.add_argument("--seed", type=whole(0), default=0, help="the run's --seed (default 0)")
     p.add_argument("--diagram", metavar="FILE.png", help="also draw the reliability diagram, before and after")
+    p.add_argument(
+        "--ood-images",
+        metavar="FOLDER",
+        help="images of none of the classes, to measure the out-of-distribution score against (never fitted on)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("register", help="store an ONNX file in the BentoML model store")
-    p.add_argument("onnx_file")
+    p.add_argument("onnx_file", metavar="FILE.onnx", help="a file from `cifar10 export` or `cifar10 quantize`")
     p.add_argument(
         "--name",
         help="cifar10-ARCH[-ANYTHING][-int8], served as what follows cifar10-; default: "
@@ -301,21 +310,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="label image files: CSV or JSONL, one row per input, in order")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, globs, or - for paths on stdin")
-    p.add_argument("--recursive", action="store_true", help="descend into sub-folders (and ** in globs)")
-    p.add_argument("--model", default="resnet18", help=f"{MODEL_HELP}, or FILE.onnx (default resnet18)")
+    p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders (and ** in globs)")
+    p.add_argument("-m", "--model", default="resnet18", help=f"{MODEL_HELP}, or FILE.onnx (default resnet18)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=f"{PRECISION_HELP}; local runs only")
-    p.add_argument("--top-k", type=whole(1, 10), default=3)
-    p.add_argument("--batch-size", type=whole(1), default=64)
-    p.add_argument("--out", default="-", help="FILE.csv, FILE.jsonl, - for stdout (default), or with --ray DIR.parquet")
+    p.add_argument(
+        "-k", "--top-k", type=whole(1, 10), default=3, help="labels per image, most probable first (default 3)"
+    )
+    p.add_argument(
+        "-b",
+        "--batch-size",
+        type=whole(1),
+        default=64,
+        help="images per model call (default 64; a server takes 64 at most)",
+    )
+    p.add_argument(
+        "-o", "--out", default="-", help="FILE.csv, FILE.jsonl, - for stdout (default), or with --ray DIR.parquet"
+    )
     p.add_argument("--format", choices=("csv", "jsonl", "parquet"), help="default: from the --out suffix, else csv")
     p.add_argument(
+        "-w",
         "--workers",
         type=whole(1, 256),
         help="decoding processes (local; default: one per core) or requests in flight (server; default 4)",
     )
-    p.add_argument("--server", metavar="URL", help="use a running service, e.g. http://localhost:3000")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("-s", "--server", metavar="URL", help="use a running service, e.g. http://localhost:3000")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite an existing --out file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     ray = p.add_argument_group("on a Ray cluster (pip install -e '.[ray]')")
     ray.add_argument(
         "--ray",
@@ -337,18 +357,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="zip, class-folder tree or cifar-10-batches-py root")
     p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument(
-        "--model", default="resnet18", help=f"{MODEL_HELP}, FILE.onnx or a .pt checkpoint (default resnet18)"
+        "-m", "--model", default="resnet18", help=f"{MODEL_HELP}, FILE.onnx or a .pt checkpoint (default resnet18)"
     )
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    p.add_argument("--out", help="folder for evaluation.json and confusion.png")
-    p.add_argument("--force", action="store_true", help="overwrite evaluation.json and confusion.png in --out")
+    p.add_argument("-o", "--out", help="folder for evaluation.json and confusion.png")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite evaluation.json and confusion.png in --out")
     p.set_defaults(func=_evaluate)
+    parser.commands = sub.choices  # each subcommand's parser, to word the errors main() finds
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cifar10` console command."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the subcommand's parser: "cifar10 predict: error: ...; see cifar10 predict --help"
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except UserError as exc:

@@ -41,16 +41,19 @@ if TYPE_CHECKING:
 RETRY_STATUSES = (429, 503)
 API_KEY_VARIABLE = "CIFAR10_API_KEY"  # the key for --server, from the environment (a flag would show in ps)
 MAX_RETRIES = 5
-COLUMNS = ("path", "label", "probability", "top_labels", "top_probabilities", "error")
+COLUMNS = ("path", "label", "probability", "top_labels", "top_probabilities", "in_distribution", "ood_score", "error")
 
 
 @dataclass
 class Row:
-    """One output line: a label with its probability and the top-k, or an error."""
+    """One output line: a label with its probability and the top-k (and, for a model with an out-of-distribution
+    score, the score and whether the image looks like one of the classes), or an error."""
 
     path: str
     top: list[tuple[str, float]] = field(default_factory=list)
     error: str = ""
+    in_distribution: bool | None = None
+    ood_score: float | None = None
 
     def fields(self) -> dict:
         """The output's columns, as JSONL and Parquet hold them (no label or probability for an error row)."""
@@ -60,13 +63,15 @@ class Row:
             "probability": self.top[0][1] if self.top else None,
             "top_labels": [n for n, _ in self.top],
             "top_probabilities": [p for _, p in self.top],
+            "in_distribution": self.in_distribution,
+            "ood_score": self.ood_score,
             "error": self.error or None,
         }
 
     @classmethod
     def from_fields(cls, fields: dict) -> Row:
         top = list(zip(fields["top_labels"], fields["top_probabilities"], strict=True))
-        return cls(fields["path"], top, fields["error"] or "")
+        return cls(fields["path"], top, fields["error"] or "", fields["in_distribution"], fields["ood_score"])
 
 
 def files_in(folder: str, recursive: bool) -> Iterator[str]:
@@ -166,15 +171,18 @@ def label(model: OnnxModel, paths: list[str], decoded: list[np.ndarray | str], t
     good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
     best = {}
     if good:
-        logits = model.logits(normalize(np.stack([decoded[i] for i in good]), model.table))
+        logits, scores = model.logits_and_scores(normalize(np.stack([decoded[i] for i in good]), model.table))
         ranked = top_classes(logits, top_k, model.temperature)
-        best = dict(zip(good, zip(*ranked, strict=True), strict=True))
+        scores = [None] * len(good) if scores is None else scores.tolist()
+        best = dict(zip(good, zip(*ranked, scores, strict=True), strict=True))
     names = model.info.class_names
     rows = []
     for i, path in enumerate(paths):
         if i in best:
-            indices, probabilities = best[i]
-            rows.append(Row(path, [(names[j], p) for j, p in zip(indices, probabilities, strict=True)]))
+            indices, probabilities, score = best[i]
+            top = [(names[j], p) for j, p in zip(indices, probabilities, strict=True)]
+            within = None if score is None else score <= model.ood.threshold
+            rows.append(Row(path, top, in_distribution=within, ood_score=score))
         else:
             rows.append(Row(path, error=decoded[i]))
     return rows
@@ -261,7 +269,9 @@ class ServerPredictor:
                 raise UserError(f"the server answered {response.status_code}: {response.text[:200]}")
             for (i, _), result in zip(files, response.json()["results"], strict=True):
                 top = [(p["label"], p["probability"]) for p in result.get("predictions", [])]
-                rows[i] = Row(paths[i], top, result.get("error", ""))
+                rows[i] = Row(
+                    paths[i], top, result.get("error", ""), result.get("in_distribution"), result.get("ood_score")
+                )
         return rows  # type: ignore[return-value]
 
 
@@ -289,12 +299,14 @@ class Writer:
         self.rows += 1
         fields = row.fields()
         if self.csv:
-            probability = fields["probability"]
+            probability, score, within = fields["probability"], fields["ood_score"], fields["in_distribution"]
             fields.update(
                 label=fields["label"] or "",
                 probability="" if probability is None else f"{probability:.6f}",
                 top_labels=";".join(fields["top_labels"]),
                 top_probabilities=";".join(f"{p:.6f}" for p in fields["top_probabilities"]),
+                in_distribution="" if within is None else str(within).lower(),
+                ood_score="" if score is None else f"{score:.4f}",
                 error=row.error,
             )
             self.csv.writerow(fields.values())

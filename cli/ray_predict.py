@@ -33,6 +33,8 @@ SCHEMA = pa.schema(
         ("probability", pa.float64()),
         ("top_labels", pa.list_(pa.string())),
         ("top_probabilities", pa.list_(pa.float64())),
+        ("in_distribution", pa.bool_()),
+        ("ood_score", pa.float64()),
         ("error", pa.string()),
     ]
 )

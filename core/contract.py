@@ -37,6 +37,9 @@ class ModelInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     test_accuracy: float | None = None
+    test_images: int | None = None  # what test_accuracy was measured on: how many images, of which data, and
+    test_data: str = ""  # the sha256 of those images' pixels and labels (the same images under any file name)
+    test_sha256: str = ""
     val_accuracy: float | None = None
     epochs: int | None = None
     checkpoint_sha256: str = ""

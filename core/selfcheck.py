@@ -111,11 +111,12 @@ class Choice:
     model: OnnxModel
     reason: str
     check: SelfCheck | None = None
+    notes: tuple[str, ...] = ()  # anything else its user should know (a version less accurate than the shipped one)
 
     def warnings(self) -> list[str]:
-        """What a command should tell its user: a failed self-check, a GPU it could not use."""
+        """What a command should tell its user: a failed self-check, a GPU it could not use, its notes."""
         failed = [self.reason] if self.check and not self.check.passed else []
-        return failed + ([self.model.fallback] if self.model.fallback else [])
+        return failed + ([self.model.fallback] if self.model.fallback else []) + list(self.notes)
 
 
 def choose(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -123,7 +123,9 @@ class ModelFiles:
             return Choice(OnnxModel(self.main, **session), "as named")
         on_cpu = CUDA not in choose_providers(session.get("providers", "auto"))
         int8 = partial(OnnxModel, self.int8, **session) if self.int8 else None
-        return choose(self.spec, partial(OnnxModel, self.main, **session), int8, precision, on_cpu, min_agreement)
+        choice = choose(self.spec, partial(OnnxModel, self.main, **session), int8, precision, on_cpu, min_agreement)
+        note = below_shipped(self.spec, choice.model.info)  # the store's newest version answers for the name
+        return replace(choice, notes=(note,)) if note else choice
 
 
 def model_files(spec: str, with_int8: bool = True) -> ModelFiles:
@@ -215,14 +217,20 @@ def register_and_compare(onnx_file: str | os.PathLike, name: str | None = None) 
     tag = register(onnx_file, name)
     version = tag.partition(":")[2]
     # From the metadata register() recorded: no second ONNX Runtime session for either file.
-    accuracy = bentoml.models.get(tag).info.metadata.get("test_accuracy")
-    lines = [f"registered {tag} ({_percent(accuracy)} test accuracy)"]
+    new = bentoml.models.get(tag).info.metadata
+    lines = [f"registered {tag} ({measured(new)})"]
     served = name[len(PREFIX) :]
     if previous is not None:
         before_version = previous.parent.name
-        before = bentoml.models.get(f"{name}:{before_version}").info.metadata.get("test_accuracy")
-        lines.append(f"the latest before it: {name}:{before_version} ({_percent(before)})")
-        if accuracy is not None and before is not None and accuracy < before:
+        before = bentoml.models.get(f"{name}:{before_version}").info.metadata
+        lines.append(f"the latest before it: {name}:{before_version} ({measured(before)})")
+        same_set = bool(new.get("test_sha256")) and new.get("test_sha256") == before.get("test_sha256")
+        if not same_set:
+            lines.append(
+                f"the two figures are not from the same test images; compare them on one set: cifar10 evaluate "
+                f"--data TEST.zip --model {name}:{version} (and {name}:{before_version})"
+            )
+        elif new.get("test_accuracy") is not None and new["test_accuracy"] < before.get("test_accuracy", 0):
             lines.append(
                 f"warning: {name}:{version} is less accurate than {name}:{before_version} and is now the latest"
             )
@@ -242,8 +250,14 @@ def _serving(served: str) -> list[str]:
     return [*SHIPPED, *([] if served in SHIPPED else [served])]
 
 
-def _percent(accuracy: float | None) -> str:
-    return "unknown" if accuracy is None else f"{accuracy:.2%}"
+def measured(metadata: dict) -> str:
+    """A model's test accuracy and what it was measured on, as far as its metadata says."""
+    accuracy = metadata.get("test_accuracy")
+    if accuracy is None:
+        return "test accuracy unknown"
+    if not metadata.get("test_data"):
+        return f"{accuracy:.2%} test accuracy, on test images it does not record"
+    return f"{accuracy:.2%} on the {metadata['test_images']:,} test images of {metadata['test_data']}"
 
 
 def register_shipped() -> list[str]:
@@ -264,3 +278,19 @@ def register_shipped() -> list[str]:
 if __name__ == "__main__":
     for line in register_shipped():
         print(line)
+
+
+def below_shipped(name: str, info: ModelInfo) -> str | None:
+    """A warning where a model served as `name` is less accurate than the shipped file of that name and precision,
+    measured on the same test images; None otherwise (no such file, no comparable figure, or not less accurate)."""
+    shipped = shipped_file(name + (INT8 if info.precision == "int8" else ""))
+    if not shipped.is_file() or info.test_accuracy is None or not info.test_sha256:
+        return None
+    ours = OnnxModel(shipped, providers="cpu", threads=1, optimized=False).info
+    if info.test_sha256 != ours.test_sha256 or info.test_accuracy >= ours.test_accuracy:
+        return None
+    return (
+        f"{name}'s {info.test_accuracy:.2%} is below the shipped {name}'s {ours.test_accuracy:.2%} on the same test "
+        f"images; choose a version with --model {name}:VERSION or CIFAR10_MODELS={name}:VERSION (`bentoml models "
+        "list` shows them)"
+    )

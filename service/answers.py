@@ -19,6 +19,7 @@ from service.errors import (
     TimedOut,
     TooManyRequests,
     Unauthorized,
+    UnsupportedMedia,
 )
 
 RETRY_AFTER_S = b"1"
@@ -26,6 +27,7 @@ RETRY_AFTER_S = b"1"
 STATUSES: tuple[tuple[type[Exception], int], ...] = (
     (ImageTooLarge, 413),
     (UnsupportedImage, 415),
+    (UnsupportedMedia, 415),
     (ImageError, 400),
     (BadRequest, 400),
     (Unauthorized, 401),

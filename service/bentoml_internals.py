@@ -4,6 +4,8 @@ BentoML 1.4.40 and uvicorn 0.54; the model store's layout is core/bentoml_intern
 On an upgrade of either, re-check each item below; tests/test_bentoml_internals.py fails loudly
 when one of them has moved:
 - `BentoMLContainer.http.cors` and `.access_control_options`: the CORS settings;
+- `bentoml serve` sets PROMETHEUS_MULTIPROC_DIR to `$BENTOML_HOME/prometheus_multiproc_dir` for its workers and
+  empties that folder when it starts, and each worker's /metrics reads the folder named by the variable;
 - the undocumented `service_class=` argument of `@bentoml.service`, and `Service.to_asgi(is_main)`,
   through which the classification routes are put ahead of BentoML's per-request middleware;
 - `bentoml._internal.utils.circus.create_standalone_arbiter(check_delay=10)` and
@@ -25,9 +27,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import select
+import shutil
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 ASGIApp = Callable[..., Any]
@@ -46,15 +51,45 @@ def cors_options() -> dict | None:
 
 
 def service_class(wrap: Callable[[ASGIApp, dict | None], ASGIApp]) -> type:
-    """A `bentoml.Service` subclass whose ASGI app is `wrap(BentoML's app, cors_options())`."""
+    """A `bentoml.Service` subclass whose ASGI app is `wrap(BentoML's app, cors_options())`, in a worker whose
+    metrics are its server's own (`own_metrics_folder`)."""
     import bentoml
 
     class WrappedService(bentoml.Service):
         def to_asgi(self, is_main: bool = True) -> ASGIApp:
+            own_metrics_folder()
             app = super().to_asgi(is_main)  # also loads this service's BentoML configuration
             return wrap(app, cors_options())
 
     return WrappedService
+
+
+def own_metrics_folder() -> Path:
+    """Give this worker's Prometheus files a folder of its server's own, before any metric has a value.
+
+    Every `bentoml serve` on a host shares BentoML's folder and empties it when it starts: a second server wiped the
+    first one's counts, and each counted the other's requests. A server's workers (whose parent is the server) share
+    `$BENTOML_HOME/cifar10-metrics/PID-STARTED` instead; folders of servers that no longer run are removed."""
+    import psutil
+
+    from core.bentoml_internals import bentoml_home
+
+    def name(process: psutil.Process) -> str:
+        return f"{process.pid}-{int(process.create_time() * 1000)}"
+
+    root = bentoml_home() / "cifar10-metrics"
+    folder = root / name(psutil.Process(os.getppid()))
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    for other in root.iterdir():
+        pid = other.name.partition("-")[0]
+        try:
+            alive = pid.isdigit() and name(psutil.Process(int(pid))) == other.name
+        except psutil.Error:
+            alive = False
+        if not alive:
+            shutil.rmtree(other, ignore_errors=True)
+    return folder
 
 
 def hung_up(connection: asyncio.trsock.TransportSocket) -> bool:

@@ -11,6 +11,7 @@ handlers here turn a body into a Predictor call: `/classify` takes one image, as
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl
@@ -23,11 +24,21 @@ from service.access import Exchange
 from service.answers import ANSWERED, Answer, error_answer, send_answer, size_text, status_of
 from service.batching import SWEEP_S, HangUpProbe
 from service.bentoml_internals import CONNECTION
-from service.errors import BadRequest, BodyTooLarge, ClientGone, SlowRequest, TimedOut, TooManyRequests
+from service.errors import (
+    BadRequest,
+    BodyTooLarge,
+    ClientGone,
+    SlowRequest,
+    TimedOut,
+    TooManyRequests,
+    UnsupportedMedia,
+)
 from service.metrics import ABANDONED_REQUESTS, REQUEST_SECONDS, REQUESTS
-from service.predictor import Prediction, Predictor
+from service.predictor import Classified, Predictor
 
 MAX_PARSED_PARTS = 1000  # parsed before the batch limit is checked, so its error can name the count
+# An application/x-www-form-urlencoded body as forms send it: name=value pairs of URL-safe characters.
+TEXT_FORM = re.compile(rb"[\w.~%+*-]+=[\w.~%+*/:,-]*(?:&[\w.~%+*-]+=[\w.~%+*/:,-]*)*")
 Handler = Callable[[Scope, bytes], Awaitable[Answer]]
 
 
@@ -192,13 +203,20 @@ class Forms:
         self.default_model = default_model
 
     def read(self, scope: Scope, body: bytes, field: str, max_files: int) -> tuple[list[bytes], str, int]:
-        """(images, model, top_k). Options come from the query string, and from form fields, which win."""
+        """(images, model, top_k). Options come from the query string or from form fields; one given in both is
+        refused."""
         options = dict(parse_qsl(scope["query_string"].decode("latin-1")))
         content_type = header(scope, b"content-type")
         media = content_type.split(b";", 1)[0].strip().lower()
-        if media == b"application/x-www-form-urlencoded" and body.isascii() and b"=" in body:
+        if media == b"application/json":
+            raise UnsupportedMedia(
+                f"{scope['path']} does not take JSON; send the image as a multipart file field (curl -F "
+                f"{field}=@cat.jpg), as the raw body (curl --data-binary @cat.jpg), or as base64 in JSON to "
+                "/v2/models/NAME/infer"
+            )
+        if media == b"application/x-www-form-urlencoded" and TEXT_FORM.fullmatch(body):
             # A text form (`curl -d`, `httpx.post(data=...)`): no file can be in it. An image sent with
-            # `curl --data-binary` carries the same Content-Type, but its bytes are not text.
+            # `curl --data-binary` carries the same Content-Type, but its bytes are not a form's.
             fields = dict(parse_qsl(body.decode("ascii")))
             if field in fields:
                 raise BadRequest(f"{field}: a text field; send the image as a file (curl -F {field}=@cat.jpg)")
@@ -213,6 +231,10 @@ class Forms:
                 elif part.name in ("model", "top_k"):
                     if part.filename is not None:
                         raise BadRequest("model and top_k are text fields, not files")
+                    if part.name in options:
+                        raise BadRequest(
+                            f"{part.name} is given twice, in the query string and in the form; send it once"
+                        )
                     options[part.name] = part.data.decode("utf-8", "replace")
             if not images:
                 raise BadRequest(
@@ -240,8 +262,13 @@ def noted(scope: Scope, model: str, images: int) -> None:
         exchange.model, exchange.images = model, images
 
 
-def predictions(predictions: list[Prediction]) -> list[dict]:
-    return [prediction._asdict() for prediction in predictions]
+def answered(classified: Classified) -> dict:
+    """An image's answer as JSON: its predictions, and where the model scores it, whether it looks like one of the
+    classes at all."""
+    answer: dict = {"predictions": [prediction._asdict() for prediction in classified.predictions]}
+    if classified.ood_score is not None:
+        answer["in_distribution"], answer["ood_score"] = classified.in_distribution, classified.ood_score
+    return answer
 
 
 def classify_handlers(predictor: Callable[[], Predictor], forms: Forms) -> dict[str, Handler]:
@@ -254,9 +281,7 @@ def classify_handlers(predictor: Callable[[], Predictor], forms: Forms) -> dict[
         [result] = await serving.classify(images, model, top_k, hang_up_probe(scope))
         if isinstance(result, ImageError):
             raise result
-        return Answer(
-            200, {"model": model, "model_version": serving.version(model), "predictions": predictions(result)}
-        )
+        return Answer(200, {"model": model, "model_version": serving.version(model), **answered(result)})
 
     async def classify_batch(scope: Scope, body: bytes) -> Answer:
         images, model, top_k = forms.read(scope, body, "images", max_files=MAX_PARSED_PARTS)
@@ -264,8 +289,7 @@ def classify_handlers(predictor: Callable[[], Predictor], forms: Forms) -> dict[
         serving = predictor()
         results = await serving.classify(images, model, top_k, hang_up_probe(scope))
         items = [
-            {"error": str(r), "status": status_of(r)} if isinstance(r, ImageError) else {"predictions": predictions(r)}
-            for r in results
+            {"error": str(r), "status": status_of(r)} if isinstance(r, ImageError) else answered(r) for r in results
         ]
         return Answer(200, {"model": model, "model_version": serving.version(model), "results": items})
 

@@ -7,6 +7,10 @@ class BadRequest(UserError):
     """A request the service cannot use: a bad option, a missing field, too many images (HTTP 400)."""
 
 
+class UnsupportedMedia(UserError):
+    """A body of a kind the route does not take, e.g. JSON on /classify (HTTP 415)."""
+
+
 class Overloaded(Exception):
     """Shed: the request would wait, or has waited, longer than max_latency_ms for its model call (HTTP 503)."""
 

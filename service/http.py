@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -22,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.access import AccessLog, Exchange
 from service.answers import Answer, error_answer, send_answer
+from service.api_docs import documented_app
 from service.classification import Forms, Limits, classify_handlers, header
 from service.drain import Drain
 from service.errors import NotFound, ShuttingDown, Unauthorized
@@ -63,56 +65,15 @@ class HttpApi:
         )
         methods = {"/classify": ("POST", "PUT"), "/classify_batch": ("POST",)}  # PUT: curl -T cat.jpg
         access_log = AccessLog(self.settings.access_log, self.settings.access_log_sample)
-        return Router(bentoml_app, methods, limits, self.drain, access_log, v2, self.keys, cors)
-
-    async def _documented(self) -> None:
-        """Stands in for the classification routes in FastAPI's app, which only documents them: Router answers."""
+        return Router(bentoml_app, methods, limits, self.drain, access_log, v2, self.app.openapi, self.keys, cors)
 
     async def models(self) -> JSONResponse:
         """The served models, their versions, input contract, accuracy and execution provider."""
         return JSONResponse(self.predictor.describe())
 
     def _app(self) -> FastAPI:
-        """The public routes, mounted on the BentoML service; BentoML merges them into its OpenAPI spec."""
-        app = FastAPI(title="cifar10-classifier")
-        errors = {
-            s: {"description": d, "content": {"application/json": {"example": {"error": "..."}}}}
-            for s, d in (
-                (400, "bad input"),
-                (408, "headers or body too slow"),
-                (413, "too large"),
-                (415, "unsupported type"),
-                (429, "too many requests"),
-                (503, "overloaded, or shutting down"),
-                (504, "timed out"),
-            )
-        }
-        image = {"type": "string", "format": "binary", "description": "an image file (JPEG, PNG, WebP, GIF, BMP, TIFF)"}
-        images = {
-            "type": "array",
-            "items": image,
-            "description": f"repeated field; at most {self.settings.max_batch_images}",
-        }
-        # Router answers these routes (service/classification.py) without FastAPI's per-field parsing and
-        # validation (~30% of a LeNet request); their bodies are declared here for the docs.
-        names = [name for name, _ in self.settings.models]
-        options = {
-            "model": {"type": "string", "enum": names, "default": names[0], "description": "the model to answer"},
-            "top_k": {"type": "integer", "default": 3, "description": "how many labels to return, 1-10"},
-        }
-        for path, files in (("/classify", {"image": image}), ("/classify_batch", {"images": images})):
-            body = {"type": "object", "required": list(files), "properties": {**files, **options}}
-            content = {"multipart/form-data": {"schema": body}}
-            parameters = []
-            if path == "/classify":  # or the image as the whole body, its options in the query string
-                content["image/*"] = {"schema": {"type": "string", "format": "binary"}}
-                parameters = [
-                    {"name": name, "in": "query", "required": False, "schema": schema}
-                    for name, schema in options.items()
-                ]
-            openapi = {"requestBody": {"required": True, "content": content}, "parameters": parameters}
-            app.add_api_route(path, self._documented, methods=["POST"], responses=errors, openapi_extra=openapi)
-        app.add_api_route("/models", self.models, methods=["GET"])
+        """The public routes, mounted on the BentoML service, and the page's files."""
+        app = documented_app(self.settings, self.models)
         app.mount("/page", StaticFiles(directory=PAGE), name="page")  # the page's script and style sheet
         return app
 
@@ -131,10 +92,13 @@ class Router:
         drain: Drain,
         access_log: AccessLog,
         v2: OpenInference,
+        openapi: Callable[[], dict],
         keys: ApiKeys | None = None,
         cors: dict | None = None,
     ) -> None:
-        """`cors`: CORSMiddleware options when BentoML's CORS is on (its preflights stay BentoML's)."""
+        """`openapi`: the API's description (/docs.json). `cors`: CORSMiddleware options when BentoML's CORS is on
+        (its preflights stay BentoML's)."""
+        self.openapi = openapi
         self.v2 = v2
         self.bentoml_app = bentoml_app
         self.methods = methods
@@ -182,8 +146,10 @@ class Router:
             await self._v2(scope, receive, send)
         elif method == "GET" and path == "/":
             await FileResponse(PAGE / "index.html")(scope, receive, send)
-        elif method == "GET" and path == "/docs":  # BentoML's Swagger UI, which it serves at /
-            await self.bentoml_app({**continued(scope), "path": "/", "raw_path": b"/"}, receive, send)
+        elif method == "GET" and path == "/docs":  # Swagger UI, from BentoML's bundled files
+            await FileResponse(PAGE / "docs.html")(scope, receive, send)
+        elif method == "GET" and path == "/docs.json":
+            await send_answer(send, Answer(200, self.openapi()))
         else:
             await self.bentoml_app(continued(scope), receive, _json_errors(scope, send))
 

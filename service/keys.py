@@ -2,16 +2,17 @@
 docs' static files) wants `Authorization: Bearer <key>`.
 
 The file holds one key per line; `#` starts a comment; a line `KEY metrics` gives a key that opens /metrics
-only (for a Prometheus scraper). A Kubernetes Secret mounted as a file works the same. The file is read again
-when it changes (looked at once a second), so keys rotate without a restart; a file that becomes unreadable
-or empty keeps the keys it had, and says so once. Keys are compared with hmac.compare_digest, every one of
-them, and never written to a log.
+only (for a Prometheus scraper). A Kubernetes Secret mounted as a file works the same. The file is the truth
+at every request: each request that needs a key looks at it (one stat, ~1 us) and it is read again when it
+changed, so keys rotate without a restart and every worker holds the keys the file holds. A file that is
+deleted, unreadable, malformed or empty while the server runs accepts no key (401 everywhere) until it holds
+keys again, and the log says so once: refusing is the safe side of a lost file. Keys are compared with
+hmac.compare_digest, every one of them, and never written to a log.
 """
 
 from __future__ import annotations
 
 import hmac
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +23,15 @@ from service.drain import say
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/v2/health/live", "/v2/health/ready", "/", "/docs", "/docs.json"})
 OPEN_PREFIXES = ("/page/", "/static_content/")
 METRICS = "/metrics"
-CHECK_S = 1.0  # how often the file's modification time is looked at
 
 
 @dataclass(frozen=True)
 class KeySet:
     everything: tuple[bytes, ...]
     metrics_only: tuple[bytes, ...]
+
+
+EMPTY = KeySet((), ())  # what a file that cannot be used holds
 
 
 def parse(text: str) -> KeySet:
@@ -44,7 +47,7 @@ def parse(text: str) -> KeySet:
 
 
 class ApiKeys:
-    """The keys from `path`, re-read when the file changes."""
+    """The keys `path` holds, read again whenever the file changes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -54,7 +57,7 @@ class ApiKeys:
             raise UserError(f"CIFAR10_API_KEYS_FILE={path}: {exc}; one key per line, # for comments") from None
         if not self.keys.everything and not self.keys.metrics_only:
             raise UserError(f"CIFAR10_API_KEYS_FILE={path} holds no key; put one key per line in it")
-        self.checked_at, self.stamp = time.monotonic(), self._stamp()
+        self.stamp = self._stamp()
 
     def allows(self, path: str, authorization: bytes) -> bool:
         """Whether a request for `path` with this Authorization header may proceed."""
@@ -69,10 +72,6 @@ class ApiKeys:
         return any([hmac.compare_digest(given.strip(), key) for key in keys])
 
     def _refresh(self) -> None:
-        now = time.monotonic()
-        if now - self.checked_at < CHECK_S:
-            return
-        self.checked_at = now
         stamp = self._stamp()
         if stamp == self.stamp:
             return
@@ -80,23 +79,24 @@ class ApiKeys:
         try:
             keys = self._read()
         except (OSError, ValueError, UnicodeDecodeError) as exc:
-            say(f"cifar10: CIFAR10_API_KEYS_FILE={self.path} could not be read again ({exc}); keeping its keys")
-            return
-        if not keys.everything and not keys.metrics_only:
-            say(f"cifar10: CIFAR10_API_KEYS_FILE={self.path} now holds no key; keeping the keys it had")
-            return
+            keys, problem = EMPTY, f"cannot be read ({exc})"
+        else:
+            problem = "holds no key" if not keys.everything and not keys.metrics_only else ""
         self.keys = keys
-        say(
-            f"cifar10: API keys read again from {self.path}: {len(keys.everything)} keys, "
-            f"{len(keys.metrics_only)} for /metrics only"
-        )
+        if problem:
+            say(f"cifar10: CIFAR10_API_KEYS_FILE={self.path} {problem}: every key is refused until it holds keys")
+        else:
+            say(
+                f"cifar10: API keys read again from {self.path}: {len(keys.everything)} keys, "
+                f"{len(keys.metrics_only)} for /metrics only"
+            )
 
     def _read(self) -> KeySet:
         return parse(self.path.read_text())
 
-    def _stamp(self) -> tuple[int, int] | None:
+    def _stamp(self) -> tuple[int, int, int] | None:
         try:
             stat = self.path.stat()  # a Kubernetes Secret update swaps a symlink: the target's times change
         except OSError:
             return None
-        return stat.st_mtime_ns, stat.st_ino
+        return stat.st_mtime_ns, stat.st_ino, stat.st_size

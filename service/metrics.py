@@ -13,6 +13,11 @@ BATCH_SIZES = Histogram(
     ["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+OUT_OF_DISTRIBUTION = Counter(
+    "cifar10_out_of_distribution_images_total",
+    "Images whose out-of-distribution score is above the model's threshold (answered, flagged), by model",
+    ["model"],
+)
 MODEL_SECONDS = Histogram(
     "cifar10_inference_seconds",
     "ONNX Runtime time per model call, by model",

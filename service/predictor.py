@@ -34,7 +34,7 @@ from service.batching import Batcher, HangUpProbe, bucket_sizes
 from service.cores import SharedCores
 from service.drain import say
 from service.errors import BadRequest
-from service.metrics import BATCH_SIZES, INFERENCES, MODEL_SECONDS
+from service.metrics import BATCH_SIZES, INFERENCES, MODEL_SECONDS, OUT_OF_DISTRIBUTION
 from service.settings import Settings
 from service.tracing import model_span
 
@@ -42,6 +42,11 @@ INLINE_S = 0.0002  # a model under this many seconds an image on a CPU runs its 
 # Images over this many pixels (after JPEG's DCT scaling) are decoded off the event loop: a
 # 256x256 PNG takes ~0.3 ms, a 36-megapixel one 0.2 s, during which every connection would wait.
 INLINE_PIXELS = 256 * 256
+NO_OOD_SCORE = {
+    "method": None,
+    "reason": "this model file carries no out-of-distribution statistics, so its answers have no in_distribution "
+    "flag; fit them with `cifar10 calibrate`",
+}
 
 
 class Prediction(NamedTuple):
@@ -51,6 +56,31 @@ class Prediction(NamedTuple):
     label: str
     index: int
     probability: float
+
+
+class Classified(NamedTuple):
+    """An image's answer: its top-k classes, and for a model with an out-of-distribution score (core/ood.py) the
+    score and whether it is within the threshold (None for a model without one)."""
+
+    predictions: list[Prediction]
+    ood_score: float | None = None
+    in_distribution: bool | None = None
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A model call's answers, sliced per request by the batcher: each image's classes from the most probable down,
+    (N, classes, 2) of [class index, probability] (core.runtime.rank), and its out-of-distribution score (N,), None
+    for a model without one."""
+
+    classes: np.ndarray
+    ood_scores: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def __getitem__(self, rows: slice) -> Ranked:
+        return Ranked(self.classes[rows], None if self.ood_scores is None else self.ood_scores[rows])
 
 
 @dataclass(frozen=True)
@@ -144,7 +174,12 @@ class Predictor:
             for name, m in self.models.items()
         }
         self.meters = {
-            arch: (MODEL_SECONDS.labels(model=arch), BATCH_SIZES.labels(model=arch), INFERENCES.labels(model=arch))
+            arch: (
+                MODEL_SECONDS.labels(model=arch),
+                BATCH_SIZES.labels(model=arch),
+                INFERENCES.labels(model=arch),
+                OUT_OF_DISTRIBUTION.labels(model=arch),
+            )
             for arch in self.models
         }
         one_at_a_time = threading.Lock()  # the models share the device: never run two calls at once
@@ -164,14 +199,14 @@ class Predictor:
 
     async def classify(
         self, images: list[bytes], model: str, top_k: int, hung_up: HangUpProbe | None = None
-    ) -> list[list[Prediction] | ImageError]:
-        """The top_k labels of each image, or the ImageError that image gave. `hung_up`: whether the client has gone,
-        asked before its images go into a model call (see Batcher).
+    ) -> list[Classified | ImageError]:
+        """Each image's top_k labels (and out-of-distribution score), or the ImageError that image gave. `hung_up`:
+        whether the client has gone, asked before its images go into a model call (see Batcher).
 
         Raises BadRequest for a bad option and Overloaded when the model's queue is too long.
         """
         self._check(model, top_k, len(images))
-        results: list[list[Prediction] | ImageError] = [[] for _ in images]
+        results: list[Classified | ImageError] = [Classified([]) for _ in images]
         good, pixels = [], []
         for i, data in enumerate(images):
             try:
@@ -181,12 +216,15 @@ class Predictor:
                 results[i] = exc
         if good:
             ranked = await self.ranked(model, np.stack(pixels), hung_up)  # normalized per batch by the batcher
-            names = self.models[model].all_cores.info.class_names
-            for i, rows in zip(good, ranked[:, :top_k].tolist(), strict=True):
-                results[i] = [Prediction(names[int(j)], int(j), p) for j, p in rows]
+            served = self.models[model].all_cores
+            names = served.info.class_names
+            scores = [None] * len(good) if ranked.ood_scores is None else ranked.ood_scores.tolist()
+            for i, rows, score in zip(good, ranked.classes[:, :top_k].tolist(), scores, strict=True):
+                predictions = [Prediction(names[int(j)], int(j), p) for j, p in rows]
+                results[i] = Classified(predictions, score, None if score is None else score <= served.ood.threshold)
         return results
 
-    async def ranked_images(self, images: list[bytes], model: str, hung_up: HangUpProbe | None = None) -> np.ndarray:
+    async def ranked_images(self, images: list[bytes], model: str, hung_up: HangUpProbe | None = None) -> Ranked:
         """Each image's classes ranked (see `ranked`); the first image that cannot be used fails them all, its index
         in the error (for protocols without per-item errors)."""
         pixels = []
@@ -200,10 +238,9 @@ class Predictor:
     def class_names(self, model: str) -> tuple[str, ...]:
         return self.models[model].all_cores.info.class_names
 
-    async def ranked(self, model: str, inputs: np.ndarray, hung_up: HangUpProbe | None = None) -> np.ndarray:
+    async def ranked(self, model: str, inputs: np.ndarray, hung_up: HangUpProbe | None = None) -> Ranked:
         """uint8 NHWC pixels (normalized here with the model's table) or normalized float32 NCHW inputs -> each
-        one's classes from the most probable down, (N, classes, 2) of [class index, probability]
-        (core.runtime.rank), through the model's batcher."""
+        one's classes from the most probable down and out-of-distribution score, through the model's batcher."""
         with model_span(model, len(inputs)) as span:
             rows, call_images = await self.batchers[model].call(inputs, hung_up)
             if span is not None:
@@ -212,6 +249,10 @@ class Predictor:
 
     def version(self, model: str) -> str:
         return self.models[model].version
+
+    def scores(self, model: str) -> bool:
+        """Whether the model gives an out-of-distribution score."""
+        return self.models[model].all_cores.ood is not None
 
     def describe(self) -> dict:
         """The served models, their versions, input contract, accuracy and execution provider."""
@@ -226,6 +267,7 @@ class Predictor:
                     **vars(m.all_cores.info),
                     "precision_reason": m.reason,
                     **({"int8_self_check": m.self_check} if m.self_check else {}),
+                    "out_of_distribution": m.all_cores.ood.describe() if m.all_cores.ood else NO_OOD_SCORE,
                 }
                 for arch, m in self.models.items()
             },
@@ -268,16 +310,19 @@ class Predictor:
             return to_pixels(image)
         return await anyio.to_thread.run_sync(to_pixels, image)
 
-    def _run(self, arch: str, batch: np.ndarray) -> np.ndarray:
+    def _run(self, arch: str, batch: np.ndarray) -> Ranked:
         started = time.perf_counter()
         model = self.models[arch]
         with self.cores.call() if self.cores else nullcontext(True) as alone:
-            logits = (model.all_cores if alone else model.shared_cores).logits(batch)
-        seconds, sizes, images = self.meters[arch]
+            logits, scores = (model.all_cores if alone else model.shared_cores).logits_and_scores(batch)
+        seconds, sizes, images, flagged = self.meters[arch]
         seconds.observe(time.perf_counter() - started)
         sizes.observe(len(batch))
         images.inc(len(batch))
-        return rank(logits, model.all_cores.temperature)  # here, once per batch, not once per request in the loop
+        if scores is not None:
+            flagged.inc(int((scores > model.all_cores.ood.threshold).sum()))
+        # Here, once per batch, not once per request in the event loop.
+        return Ranked(rank(logits, model.all_cores.temperature), scores)
 
 
 def _seconds_per_image(model: OnnxModel, images: int) -> float:

@@ -19,7 +19,7 @@ from core.bentoml_internals import bentoml_home
 from core.errors import UserError
 from core.files import sha256_of
 from core.host import gpu_count, usable_cores
-from core.runtime import CUDA, choose_providers
+from core.runtime import CUDA, OnnxModel, choose_providers
 from core.store import MODEL_FILE, int8_copy, served_names, store_name, verify_stored
 from service import tracing
 from service.bentoml_internals import install_protocol, restart_dead_workers_within, service_class, slim_image
@@ -51,12 +51,18 @@ restart_dead_workers_within(1.0)
 
 
 def checked(tag: str) -> bentoml.Model:
-    """A store model, checked against its recorded sha256 and this service's input contract before it is served."""
+    """A store model, checked against its recorded sha256 and this service's input contract, and its metadata
+    (out-of-distribution statistics included) read and checked, before it is served."""
     stored = bentoml.models.get(tag)
+    path = Path(stored.path_of(MODEL_FILE))
     try:
-        verify_stored(Path(stored.path_of(MODEL_FILE)), stored.info.metadata, str(stored.tag))
+        verify_stored(path, stored.info.metadata, str(stored.tag))
     except UserError as exc:
         sys.exit(f"error: {exc}")
+    try:
+        OnnxModel(path, providers="cpu", threads=1, optimized=False)
+    except UserError as exc:
+        sys.exit(f"error: {stored.tag}: {exc}")
     return stored
 
 

@@ -4,10 +4,11 @@ speak it), for every model the service serves, with the binary tensor data exten
 Inputs, one per request: `image`, BYTES [N] (or [N, 1]): encoded image files, base64 text in JSON (as MLServer
 and OVMS take BYTES in JSON: raw bytes are not text), raw with the binary extension; or `input`, FP32
 [N, 3, 32, 32], already normalized with the model's mean and std (GET /v2/models/NAME lists them). Outputs:
-`probabilities`, FP32 [N, classes], and `labels`, BYTES [N, top_k] (the request parameter `top_k`, default 3);
-all of them unless the request names some. The protocol has no per-item errors: one bad image fails the
-request with its index in the message. Infer requests run through the same limits, batcher, drain and
-metrics as /classify (service/classification.py).
+`probabilities`, FP32 [N, classes], `labels`, BYTES [N, top_k] (the request parameter `top_k`, default 3), and
+for a model with an out-of-distribution score, `ood_score`, FP32 [N] (core/ood.py; the threshold is in the
+model's metadata); all of them unless the request names some. The protocol has no per-item errors: one bad
+image fails the request with its index in the message. Infer requests run through the same limits, batcher,
+drain and metrics as /classify (service/classification.py).
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from starlette.types import Scope
 from service.answers import Answer
 from service.classification import hang_up_probe, header, noted
 from service.errors import BadRequest, NotFound
-from service.predictor import Predictor
+from service.predictor import Predictor, Ranked
 
 INFER_ROUTE = "/v2/models/{name}/infer"  # the route's name in /metrics and traces
 _PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<what>/ready|/infer)?")
 HEADER_LENGTH = b"inference-header-content-length"
-IMAGE, TENSOR, PROBABILITIES, LABELS = "image", "input", "probabilities", "labels"
+IMAGE, TENSOR, PROBABILITIES, LABELS, OOD_SCORE = "image", "input", "probabilities", "labels", "ood_score"
 DEFAULT_TOP_K = 3
 
 
@@ -91,10 +92,20 @@ class OpenInference:
                 "outputs": [
                     {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, classes]},
                     {"name": LABELS, "datatype": "BYTES", "shape": [-1, -1]},
+                    *([{"name": OOD_SCORE, "datatype": "FP32", "shape": [-1]}] if serving.scores(name) else []),
                 ],
                 "parameters": {
                     key: described[key]
-                    for key in ("class_names", "mean", "std", "precision", "arch", "test_accuracy", "store_tag")
+                    for key in (
+                        "class_names",
+                        "mean",
+                        "std",
+                        "precision",
+                        "arch",
+                        "test_accuracy",
+                        "store_tag",
+                        "out_of_distribution",
+                    )
                 },
             },
         )
@@ -149,7 +160,15 @@ def _split(scope: Scope, body: bytes) -> tuple[dict, bytes]:
     try:
         request = json.loads(head)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the inference request is not valid JSON ({exc})") from None
+        needs = (
+            ""
+            if length
+            else (
+                "; a request with binary tensor data after its JSON needs the header Inference-Header-Content-Length: "
+                "the JSON part's length in bytes"
+            )
+        )
+        raise BadRequest(f"the inference request is not valid JSON ({exc}){needs}") from None
     if not isinstance(request, dict):
         raise BadRequest("the inference request must be a JSON object with inputs")
     return request, binary
@@ -232,32 +251,32 @@ def _binary_elements(data: bytes) -> list[bytes]:
     return images
 
 
-def _response(
-    request: dict, name: str, model_version: str, ranked: np.ndarray, classes: list[str], top_k: int
-) -> Answer:
+def _response(request: dict, name: str, model_version: str, ranked: Ranked, classes: list[str], top_k: int) -> Answer:
     requested = request.get("outputs")
-    wanted = {PROBABILITIES: {}, LABELS: {}}
+    wanted = {PROBABILITIES: {}, LABELS: {}, **({OOD_SCORE: {}} if ranked.ood_scores is not None else {})}
     if requested is not None:
         if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
             raise BadRequest("outputs must be a list of objects with a name")
         unknown = [o.get("name") for o in requested if o.get("name") not in wanted]
         if unknown:
-            raise BadRequest(f"unknown outputs {unknown}: this model has {PROBABILITIES} and {LABELS}")
+            raise BadRequest(f"unknown outputs {unknown}: this model has {', '.join(wanted)}")
         wanted = {o["name"]: o.get("parameters") or {} for o in requested}
     all_binary = bool((request.get("parameters") or {}).get("binary_data_output"))
     n = len(ranked)
     probabilities = np.empty((n, len(classes)), np.float32)
-    np.put_along_axis(probabilities, ranked[..., 0].astype(np.int64), ranked[..., 1], axis=1)
-    labels = [[classes[int(i)] for i in row] for row in ranked[:, :top_k, 0]]
+    np.put_along_axis(probabilities, ranked.classes[..., 0].astype(np.int64), ranked.classes[..., 1], axis=1)
+    labels = [[classes[int(i)] for i in row] for row in ranked.classes[:, :top_k, 0]]
+    floats = {PROBABILITIES: probabilities, OOD_SCORE: ranked.ood_scores}
     outputs, binary = [], []
     for output, parameters in wanted.items():
         as_binary = bool(parameters.get("binary_data", all_binary))
-        if output == PROBABILITIES:
-            entry = {"name": output, "datatype": "FP32", "shape": [n, len(classes)]}
+        if output in floats:
+            values = floats[output].astype("<f4")
+            entry = {"name": output, "datatype": "FP32", "shape": list(values.shape)}
             if as_binary:
-                binary.append(probabilities.astype("<f4").tobytes())
+                binary.append(values.tobytes())
             else:
-                entry["data"] = probabilities.ravel().tolist()
+                entry["data"] = values.ravel().tolist()
         else:
             entry = {"name": output, "datatype": "BYTES", "shape": [n, top_k]}
             if as_binary:

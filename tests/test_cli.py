@@ -41,6 +41,8 @@ def one_line(result: subprocess.CompletedProcess, *words: str) -> str:
         (["predict", "x.jpg", "--top-k", "11"], ("--top-k", "1 to 10")),
         (["predict", "x.jpg", "--batch-size", "zero"], ("--batch-size", "'zero' is not a whole number")),
         (["predict"], ("INPUT",)),
+        (["predict", "x.jpg", "-q", "--bogus"], ("cifar10 predict: error: unrecognized arguments: --bogus",)),
+        (["evaluate", "--data", "d", "-x"], ("cifar10 evaluate: error: unrecognized arguments: -x",)),
     ],
 )
 def test_a_bad_option_is_one_line_before_any_work(args: list[str], words: tuple[str, ...], tmp_path: Path) -> None:
@@ -48,6 +50,14 @@ def test_a_bad_option_is_one_line_before_any_work(args: list[str], words: tuple[
     line = one_line(result, *words)
     assert line.startswith("cifar10 ") and line.endswith("--help")
     assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+def test_predict_takes_the_usual_short_flags(tmp_path: Path, samples) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "cat.jpg").write_bytes(samples[0][1])
+    result = run_cli("predict", str(tmp_path / "in"), "-q", "-m", "lenet", "-k", "2", "-o", str(tmp_path / "out.jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads((tmp_path / "out.jsonl").read_text())["top_labels"]) == 2
 
 
 def test_a_run_refused_for_its_data_leaves_no_run_folder(tmp_path: Path) -> None:
@@ -100,9 +110,20 @@ def test_outputs_use_newlines_the_umask_and_the_documented_columns(tmp_path: Pat
         )
     assert b"\r\n" not in labels.read_bytes() and labels.read_bytes().count(b"\n") == 6  # header and 5 rows
     header = labels.read_text().splitlines()[0].split(",")
-    assert header == ["path", "label", "probability", "top_labels", "top_probabilities", "error"]
+    assert header == [
+        "path",
+        "label",
+        "probability",
+        "top_labels",
+        "top_probabilities",
+        "in_distribution",
+        "ood_score",
+        "error",
+    ]
     first = json.loads(rows.read_text().splitlines()[0])
     assert list(first) == header and len(first["top_labels"]) == len(first["top_probabilities"]) == 3
+    assert isinstance(first["in_distribution"], bool) and isinstance(first["ood_score"], float)
+    assert labels.read_text().splitlines()[1].split(",")[5] in ("true", "false")
     exported = tmp_path / "lenet.onnx"
     old = os.umask(0o022)
     try:

@@ -15,7 +15,7 @@ from core.store import shipped_file
 from harness.samples import REAL_IMAGES
 from service import predictor as predictor_module
 from service.errors import BadRequest
-from service.predictor import Copies, ModelFile, Prediction, Predictor
+from service.predictor import Classified, Copies, ModelFile, Prediction, Predictor
 from service.settings import Settings
 
 
@@ -34,10 +34,11 @@ def png(width: int, height: int) -> bytes:
 def test_one_result_per_image_in_order_and_a_bad_image_fails_alone(predictor: Predictor, samples) -> None:
     (label, first), (_, second) = samples[0], samples[-1]
     results = asyncio.run(predictor.classify([first, b"%PDF-1.7", second, b""], "resnet18", 3))
-    assert [type(r) for r in results] == [list, UnsupportedImage, list, ImageError]
-    assert all(isinstance(x, Prediction) for x in results[0]) and len(results[0]) == 3
+    assert [type(r) for r in results] == [Classified, UnsupportedImage, Classified, ImageError]
+    assert all(isinstance(x, Prediction) for x in results[0].predictions) and len(results[0].predictions) == 3
+    assert results[0].ood_score is not None and isinstance(results[0].in_distribution, bool)
     if REAL_IMAGES:
-        assert results[0][0].label == label
+        assert results[0].predictions[0].label == label
 
 
 def test_bad_options_and_the_settings_limit_raise_bad_request(predictor: Predictor, samples) -> None:
@@ -63,5 +64,5 @@ def test_large_images_are_decoded_off_the_event_loop(predictor: Predictor, monke
     huge, small = png(6000, 6000), png(64, 64)
     assert len(huge) < 200_000
     results = asyncio.run(predictor.classify([huge, small], "lenet", 1))
-    assert all(isinstance(r, list) for r in results)
+    assert all(isinstance(r, Classified) for r in results)
     assert threads == [False, True]  # the huge one in a worker thread, the small one inline

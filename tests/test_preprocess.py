@@ -1,6 +1,8 @@
 """The one preprocessing path: decoding, conversions, resizing, errors, and parity with training."""
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -72,6 +74,18 @@ def test_augmenter_without_crop_shift_or_flip_is_plain_normalization() -> None:
     assert torch.equal(flipped, aug.normalize(pixels).flip(3))
 
 
+def test_reflected_translation_mirrors_the_image_at_its_edges() -> None:
+    pixels = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    aug = Augmenter(torch.device("cpu"), pad=2, reflect=True)
+    plain = aug.normalize(pixels)
+    assert torch.equal(aug(pixels, torch.tensor([[2, 2, 0, 0]] * 2), torch.zeros(2, dtype=torch.bool)), plain)
+    moved = aug(pixels, torch.tensor([[0, 4, 0, 0]] * 2), torch.zeros(2, dtype=torch.bool))
+    # Two rows down (rows -2, -1 mirror rows 2, 1) and two columns left (columns 32, 33 mirror 30, 29).
+    assert torch.equal(moved[:, :, 2:, :30], plain[:, :, :30, 2:])
+    assert torch.equal(moved[:, :, :2, :30], plain[:, :, [2, 1], 2:])
+    assert torch.equal(moved[:, :, 2:, 30:], plain[:, :, :30, [30, 29]])
+
+
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1", "RGB"])
 def test_any_mode_becomes_rgb(mode: str) -> None:
     image = Image.new("RGB", (40, 36), (200, 30, 90)).convert(mode)
@@ -139,3 +153,13 @@ def test_pixel_limit_is_checked_from_the_header() -> None:
     data = encode(Image.new("L", (3000, 2000)), "PNG")
     with pytest.raises(ImageTooLarge, match="6,000,000 pixels"):
         decode_rgb(data, max_pixels=5_000_000)
+
+
+def test_a_decompression_bomb_header_is_refused_with_the_services_limit(recwarn) -> None:
+    """A 100000x100000 PNG header (a few dozen bytes): the service's limit and wording, no Pillow warning."""
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(header)) + b"IHDR" + header + struct.pack(">I", zlib.crc32(b"IHDR" + header))
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk + struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    with pytest.raises(ImageTooLarge, match=r"100000x100000 = 10,000,000,000 pixels; the limit is 40,000,000"):
+        decode_rgb(bomb)
+    assert not recwarn.list

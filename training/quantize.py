@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -19,14 +20,14 @@ import numpy as np
 
 from core.errors import UserError
 from core.files import refuse_existing, sha256_of, write_atomic
+from core.ood import METADATA_KEY as OOD_KEY
 from core.preprocess import normalize
 from core.runtime import OnnxModel, softmax
 from core.selfcheck import METADATA_KEY, encode_reference
-from training.calibrate import calibration_of
-from training.data import load_split
-from training.inference import onnx_runner, onnx_test_accuracy
+from training.fitting import Splits, fit_file
+from training.inference import onnx_runner
 from training.onnx_metadata import package_version, stamp_metadata
-from training.train import split_validation
+from training.ood import without_stage_outputs
 
 MIN_AGREEMENT = 0.99  # default top-1 agreement with fp32 on the held-out images, or nothing is written
 PARITY_IMAGES = 2000  # of the 5,000 training images that training holds out for validation
@@ -74,15 +75,15 @@ def quantize(
     if fp32.info.precision != "fp32":
         raise UserError(f"{source} is already {fp32.info.precision}; quantize the fp32 model it came from")
     # The training run's own split (seed 0): calibrate on the part it trained on, check on the part it held out.
-    fit, held_out = split_validation(load_split(data, "train"), 5000, 0)
-    if images > len(fit):
-        raise UserError(f"--images {images} is more than the {len(fit):,} training images in {data}")
-    chosen = np.sort(np.random.default_rng(seed).choice(len(fit), images, replace=False))
-    calibration = [normalize(fit.images[chosen[i : i + BATCH]], fp32.table) for i in range(0, images, BATCH)]
-    pixels = held_out.images[:PARITY_IMAGES]
+    splits = Splits.load(data, need_train=True)
+    if images > len(splits.train):
+        raise UserError(f"--images {images} is more than the {len(splits.train):,} training images in {data}")
+    chosen = np.sort(np.random.default_rng(seed).choice(len(splits.train), images, replace=False))
+    calibration = [normalize(splits.train.images[chosen[i : i + BATCH]], fp32.table) for i in range(0, images, BATCH)]
+    pixels = splits.validation.images[:PARITY_IMAGES]
     print(f"calibrating on {images} training images (seed {seed}); checking on {len(pixels):,} held-out ones")
     write_atomic(
-        out, lambda tmp: _quantize_to(tmp, source, fp32, calibration, pixels, data, images, seed, min_agreement)
+        out, lambda tmp: _quantize_to(tmp, source, fp32, calibration, pixels, splits, images, seed, min_agreement)
     )
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, sha256 {sha256_of(out)[:16]}…)")
     if register_as is not None:
@@ -98,7 +99,7 @@ def _quantize_to(
     fp32: OnnxModel,
     calibration: list[np.ndarray],
     pixels: np.ndarray,
-    data: str,
+    splits: Splits,
     images: int,
     seed: int,
     min_agreement: float,
@@ -109,8 +110,9 @@ def _quantize_to(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as work:
-        prepared = Path(work) / "prepared.onnx"
-        quant_pre_process(str(source), str(prepared))
+        plain, prepared = Path(work) / "plain.onnx", Path(work) / "prepared.onnx"
+        without_stage_outputs(source, plain)  # made again on the int8 graph, from its own activations
+        quant_pre_process(str(plain), str(prepared))
         quantize_static(
             str(prepared),
             str(path),
@@ -137,18 +139,32 @@ def _quantize_to(
             f"int8 agrees with fp32 on {agreement:.2%} of the held-out images, below the "
             f"{min_agreement:.0%} required (--min-agreement)"
         )
-    # The fp32 model's temperature, and this copy's own figures with it (None where the fp32 file has none).
-    calibration = (
-        calibration_of(run, fp32.table, data, temperature=fp32.info.temperature) if fp32.info.temperature else None
-    )
+    chosen = reference_images(expected, got)
+    print(f"self-check reference set: {len(chosen)} held-out images whose fp32 answer is clear and int8 agrees")
+    if not len(chosen):
+        print(
+            f"warning: no held-out image has a clear fp32 answer (top class ahead by {REFERENCE_MARGIN:g}) that int8 "
+            "gives too, so the self-check reference set is empty: this copy fails its self-check on every host and "
+            "fp32 answers instead (CIFAR10_PRECISION=int8 or --precision int8 would serve it anyway)",
+            file=sys.stderr,
+        )
+    # The fp32 model's temperature (1 where it has none), with this copy's own figures, and its own
+    # out-of-distribution score, fitted on its own features.
+    fitted = fit_file(path, splits, fp32.temperature)
     info = replace(
         fp32.info,
         precision="int8",
-        calibration=calibration,
-        val_accuracy=calibration["validation"]["after"]["accuracy"] if calibration else None,
+        calibration=fitted.calibration if fp32.info.temperature else None,
+        val_accuracy=fitted.calibration["validation"]["after"]["accuracy"],
         source_sha256=sha256_of(source),
         source_test_accuracy=fp32.info.test_accuracy,
-        test_accuracy=onnx_test_accuracy(run, data),
+        **{
+            "test_accuracy": None,
+            "test_images": None,
+            "test_data": "",
+            "test_sha256": "",
+            **splits.test_figures(fitted.test_accuracy),
+        },
         quantization={
             **SETTINGS,
             "calibration_images": images,
@@ -162,9 +178,8 @@ def _quantize_to(
         export_date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         package_version=package_version(),
     )
-    chosen = reference_images(expected, got)
-    print(f"self-check reference set: {len(chosen)} held-out images whose fp32 answer is clear and int8 agrees")
-    stamp_metadata(path, info, {METADATA_KEY: encode_reference(pixels[chosen], expected[chosen].argmax(1))})
+    reference = encode_reference(pixels[chosen], expected[chosen].argmax(1))
+    stamp_metadata(path, info, {METADATA_KEY: reference, OOD_KEY: fitted.ood.to_metadata()})
 
 
 def reference_images(expected: np.ndarray, got: np.ndarray) -> np.ndarray:

@@ -57,6 +57,7 @@ function describeModel() {
   if (model.precision) facts.push(model.precision);
   if (model.test_accuracy != null) facts.push(`test accuracy ${(model.test_accuracy * 100).toFixed(2)}%`);
   facts.push(`on ${model.provider.replace("ExecutionProvider", "")}`);
+  if (!model.out_of_distribution.method) facts.push("no out-of-distribution check");
   $("model-info").textContent = facts.join(" · ");
 }
 
@@ -105,6 +106,13 @@ function show(item, result) {
   const bars = item.node.querySelector(".bars");
   bars.replaceChildren();
   item.node.querySelector(".error").textContent = result.error || "";
+  // An image unlike the training images gets that verdict in place of a label; its labels stay one click away.
+  const outside = result.in_distribution === false;
+  const anyway = item.node.querySelector(".anyway");
+  item.node.querySelector(".verdict").textContent = outside ? "This does not look like any of the ten classes." : "";
+  anyway.hidden = !outside;
+  if (outside) anyway.append(bars);
+  else item.node.querySelector(".verdict").after(bars);
   item.node.setAttribute("aria-busy", result.pending ? "true" : "false");
   for (const prediction of result.predictions || []) {
     const percent = (prediction.probability * 100).toFixed(1);
