@@ -25,7 +25,7 @@ register-shipped: $(VENV)/.serve
 	$(BIN)/python -m core.store
 
 serve: register-shipped
-	@$(BIN)/python -m service.port $(PORT)
+	@$(BIN)/python -m tools.port $(PORT)
 	$(BIN)/bentoml serve service.service:Classifier --port $(PORT)
 
 test: $(VENV)/.all
@@ -41,6 +41,7 @@ lint: $(VENV)/.all
 
 # The last line printed is the plain tag (BentoML prints it as __tag__:NAME:VERSION).
 bento: register-shipped
+	@$(BIN)/python -m service.plan
 	$(BIN)/bentoml build --output tag > $(VENV)/.bento-tag
 	@sed 's/^__tag__://' $(VENV)/.bento-tag
 

@@ -106,7 +106,7 @@ def batching_runs(home: Path, quick: bool) -> list[dict]:
 
 
 def worker_runs(home: Path, quick: bool) -> list[dict]:
-    """1 worker against one worker per core (sharing the cores: service/cores.py)."""
+    """1 worker against one worker per core (sharing the cores: service/inference/cores.py)."""
     _, image = cifar_samples(1)[3]
     rows = []
     for workers in (1, os.cpu_count() or 1):

@@ -1,5 +1,5 @@
 """Every use of BentoML and uvicorn beyond their documented APIs that serving needs, in one place (written against
-BentoML 1.4.40 and uvicorn 0.54; the model store's layout is core/bentoml_internals.py's).
+BentoML 1.4.40 and uvicorn 0.55.0, which pyproject.toml pins; the model store's layout is core/bentoml_internals.py's).
 
 On an upgrade of either, re-check each item below; tests/test_bentoml_internals.py fails loudly
 when one of them has moved:
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import json
 import os
 import select
@@ -34,6 +35,8 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from service.log import say
 
 ASGIApp = Callable[..., Any]
 LAST_CALL_S = 0.5  # at shutdown, how long a connection without a request may still send one
@@ -50,16 +53,15 @@ def cors_options() -> dict | None:
     return BentoMLContainer.access_control_options.get()
 
 
-def service_class(wrap: Callable[[ASGIApp, dict | None], ASGIApp]) -> type:
-    """A `bentoml.Service` subclass whose ASGI app is `wrap(BentoML's app, cors_options())`, in a worker whose
-    metrics are its server's own (`own_metrics_folder`)."""
+def service_class(wrap: Callable[[type, ASGIApp, dict | None], ASGIApp]) -> type:
+    """A `bentoml.Service` subclass whose ASGI app is `wrap(the service's class, BentoML's app, cors_options())`, made
+    in each worker before uvicorn starts."""
     import bentoml
 
     class WrappedService(bentoml.Service):
         def to_asgi(self, is_main: bool = True) -> ASGIApp:
-            own_metrics_folder()
             app = super().to_asgi(is_main)  # also loads this service's BentoML configuration
-            return wrap(app, cors_options())
+            return wrap(self.inner, app, cors_options())
 
     return WrappedService
 
@@ -125,17 +127,37 @@ class Connection:
         protocol.transport.close()
 
 
+def protocol_problem() -> str:
+    """Why uvicorn's protocol cannot take this service's additions (install_protocol), or "": a server without them
+    would have no head timeout and no hang-up probe, so it must not start."""
+    try:
+        from uvicorn.protocols.http import auto
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError as exc:
+        return f"uvicorn's httptools protocol is missing ({exc}); install the pinned httptools and uvicorn"
+    if not issubclass(auto.AutoHTTPProtocol, HttpToolsProtocol):
+        return "uvicorn would use its h11 protocol, not httptools'; install the pinned httptools"
+    return ""
+
+
 def install_protocol(head_timeout_s: float) -> None:
     """uvicorn's httptools protocol with three additions: a 408 for a request line and headers that take longer than
     `head_timeout_s` (uvicorn has no such limit: its keep-alive timer stops at a connection's first byte, so a client
     sending a header byte a second would hold its connection for ever); a last moment to send a request at
-    shutdown; and each request's `Connection` in its scope (`CONNECTION`). Call before uvicorn starts.
+    shutdown; and each request's `Connection` in its scope (`CONNECTION`). Call before uvicorn starts; raises
+    RuntimeError where it cannot apply (protocol_problem, which the server checks before any worker starts).
     """
     from uvicorn.protocols.http import auto
+
+    if protocol_problem():
+        raise RuntimeError(protocol_problem())
+    auto.AutoHTTPProtocol = service_protocol(head_timeout_s)
+
+
+def service_protocol(head_timeout_s: float) -> type:
+    """The httptools protocol class with install_protocol's additions."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    if not issubclass(auto.AutoHTTPProtocol, HttpToolsProtocol):  # h11 without httptools: left as it is
-        return
     body = json.dumps({"error": f"the request headers did not arrive within {head_timeout_s:g} s"}).encode()
     answer = (
         b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
@@ -187,7 +209,7 @@ def install_protocol(head_timeout_s: float) -> None:
                 self.transport.write(answer)
                 self.transport.close()
 
-    auto.AutoHTTPProtocol = ServiceProtocol
+    return ServiceProtocol
 
 
 def restart_dead_workers_within(seconds: float) -> None:
@@ -200,9 +222,23 @@ def restart_dead_workers_within(seconds: float) -> None:
     """
     from bentoml import serving
     from bentoml._internal.utils import circus
+    from circus.arbiter import Arbiter
+    from circus.watcher import Watcher
 
     create_arbiter, create_watcher = circus.create_standalone_arbiter, serving.create_watcher
     if getattr(create_arbiter, "check_delay", None) == seconds:  # imported twice (the server, then each worker)
+        return
+    takes = {
+        name
+        for init in (Arbiter.__init__, Watcher.__init__)
+        for name in inspect.signature(init).parameters
+        if name in ("check_delay", "respawn")
+    }
+    if takes != {"check_delay", "respawn"}:
+        say(
+            "cifar10: warning: circus's Arbiter or Watcher has changed (no check_delay or respawn): dead workers are "
+            "restarted as BentoML does, every 10 s and never in a container"
+        )
         return
 
     @functools.wraps(create_arbiter)

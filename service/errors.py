@@ -1,4 +1,5 @@
-"""The errors of a classification request beyond a bad image (core.errors); service/http.py maps each to HTTP."""
+"""The errors of a classification request beyond a bad image (core.errors), raised by the inference core and the
+HTTP layers alike; service/http/answers.py maps each to its HTTP status."""
 
 from core.errors import UserError
 

@@ -62,10 +62,10 @@ class Settings:
     # Which copy answers: auto = a model's int8 copy on a CPU host where it passes its self-check, else fp32.
     precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     int8_min_agreement: float = field(default=MIN_AGREEMENT, metadata=_fraction("e.g. 0.99 for 99%"))
-    # One line per request on stderr (service/access.py); successful ones can be sampled, 1 in N.
+    # One line per request on stderr (service/http/access.py); successful ones can be sampled, 1 in N.
     access_log: str = field(default="json", metadata={"choices": ("json", "text", "off")})
     access_log_sample: int = field(default=1, metadata=_whole(1, 1_000_000, "1: every request"))
-    # A file of API keys, one per line (service/keys.py); empty: no key needed.
+    # A file of API keys, one per line (service/http/keys.py); empty: no key needed.
     api_keys_file: str = field(default="", metadata={"text": True})
 
     @classmethod

@@ -1,5 +1,5 @@
-"""Traces for the routes the Router answers itself, configured the way BentoML documents tracing (its
-`tracing` settings: an exporter and a sample rate), through BentoML's own tracer provider.
+"""Traces for the routes the service answers itself (service/http/), configured the way BentoML documents tracing
+(its `tracing` settings: an exporter and a sample rate), through BentoML's own tracer provider.
 
 Unconfigured, `TRACER` stays None and a request pays one check. Configured, each request gets a server span
 (continuing the trace of a `traceparent` header), and a model call a child span with the model, the
@@ -8,10 +8,11 @@ request's images and the batch's images; the trace ID goes into the access line.
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from starlette.types import Scope
+Scope = MutableMapping[str, Any]  # an ASGI request's scope (the inference room, which has no ASGI, uses this too)
 
 TRACER: Any = None  # an OpenTelemetry tracer once `configure` found tracing on in this worker
 

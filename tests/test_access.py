@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 
-from service.access import AccessLog, Exchange
+from service.http.access import AccessLog, Exchange
 
 
 def test_a_json_access_line_parses_back_to_the_request_whatever_its_strings_hold() -> None:

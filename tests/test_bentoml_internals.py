@@ -1,10 +1,13 @@
-"""Each BentoML and uvicorn internal that core/bentoml_internals.py and service/bentoml_internals.py rely on is
-still where it was: on an upgrade, a failure here names what moved."""
+"""Each BentoML and uvicorn internal that core/bentoml_internals.py and service/bentoml_internals.py rely on still
+does what they rely on (probed by behaviour: a real uvicorn in this process, a real arbiter and watcher): on an
+upgrade, a failure here names what moved."""
 
 import inspect
 import select
 import socket
 import struct
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +16,18 @@ from bentoml._internal.configuration.containers import BentoMLContainer
 
 from core.bentoml_internals import bentoml_home, stored_file
 from core.store import MODEL_FILE, register, shipped_file
-from service.bentoml_internals import WHEELS_ONLY, cors_options, hung_up, service_class, slim_image
+from service.bentoml_internals import (
+    CONNECTION,
+    WHEELS_ONLY,
+    Connection,
+    cors_options,
+    hung_up,
+    install_protocol,
+    protocol_problem,
+    restart_dead_workers_within,
+    service_class,
+    slim_image,
+)
 
 
 def test_the_store_layout_is_read_as_bentoml_writes_it() -> None:
@@ -39,33 +53,53 @@ def test_cors_settings_are_where_they_were() -> None:
 def test_service_class_and_to_asgi_are_where_they_were() -> None:
     assert "service_class" in inspect.signature(bentoml.service).parameters
     assert "is_main" in inspect.signature(bentoml.Service.to_asgi).parameters
-    assert issubclass(service_class(lambda app, cors: app), bentoml.Service)
+    assert issubclass(service_class(lambda service, app, cors: app), bentoml.Service)
 
 
-def test_the_process_managers_check_delay_and_respawn_are_where_they_were() -> None:
+def test_the_process_manager_restarts_dead_workers_within_a_second_in_a_container_too() -> None:
     from bentoml import serving
     from bentoml._internal.utils import circus
-    from circus.watcher import Watcher
 
-    # unwrap: once the service is imported, these are its wrappers
-    assert "check_delay" in inspect.getsource(inspect.unwrap(circus.create_standalone_arbiter))
-    assert "respawn=not running_inside_container()" in inspect.getsource(inspect.unwrap(serving.create_watcher))
-    assert "respawn" in inspect.signature(Watcher.__init__).parameters
+    restart_dead_workers_within(1.0)
+    assert circus.create_standalone_arbiter([]).check_delay == 1.0
+    assert serving.create_watcher("probe", [sys.executable, "-c", "pass"]).respawn is True
 
 
-def test_uvicorns_protocol_hooks_are_where_they_were() -> None:
-    from uvicorn.config import HTTP_PROTOCOLS
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+def test_uvicorn_runs_the_services_protocol_and_calls_its_hooks() -> None:
+    """The protocol class uvicorn resolves for http="auto" is the service's, each request's scope gets its
+    Connection (on_headers_complete), and headers that come too slowly get a 408 (connection_made's head timer)."""
+    import uvicorn
 
-    assert HTTP_PROTOCOLS["auto"] == "uvicorn.protocols.http.auto:AutoHTTPProtocol"
-    for hook in ("connection_made", "on_headers_complete", "on_response_complete", "connection_lost", "shutdown"):
-        assert callable(getattr(HttpToolsProtocol, hook)), hook
-    source = inspect.getsource(HttpToolsProtocol.__init__)
-    assert "self.cycle" in source and "self.loop" in source
-    assert "self.scope = " in inspect.getsource(HttpToolsProtocol.on_message_begin)
-    assert "self.scope" in inspect.getsource(HttpToolsProtocol.on_headers_complete)
-    # Connection.end: a cycle marked disconnected ends without uvicorn's "returned without starting response" 500
-    assert "not self.disconnected" in inspect.getsource(RequestResponseCycle.run_asgi)
+    assert protocol_problem() == ""
+    install_protocol(head_timeout_s=0.5)
+    seen = []
+
+    async def app(scope, receive, send) -> None:
+        seen.append(scope.get(CONNECTION))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        config = uvicorn.Config(app, log_level="error", lifespan="off")
+        config.load()
+        assert config.http_protocol_class.__name__ == "ServiceProtocol"
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not server.started and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with socket.create_connection(listener.getsockname(), timeout=5) as client:
+                client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert client.recv(1024).startswith(b"HTTP/1.1 200")
+            assert isinstance(seen[0], Connection)
+            with socket.create_connection(listener.getsockname(), timeout=5) as client:
+                client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and nothing more
+                assert client.recv(1024).startswith(b"HTTP/1.1 408 ")
+        finally:
+            server.should_exit = True
+            thread.join(10)
 
 
 def test_an_image_of_an_unknown_distro_gets_no_apt_step() -> None:

@@ -17,10 +17,11 @@ from prometheus_client import REGISTRY
 
 from harness.clients import classify_request, send_and_hang_up
 from harness.server import serving
-from service.answers import Answer
-from service.batching import Batcher
-from service.classification import Limits
 from service.errors import ClientGone
+from service.http.answers import Answer
+from service.http.endpoints import Endpoints
+from service.inference.batcher import Batcher
+from tests.test_batching import rows
 from tests.test_limits import call, limits
 
 IMAGES = "cifar10_abandoned_images_total"
@@ -38,7 +39,8 @@ class HeldModel:
         self.seen: list[int] = []
         self.started, self.release = threading.Event(), threading.Event()
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, parts: list[np.ndarray]) -> np.ndarray:
+        batch = np.concatenate(parts)
         self.seen.append(int(batch[0, 0]))
         self.started.set()
         self.release.wait(5)
@@ -58,7 +60,7 @@ def test_in_the_batcher_a_queued_request_is_skipped_and_a_computed_one_dropped_q
     before = {outcome: counted(IMAGES, model="slow", outcome=outcome) for outcome in ("skipped", "discarded")}
 
     async def main() -> np.ndarray:
-        a, b, c = (asyncio.ensure_future(batcher(np.full((1, 4), v, np.float32))) for v in (1, 2, 3))
+        a, b, c = (asyncio.ensure_future(rows(batcher, np.full((1, 4), v, np.float32))) for v in (1, 2, 3))
         await asyncio.sleep(0.1)  # A in the model, B and C queued
         b.cancel()
         a.cancel()
@@ -78,16 +80,16 @@ def test_requests_gone_from_the_queue_no_longer_count_toward_the_wait_that_sheds
     batcher, model = held_batcher("gone", max_latency_s=0.25)
 
     async def main() -> np.ndarray:
-        first = asyncio.ensure_future(batcher(np.full((1, 4), 1, np.float32)))
+        first = asyncio.ensure_future(rows(batcher, np.full((1, 4), 1, np.float32)))
         while not model.started.is_set():
             await asyncio.sleep(0.01)
         batcher.seconds_per_image = 0.1  # three queued images: 0.3 s of wait, over the 0.25 s budget
-        gone = [asyncio.ensure_future(batcher(np.full((1, 4), 2, np.float32))) for _ in range(3)]
+        gone = [asyncio.ensure_future(rows(batcher, np.full((1, 4), 2, np.float32))) for _ in range(3)]
         await asyncio.sleep(0)
         for request in gone:
             request.cancel()
         await asyncio.sleep(0)
-        last = asyncio.ensure_future(batcher(np.full((1, 4), 3, np.float32)))
+        last = asyncio.ensure_future(rows(batcher, np.full((1, 4), 3, np.float32)))
         await asyncio.sleep(0)
         model.release.set()
         await first
@@ -128,14 +130,14 @@ def test_requests_whose_sockets_show_a_hang_up_shed_no_live_one() -> None:
 
     async def main() -> list:
         nonlocal left
-        first = asyncio.ensure_future(batcher(np.full((1, 4), 1, np.float32)))
+        first = asyncio.ensure_future(rows(batcher, np.full((1, 4), 1, np.float32)))
         while not model.started.is_set():
             await asyncio.sleep(0.01)
         batcher.seconds_per_image = 0.1  # three queued images: 0.3 s of wait, over the 0.25 s budget
         gone = [asyncio.ensure_future(batcher.call(np.full((1, 4), 2, np.float32), lambda: left)) for _ in range(3)]
         await asyncio.sleep(0)
         left = True
-        last = asyncio.ensure_future(batcher(np.full((1, 4), 3, np.float32)))
+        last = asyncio.ensure_future(rows(batcher, np.full((1, 4), 3, np.float32)))
         await asyncio.sleep(0)
         model.release.set()
         await first
@@ -168,7 +170,7 @@ def test_a_request_whose_socket_shows_a_hang_up_after_its_body_is_not_decoded_an
         handled.append(body)
         return Answer(200, {})
 
-    app = Limits({"/classify": handler}, max_body_bytes=10_000, max_concurrency=4, timeout_s=10)
+    app = Endpoints({"/classify": handler}, max_body_bytes=10_000, max_concurrency=4, timeout_s=10)
     reading = counted(REQUESTS, stage="reading")
     connection = Connection(gone=True)
     assert asyncio.run(call(app, b"image", connection=connection)) is None
@@ -198,7 +200,7 @@ def test_a_client_gone_while_sending_or_waiting_gets_nothing_and_is_counted() ->
     async def slow(scope, body):
         await asyncio.sleep(5)
 
-    app = Limits({"/classify": slow}, max_body_bytes=10_000, max_concurrency=4, timeout_s=10)
+    app = Endpoints({"/classify": slow}, max_body_bytes=10_000, max_concurrency=4, timeout_s=10)
     reading, waiting = counted(REQUESTS, stage="reading"), counted(REQUESTS, stage="waiting")
     assert asyncio.run(call(app, b"x" * 3000, cut_after=1)) is None  # gone after 1 KB of its 3 KB body
     assert counted(REQUESTS, stage="reading") - reading == 1 and counted(REQUESTS, stage="waiting") == waiting

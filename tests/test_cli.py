@@ -152,13 +152,11 @@ def test_make_serve_refuses_a_busy_or_impossible_port_in_one_line(tmp_path: Path
         busy.listen()
         port = busy.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "service.port", str(port)], capture_output=True, text=True, cwd=ROOT
+            [sys.executable, "-m", "tools.port", str(port)], capture_output=True, text=True, cwd=ROOT
         )
     assert result.returncode == 1 and result.stderr.strip() == (
         f"error: port {port}: another process listens on it; stop it, or choose another port: make serve PORT=3001"
     )
-    impossible = subprocess.run(
-        [sys.executable, "-m", "service.port", "99999"], capture_output=True, text=True, cwd=ROOT
-    )
+    impossible = subprocess.run([sys.executable, "-m", "tools.port", "99999"], capture_output=True, text=True, cwd=ROOT)
     assert impossible.returncode == 1 and "use a whole number from 1 to 65535" in impossible.stderr
-    assert "@$(BIN)/python -m service.port $(PORT)" in (ROOT / "Makefile").read_text()  # make serve runs it first
+    assert "@$(BIN)/python -m tools.port $(PORT)" in (ROOT / "Makefile").read_text()  # make serve runs it first

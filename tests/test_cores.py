@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from service.cores import SharedCores
+from service.inference.cores import SharedCores
 
 ROOT = Path(__file__).resolve().parent.parent
 # A second worker process of the same server: holds a model call open until its stdin closes.
 OTHER_WORKER = """
 import sys
 from pathlib import Path
-from service.cores import SharedCores
+from service.inference.cores import SharedCores
 with SharedCores(Path(sys.argv[1]), 2, 1).call() as alone:
     print(alone, flush=True)
     sys.stdin.read()

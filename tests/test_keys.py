@@ -12,8 +12,8 @@ import tritonclient.http as triton
 
 from harness.samples import ROOT
 from harness.server import serve_expecting_exit, serving
-from service import keys as keys_module
-from service.keys import ApiKeys
+from service.http import keys as keys_module
+from service.http.keys import ApiKeys
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.server

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from harness.samples import ROOT
-from service.keys import KeySet, parse
+from service.http.keys import KeySet, parse
 from service.settings import Settings
 
 OVERLAYS = sorted((ROOT / "deploy" / "kubernetes" / "overlays").iterdir())

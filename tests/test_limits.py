@@ -6,10 +6,10 @@ import json
 import pytest
 
 from core.errors import ImageError, ImageTooLarge, UnsupportedImage
-from service.answers import Answer, error_answer, size_text
 from service.bentoml_internals import CONNECTION
-from service.classification import Limits
 from service.errors import BadRequest, Overloaded, TimedOut, TooManyRequests
+from service.http.answers import Answer, error_answer, size_text
+from service.http.endpoints import Endpoints
 
 
 async def slow_echo(scope, body: bytes) -> Answer:
@@ -68,9 +68,9 @@ async def call(
     return start["status"], dict(start["headers"]), json.loads(body_out or b"{}")
 
 
-def limits(**overrides) -> Limits:
+def limits(**overrides) -> Endpoints:
     settings = {"max_body_bytes": 4096, "max_concurrency": 2, "timeout_s": 5.0} | overrides
-    return Limits({"/classify": slow_echo}, **settings)
+    return Endpoints({"/classify": slow_echo}, **settings)
 
 
 def test_a_body_over_the_limit_is_a_413_whether_declared_or_streamed() -> None:

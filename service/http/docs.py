@@ -1,8 +1,8 @@
 """The API's description: every public route with its bodies and errors, as the OpenAPI document at /docs.json
 that the Swagger UI at /docs shows (the page loads BentoML's bundled Swagger UI files from this server only).
 
-FastAPI writes the document from the routes declared here. The Router answers every one of them itself
-(service/http.py), except /models, /livez, /readyz and /metrics; the others are declared for the document only.
+FastAPI writes the document from the routes declared here, for the document only: the route table answers them
+(service/http/routes.py), or BentoML's app (/livez, /readyz, /metrics), which also runs this app's /models.
 """
 
 from __future__ import annotations
@@ -11,9 +11,12 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from starlette.staticfiles import StaticFiles
 
+from service.http.routes import PAGE
+from service.http.v2 import package_version
 from service.settings import Settings
-from service.v2 import package_version
 
 TITLE = "CIFAR-10 classifier"
 DESCRIPTION = (
@@ -102,19 +105,34 @@ def errors(*statuses: int) -> dict:
     return {status: json_answer(ERRORS[status], body) for status in statuses}
 
 
-def documented_app(settings: Settings, models: Callable[[], Any]) -> FastAPI:
-    """The FastAPI app mounted on the BentoML service: /models (answered by `models`), and every other public route
-    declared for the document."""
-    app = FastAPI(title=TITLE, version=package_version(), description=DESCRIPTION, docs_url=None, redoc_url=None)
+class Document:
+    """A FastAPI app whose routes exist for the OpenAPI document only."""
 
-    async def documented() -> None:
-        """Stands in for a route the Router answers itself."""
-
-    def route(path: str, method: str, summary: str, responses: dict, **openapi: Any) -> None:
-        app.add_api_route(
-            path, documented, methods=[method], summary=summary, responses=responses, openapi_extra=openapi or None
+    def __init__(self) -> None:
+        self.app = FastAPI(
+            title=TITLE, version=package_version(), description=DESCRIPTION, docs_url=None, redoc_url=None
         )
 
+    def route(self, path: str, method: str, summary: str, responses: dict, **openapi: Any) -> None:
+        self.app.add_api_route(
+            path, _documented, methods=[method], summary=summary, responses=responses, openapi_extra=openapi or None
+        )
+
+
+async def _documented() -> None:
+    """Stands in for a route the route table answers itself."""
+
+
+def documented_app(settings: Settings) -> FastAPI:
+    """The FastAPI app mounted on the BentoML service: every public route, declared for the document."""
+    document = Document()
+    classify_routes(document, settings)
+    plain_routes(document)
+    v2_routes(document)
+    return document.app
+
+
+def classify_routes(document: Document, settings: Settings) -> None:
     image = {"type": "string", "format": "binary", "description": "an image file (JPEG, PNG, WebP, GIF, BMP, TIFF)"}
     names = [name for name, _ in settings.models]
     options = {
@@ -124,7 +142,7 @@ def documented_app(settings: Settings, models: Callable[[], Any]) -> FastAPI:
     query = [{"name": n, "in": "query", "required": False, "schema": schema} for n, schema in options.items()]
     answered_by = {"model": {"type": "string"}, "model_version": {"type": "string"}}
     classified = {"type": "object", "properties": {**answered_by, **PREDICTION["properties"]}}
-    route(
+    document.route(
         "/classify",
         "POST",
         "Classify one image (a multipart field `image`, or the whole body)",
@@ -141,7 +159,8 @@ def documented_app(settings: Settings, models: Callable[[], Any]) -> FastAPI:
         parameters=query,
     )
     result = {"oneOf": [PREDICTION, {"type": "object", "properties": {"error": {}, "status": {}}}]}
-    route(
+    batch = {"type": "object", "required": ["images"], "properties": {"images": {"type": "array", "items": image}}}
+    document.route(
         "/classify_batch",
         "POST",
         f"Classify up to {settings.max_batch_images} images (the repeated multipart field `images`)",
@@ -154,24 +173,12 @@ def documented_app(settings: Settings, models: Callable[[], Any]) -> FastAPI:
         },
         requestBody={
             "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["images"],
-                        "properties": {"images": {"type": "array", "items": image}, **options},
-                    }
-                }
-            },
+            "content": {"multipart/form-data": {"schema": {**batch, "properties": {**batch["properties"], **options}}}},
         },
     )
-    app.add_api_route(
-        "/models",
-        models,
-        methods=["GET"],
-        summary="The served models: versions, precision, input contract, accuracy, out-of-distribution threshold",
-        responses=errors(401),
-    )
+
+
+def plain_routes(document: Document) -> None:
     for path, summary in (
         ("/livez", "Liveness: 200 while the process runs"),
         ("/readyz", "Readiness: 200 once the models are loaded and warm, 503 while draining"),
@@ -180,7 +187,10 @@ def documented_app(settings: Settings, models: Callable[[], Any]) -> FastAPI:
         ("/v2/health/live", "Open Inference Protocol: liveness"),
         ("/v2/health/ready", "Open Inference Protocol: readiness"),
     ):
-        route(path, "GET", summary, {200: json_answer("see the summary")})
+        document.route(path, "GET", summary, {200: json_answer("see the summary")})
+
+
+def v2_routes(document: Document) -> None:
     for versioned in ("", "/versions/{version}"):
         base = "/v2/models/{name}" + versioned
         named = [
@@ -188,9 +198,11 @@ def documented_app(settings: Settings, models: Callable[[], Any]) -> FastAPI:
             for part in ("name", "version")
             if "{" + part + "}" in base
         ]
-        route(base, "GET", "A model's metadata: inputs, outputs, parameters", errors(401, 404), parameters=named)
-        route(base + "/ready", "GET", "Whether a model is ready", errors(401, 404), parameters=named)
-        route(
+        document.route(
+            base, "GET", "A model's metadata: inputs, outputs, parameters", errors(401, 404), parameters=named
+        )
+        document.route(base + "/ready", "GET", "Whether a model is ready", errors(401, 404), parameters=named)
+        document.route(
             base + "/infer",
             "POST",
             "Infer (JSON, or JSON then binary tensor data with Inference-Header-Content-Length)",
@@ -198,4 +210,22 @@ def documented_app(settings: Settings, models: Callable[[], Any]) -> FastAPI:
             requestBody={"required": True, "content": {"application/json": {"schema": V2_INFER}}},
             parameters=named,
         )
+
+
+def mounted_app(settings: Settings, models: Callable[[], dict]) -> FastAPI:
+    """What the service mounts on BentoML's app (its middleware sees these): the routes declared for the document,
+    /models (answered with `models()`), and the page's files."""
+    app = documented_app(settings)
+
+    async def served_models() -> JSONResponse:
+        return JSONResponse(models())
+
+    app.add_api_route(
+        "/models",
+        served_models,
+        methods=["GET"],
+        summary="The served models: versions, precision, input contract, accuracy, out-of-distribution threshold",
+        responses={200: json_answer("the served models, their batching settings and request limits"), **errors(401)},
+    )
+    app.mount("/page", StaticFiles(directory=PAGE), name="page")  # the page's script and style sheet
     return app

@@ -16,8 +16,13 @@ import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from core.errors import UserError
-from service.drain import say
+from service.errors import Unauthorized
+from service.http.answers import error_answer, send_answer
+from service.http.context import header
+from service.log import say
 
 # Answered without a key: the probes, and files that hold no data (the page, the API's description).
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/v2/health/live", "/v2/health/ready", "/", "/docs", "/docs.json"})
@@ -100,3 +105,17 @@ class ApiKeys:
         except OSError:
             return None
         return stat.st_mtime_ns, stat.st_ino, stat.st_size
+
+
+class KeyCheck:
+    """The layer that answers 401 to a request without a valid key."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.keys.allows(scope["path"], header(scope, b"authorization")):
+            await self.app(scope, receive, send)
+            return
+        missing = Unauthorized("a missing or wrong API key; send the header Authorization: Bearer <key>")
+        await send_answer(send, error_answer(missing, scope["exchange"].request_id))

@@ -19,23 +19,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sys
 import time
 from collections.abc import Callable
 from types import FrameType
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import ShuttingDown
+from service.http.answers import error_answer, send_answer
+from service.log import say
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 QUIET_S = 0.2  # no new request for this long: traffic has moved elsewhere
 CLOSE_S = 1.0  # of the grace period, left for uvicorn to close the connections
 
 
-class Drain:
-    """A worker's requests in flight, and its drain when a stop signal comes."""
+# While draining: liveness, readiness (503 then, from the service's __is_ready__) and metrics.
+STILL_SERVED_WHILE_DRAINING = {"/livez", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
 
-    def __init__(self, grace_s: float) -> None:
-        self.grace_s = grace_s
+
+class Drain:
+    """The layer that counts a worker's requests in flight and refuses new ones while it drains; and the drain,
+    when a stop signal comes."""
+
+    def __init__(self, app: ASGIApp, grace_s: float) -> None:
+        self.app, self.grace_s = app, grace_s
         self.draining = False
         self.in_flight = 0
         self.last_request = 0.0  # time.monotonic() of the newest request
@@ -82,9 +90,9 @@ class Drain:
                 None,
             )
 
-    async def track(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
-        """Run `app` for one request, counted as in flight (POSTs also as received, then answered); an answer sent
-        while draining closes its connection, so that no next request comes on it."""
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """One request, counted as in flight (POSTs also as received, then answered), or refused while draining; an
+        answer sent while draining closes its connection, so that no next request comes on it."""
         counted = scope["method"] == "POST"  # the summary counts requests, not probes and scrapes
         self.in_flight += 1
         self.received += counted
@@ -99,7 +107,10 @@ class Drain:
             await send(message)
 
         try:
-            await app(scope, receive, closing_send)
+            if self.draining and scope["path"] not in STILL_SERVED_WHILE_DRAINING:
+                await _refuse(receive, closing_send, scope["exchange"].request_id)
+            else:
+                await self.app(scope, receive, closing_send)
         finally:
             self.in_flight -= 1
 
@@ -108,7 +119,12 @@ class Drain:
         return f"cifar10 drain: {self.received} POST requests received, {self.answered} answered"
 
 
-def say(line: str) -> None:
-    """One line on stderr, which may be a pipe nobody reads any more (a server whose parent is gone)."""
-    with contextlib.suppress(OSError):
-        print(line, file=sys.stderr, flush=True)
+async def _refuse(receive: Receive, send: Send, request_id: str) -> None:
+    """503 for a request that arrived while the worker drains. Its body is read first: closing a connection
+    with unread data makes the kernel send a reset, which can destroy the answer before the client reads it."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(1):
+            while (await receive()).get("more_body"):
+                pass
+    shutting_down = ShuttingDown("this server is shutting down; retry, another replica will answer")
+    await send_answer(send, error_answer(shutting_down, request_id))

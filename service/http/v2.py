@@ -8,7 +8,7 @@ and OVMS take BYTES in JSON: raw bytes are not text), raw with the binary extens
 for a model with an out-of-distribution score, `ood_score`, FP32 [N] (core/ood.py; the threshold is in the
 model's metadata); all of them unless the request names some. The protocol has no per-item errors: one bad
 image fails the request with its index in the message. Infer requests run through the same limits, batcher,
-drain and metrics as /classify (service/classification.py).
+drain and metrics as /classify (service/http/endpoints.py), through the same inference core.
 """
 
 from __future__ import annotations
@@ -22,18 +22,30 @@ from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
-from starlette.types import Scope
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.answers import Answer
-from service.classification import hang_up_probe, header, noted
 from service.errors import BadRequest, NotFound
-from service.predictor import Predictor, Ranked
+from service.http.answers import Answer, error_answer, send_answer
+from service.http.context import header, record_asked
+from service.http.endpoints import hang_up_probe
+from service.inference.core import Answers, Asked, Inference
 
 INFER_ROUTE = "/v2/models/{name}/infer"  # the route's name in /metrics and traces
 _PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<what>/ready|/infer)?")
 HEADER_LENGTH = b"inference-header-content-length"
 IMAGE, TENSOR, PROBABILITIES, LABELS, OOD_SCORE = "image", "input", "probabilities", "labels", "ood_score"
 DEFAULT_TOP_K = 3
+# What a model's metadata passes on from /models.
+METADATA_PARAMETERS = (
+    "class_names",
+    "mean",
+    "std",
+    "precision",
+    "arch",
+    "test_accuracy",
+    "store_tag",
+    "out_of_distribution",
+)
 
 
 def package_version() -> str:
@@ -53,11 +65,47 @@ def model_route(method: str, path: str) -> tuple[str, str, str | None] | None:
 
 
 class OpenInference:
-    """The v2 routes, answered by the Predictor `predictor()` returns."""
+    """The v2 routes as one ASGI app: infer through `endpoints` (the limits /classify runs under), the rest answered
+    here, through the inference core `inference()` returns (None while the models load)."""
 
-    def __init__(self, predictor: Callable[[], Predictor | None], server_name: str) -> None:
-        self.predictor = predictor
+    def __init__(
+        self,
+        inference: Callable[[], Inference | None],
+        endpoints: ASGIApp,
+        draining: Callable[[], bool],
+        server_name: str,
+    ) -> None:
+        self.inference, self.endpoints, self.draining = inference, endpoints, draining
         self.server_name = server_name
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path, method, request_id = scope["path"], scope["method"], scope["exchange"].request_id
+        route = model_route(method, path)
+        wanted = "POST" if route and route[0] == "infer" else "GET"
+        if method != wanted:
+            answer = Answer(
+                405,
+                {"error": f"{method} {path} is not allowed; use {wanted}", "request_id": request_id},
+                [(b"allow", wanted.encode())],
+            )
+        elif route and route[0] == "infer":
+            scope["route"], scope["v2"] = INFER_ROUTE, route
+            await self.endpoints(scope, receive, send)
+            return
+        elif path == "/v2":
+            answer = self.server()
+        elif path == "/v2/health/live":
+            answer = Answer(200, {"live": True})
+        elif path == "/v2/health/ready":
+            answer = self.ready(self.draining())
+        elif route is not None:
+            try:
+                answer = self.model(*route)
+            except NotFound as exc:
+                answer = error_answer(exc, request_id)
+        else:
+            answer = Answer(404, {"error": f"no route for {method} {path}; /docs lists them", "request_id": request_id})
+        await send_answer(send, answer)
 
     def server(self) -> Answer:
         return Answer(
@@ -65,21 +113,21 @@ class OpenInference:
         )
 
     def ready(self, draining: bool) -> Answer:
-        ready = self.predictor() is not None and not draining
+        ready = self.inference() is not None and not draining
         return Answer(200 if ready else 503, {"ready": ready})
 
     def model(self, kind: str, name: str, version: str | None) -> Answer:
         """GET /v2/models/NAME[/versions/V][/ready]: metadata, or readiness."""
-        serving = self._serving(name, version)
+        model = self._core().repository.answering(name, version, in_path=True).model
         if kind == "ready":
             return Answer(200, {"name": name, "ready": True})
-        described = serving.describe()["models"][name]
+        described = model.describe()
         classes = len(described["class_names"])
         return Answer(
             200,
             {
                 "name": name,
-                "versions": [serving.version(name)],
+                "versions": [model.version],
                 "platform": "onnx_onnxv1",
                 "inputs": [
                     {"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
@@ -92,28 +140,17 @@ class OpenInference:
                 "outputs": [
                     {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, classes]},
                     {"name": LABELS, "datatype": "BYTES", "shape": [-1, -1]},
-                    *([{"name": OOD_SCORE, "datatype": "FP32", "shape": [-1]}] if serving.scores(name) else []),
+                    *([{"name": OOD_SCORE, "datatype": "FP32", "shape": [-1]}] if model.ood else []),
                 ],
-                "parameters": {
-                    key: described[key]
-                    for key in (
-                        "class_names",
-                        "mean",
-                        "std",
-                        "precision",
-                        "arch",
-                        "test_accuracy",
-                        "store_tag",
-                        "out_of_distribution",
-                    )
-                },
+                "parameters": {key: described[key] for key in METADATA_PARAMETERS},
             },
         )
 
     async def infer(self, scope: Scope, body: bytes) -> Answer:
         """POST /v2/models/NAME[/versions/V]/infer."""
         _, name, version = scope["v2"]
-        serving = self._serving(name, version)
+        core = self._core()
+        core.repository.answering(name, version, in_path=True)  # an unknown model or version before the body's errors
         request, binary = _split(scope, body)
         top_k = _whole(request.get("parameters", {}).get("top_k", DEFAULT_TOP_K), "parameters.top_k")
         inputs = request.get("inputs")
@@ -122,28 +159,15 @@ class OpenInference:
                 f"send exactly one input: {IMAGE} (BYTES, encoded images) or {TENSOR} (FP32 [N, 3, 32, 32], normalized)"
             )
         tensor, images = _input(inputs[0], binary)
-        count = len(images) if images is not None else len(tensor)
-        noted(scope, name, count)
-        classes = serving.class_names(name)
-        if not 1 <= top_k <= len(classes):
-            raise BadRequest(f"parameters.top_k must be between 1 and {len(classes)}, got {top_k}")
-        if count > serving.settings.max_batch_images:
-            raise BadRequest(f"{count} inputs in one request; the limit is {serving.settings.max_batch_images}")
-        if images is not None:
-            ranked = await serving.ranked_images(images, name, hang_up_probe(scope))
-        else:
-            ranked = await serving.ranked(name, tensor, hang_up_probe(scope))
-        return _response(request, name, serving.version(name), ranked, classes, top_k)
+        asked = Asked(name, top_k, images, tensor, version, in_path=True, whole=True, hung_up=hang_up_probe(scope))
+        record_asked(scope, name, asked.count)
+        return _response(request, await core.classify(asked), top_k)
 
-    def _serving(self, name: str, version: str | None) -> Predictor:
-        serving = self.predictor()
-        if serving is None:
+    def _core(self) -> Inference:
+        core = self.inference()
+        if core is None:
             raise NotFound("the models are still loading; retry shortly")
-        if name not in serving.models:
-            raise NotFound(f"no model {name!r}; this server serves {', '.join(serving.models)}")
-        if version is not None and version != serving.version(name):
-            raise NotFound(f"model {name} has no version {version!r} here; it serves version {serving.version(name)}")
-        return serving
+        return core
 
 
 def _split(scope: Scope, body: bytes) -> tuple[dict, bytes]:
@@ -251,7 +275,8 @@ def _binary_elements(data: bytes) -> list[bytes]:
     return images
 
 
-def _response(request: dict, name: str, model_version: str, ranked: Ranked, classes: list[str], top_k: int) -> Answer:
+def _response(request: dict, answers: Answers, top_k: int) -> Answer:
+    ranked, classes = answers.ranked, answers.class_names
     requested = request.get("outputs")
     wanted = {PROBABILITIES: {}, LABELS: {}, **({OOD_SCORE: {}} if ranked.ood_scores is not None else {})}
     if requested is not None:
@@ -288,7 +313,7 @@ def _response(request: dict, name: str, model_version: str, ranked: Ranked, clas
         if as_binary:
             entry["parameters"] = {"binary_data_size": len(binary[-1])}
         outputs.append(entry)
-    body = {"model_name": name, "model_version": model_version, "outputs": outputs}
+    body = {"model_name": answers.model, "model_version": answers.version, "outputs": outputs}
     if "id" in request:
         body["id"] = request["id"]
     if not binary:

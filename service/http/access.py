@@ -1,9 +1,9 @@
 """What an operator sees of every request: its request ID and one access log line.
 
-Every route's requests pass the Router, which makes one `Exchange` per request and writes it here when the
-answer has gone, so BentoML's own access log is off (service/service.py): one line per request, whatever
-route answered it. The ID is the client's X-Request-ID when it has a usable one (a load balancer's), else a
-new one; it goes back in the X-Request-ID header and in every error body.
+Every route's requests pass the request context layer (service/http/context.py), which makes one `Exchange` per
+request and writes it here when the answer has gone, so BentoML's own access log is off (service/service.py): one
+line per request, whatever route answered it. The ID is the client's X-Request-ID when it has a usable one (a load
+balancer's), else a new one; it goes back in the X-Request-ID header and in every error body.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Greedy, like Triton's dynamic batcher: whenever the model is free, everything queued (up to
 `max_batch_size` images) goes into the next call. A lone request runs at once. A request whose client
 has gone is left out: its future is done (cancelled), or its hang-up probe says so (the socket knows
-before the busy event loop reads it).
+before the busy event loop reads it). The batcher only queues: it hands the call the requests' arrays as
+they are, and each request gets its own rows of what the call returns.
 
 Two ways to run the calls. A model whose calls cost little (`inline`: LeNet on a CPU, ~40 us an image)
 runs them in the event loop itself: the requests that reach the batcher in one pass of the loop share
@@ -23,18 +24,29 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import Protocol, TypeAlias
 
 import numpy as np
 
 from service.errors import ClientGone, Overloaded
-from service.metrics import ABANDONED_IMAGES
+from service.inference.metrics import ABANDONED_IMAGES
 
 logger = logging.getLogger("cifar10.batching")
 # A model call whose queued work is estimated below this waits this long for more work when under load.
 GATHER_S = 0.002
 SWEEP_S = 0.005  # when about to refuse for a long queue or too many requests: how often to look for hung-up ones
 HangUpProbe: TypeAlias = Callable[[], bool]  # whether a request's client has closed its connection
+
+
+class Rows(Protocol):
+    """What a model call returns: one row per input image, sliced per request."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, rows: slice) -> Rows: ...
+
+
+ModelCall: TypeAlias = Callable[[list[np.ndarray]], Rows]  # the requests' arrays -> their rows, in order
 
 
 @dataclass
@@ -45,19 +57,6 @@ class _Pending:
     hung_up: HangUpProbe | None = None
     queued_at: float = field(default_factory=time.monotonic)
     queued: bool = False  # its images are counted in the batcher's queued_images
-
-
-def pad(inputs: np.ndarray, bucket_sizes: tuple[int, ...]) -> np.ndarray:
-    """`inputs` with rows of zeros added up to the smallest bucket size that holds them (as they are without)."""
-    size = next((b for b in bucket_sizes if b >= len(inputs)), len(inputs))
-    if size == len(inputs):
-        return inputs
-    return np.concatenate([inputs, np.zeros((size - len(inputs), *inputs.shape[1:]), inputs.dtype)])
-
-
-def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
-    """Powers of two below max_batch_size, and max_batch_size itself: 1, 2, 4, ..., 64."""
-    return (*(2**i for i in range(max_batch_size.bit_length()) if 2**i < max_batch_size), max_batch_size)
 
 
 def _settle(results: list[tuple[asyncio.Future, tuple | BaseException]], model: str = "") -> None:
@@ -82,36 +81,25 @@ def _hand_back(results: list[tuple[_Pending, tuple | BaseException]], model: str
 
 
 class Batcher:
-    """Queue and model thread for one model; `await batcher(inputs)` returns that request's rows of the output."""
+    """Queue and model thread for one model; `await batcher.call(inputs)` returns that request's rows of the output."""
 
     def __init__(
         self,
         name: str,
-        run: Callable[[np.ndarray], np.ndarray],
+        run: ModelCall,
         max_batch_size: int,
         max_latency_s: float,
         device_lock: threading.Lock,
-        bucket_sizes: tuple[int, ...] = (),
-        prepare: Callable[[np.ndarray], np.ndarray] | None = None,
         inline: bool = False,
     ) -> None:
-        """`run` is the blocking model call; `device_lock` is shared by the models that share the cores.
-        `bucket_sizes`: the only batch sizes `run` sees (a batch is padded with zeros up to the next one and the
-        padding's rows dropped), for runtimes that pay for every new shape; empty: any size. `prepare`: applied
-        to the uint8 inputs of a call, all at once, before `run` (normalization); float inputs pass as they are.
-        `inline`: run the calls in the event loop (for a cheap model), not in a thread of its own."""
+        """`run` is the blocking model call, given the arrays of the requests in a batch; `device_lock` is shared by
+        the models that share the cores. `inline`: run the calls in the event loop (for a cheap model), not in a
+        thread of its own."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_latency_s <= 0:
             raise ValueError(f"max_latency_s must be positive, got {max_latency_s}")
-        if bucket_sizes and (
-            list(bucket_sizes) != sorted(set(bucket_sizes)) or bucket_sizes[0] < 1 or bucket_sizes[-1] < max_batch_size
-        ):
-            raise ValueError(
-                f"bucket_sizes must rise from 1 or more up to max_batch_size {max_batch_size}, got {bucket_sizes}"
-            )
         self.name = name
-        self.bucket_sizes = bucket_sizes
         self.run = run
         self.max_batch_size = max_batch_size
         self.max_latency_s = max_latency_s
@@ -120,17 +108,22 @@ class Batcher:
         self.queued_images = 0
         self.seconds_per_image = 0.0  # running estimate, to shed at once what could not be served in time
         self.last_batch = 0  # requests in the last call: more than one means requests are overlapping
-        self.prepare = prepare
         self.inline = inline
         self.passing: list[_Pending] = []  # inline: the requests of this pass of the event loop
         self.last_sweep = 0.0
         self.ready = threading.Condition()
-        threading.Thread(target=self._serve, name=f"batcher-{name}", daemon=True).start()
+        self.closed = False
+        self.thread = threading.Thread(target=self._serve, name=f"batcher-{name}", daemon=True)
+        self.thread.start()
 
-    async def __call__(self, inputs: np.ndarray) -> np.ndarray:
-        return (await self.call(inputs))[0]
+    def close(self) -> None:
+        """Stop the model thread once the queue is empty (requests still queued are answered first)."""
+        with self.ready:
+            self.closed = True
+            self.ready.notify()
+        self.thread.join()
 
-    async def call(self, inputs: np.ndarray, hung_up: HangUpProbe | None = None) -> tuple[np.ndarray, int]:
+    async def call(self, inputs: np.ndarray, hung_up: HangUpProbe | None = None) -> tuple[Rows, int]:
         """This request's rows of the output, and how many images the model call that made them held. Raises
         ClientGone where `hung_up()` turns true before its images go into a call."""
         loop = asyncio.get_running_loop()
@@ -198,7 +191,7 @@ class Batcher:
                 self.device_lock.release()
 
     def _serve(self) -> None:
-        while True:
+        while not (self.closed and not self.queue):
             try:
                 self._serve_next()
             except Exception:  # never let the thread die: every later request would time out
@@ -207,7 +200,7 @@ class Batcher:
     def _serve_next(self) -> None:
         """Wait for work, then run one batch."""
         with self.ready:
-            self.ready.wait_for(lambda: self.queue)
+            self.ready.wait_for(lambda: self.queue or self.closed)
             cheap = self.queued_images * self.seconds_per_image < GATHER_S
             busy = len(self.queue) > 1 or self.last_batch > 1
             gather = cheap and busy and self.queued_images < self.max_batch_size
@@ -263,28 +256,17 @@ class Batcher:
             results = self._outputs(batch)
         _hand_back([(pending, result) for pending, (_, result) in zip(batch, results, strict=True)], self.name)
 
-    def _outputs(self, batch: list[_Pending]) -> list[tuple[asyncio.Future, np.ndarray | BaseException]]:
+    def _outputs(self, batch: list[_Pending]) -> list[tuple[asyncio.Future, tuple | BaseException]]:
         """One model call for `batch` (the device held): each request's rows of the output, or the call's error."""
         self.last_batch = len(batch)
+        images = sum(len(p.inputs) for p in batch)
         try:
-            inputs = self._joined(batch)
             started = time.perf_counter()
-            outputs = self.run(pad(inputs, self.bucket_sizes))[: len(inputs)]
-            per_image = (time.perf_counter() - started) / len(inputs)
+            outputs = self.run([p.inputs for p in batch])
+            per_image = (time.perf_counter() - started) / images
         except Exception as exc:  # a failed call fails its own requests, never the thread
             logger.exception("model call failed")
             return [(pending.future, exc) for pending in batch]
         self.seconds_per_image = 0.8 * (self.seconds_per_image or per_image) + 0.2 * per_image
         ends = np.cumsum([len(p.inputs) for p in batch])
-        return [
-            (p.future, (outputs[end - len(p.inputs) : end], len(inputs))) for p, end in zip(batch, ends, strict=True)
-        ]
-
-    def _joined(self, batch: list[_Pending]) -> np.ndarray:
-        """The call's inputs: uint8 ones prepared together where the whole batch is uint8."""
-        inputs = [p.inputs for p in batch]
-        if self.prepare is not None and all(x.dtype == np.uint8 for x in inputs):
-            return self.prepare(inputs[0] if len(inputs) == 1 else np.concatenate(inputs))
-        if self.prepare is not None:
-            inputs = [self.prepare(x) if x.dtype == np.uint8 else x for x in inputs]
-        return inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
+        return [(p.future, (outputs[end - len(p.inputs) : end], images)) for p, end in zip(batch, ends, strict=True)]

@@ -1,0 +1,64 @@
+"""The HTTP room: the worker's ASGI app as a stack of small layers, outermost first, each with one job:
+
+- the request context (request ID, trace span, access line): service/http/context.py
+- the drain (requests in flight; 503 while draining): service/http/drain.py
+- the API keys (401), where they are on: service/http/keys.py
+- the route table: service/http/routes.py, to
+  - the endpoints the service answers itself, under the request limits: service/http/endpoints.py, whose handlers
+    only parse and format (/classify and /classify_batch: service/http/classify.py; v2: service/http/v2.py), calling
+    the inference core (service/inference/core.py);
+  - the page and the API's description; and BentoML's app for everything else (/models among it).
+
+The endpoints run ahead of BentoML's per-request middleware (tracing, access log, HTTP metrics, timeout), which
+cost about 2 ms of CPU per request and capped one worker at ~380 requests/s (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.http.access import AccessLog
+from service.http.classify import classify_endpoints
+from service.http.context import RequestContext
+from service.http.drain import Drain
+from service.http.endpoints import Endpoints
+from service.http.keys import ApiKeys, KeyCheck
+from service.http.routes import Routes
+from service.http.v2 import INFER_ROUTE, OpenInference
+from service.inference.core import Inference
+from service.settings import Settings
+
+SERVER_NAME = "cifar10-classifier"
+
+
+class HttpStack:
+    """A worker's ASGI app: HTTP requests through the layers, anything else (lifespan) to BentoML's app."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        bentoml_app: ASGIApp,
+        inference: Callable[[], Inference | None],
+        openapi: Callable[[], dict],
+        cors: dict | None = None,
+    ) -> None:
+        """`inference()`: the worker's inference core once its models are loaded. `cors`: CORSMiddleware options
+        when BentoML's CORS is on (its preflights stay BentoML's)."""
+        self.bentoml_app = bentoml_app
+        endpoints = Endpoints(
+            {}, settings.max_body_bytes, settings.max_concurrency, settings.timeout_s, settings.body_timeout_s
+        )
+        guarded = CORSMiddleware(endpoints, **cors) if cors else endpoints
+        v2 = OpenInference(inference, guarded, lambda: self.drain.draining, SERVER_NAME)
+        endpoints.handlers |= classify_endpoints(inference) | {INFER_ROUTE: v2.infer}
+        routes = Routes(bentoml_app, guarded, v2, openapi)
+        keyed = KeyCheck(routes, ApiKeys(Path(settings.api_keys_file))) if settings.api_keys_file else routes
+        self.drain = Drain(keyed, settings.drain_s)
+        self.app = RequestContext(self.drain, AccessLog(settings.access_log, settings.access_log_sample))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await (self.app if scope["type"] == "http" else self.bentoml_app)(scope, receive, send)

@@ -1,0 +1,67 @@
+"""What one worker process builds from the server's plan and owns: its HTTP stack, when BentoML asks the service
+for its app; its models and inference core, when the service starts in the worker's event loop (before /readyz
+turns 200); and their shutdown.
+"""
+
+from __future__ import annotations
+
+import os
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp
+
+from core.bentoml_internals import bentoml_home
+from service import tracing
+from service.bentoml_internals import install_protocol, own_metrics_folder
+from service.http.stack import HttpStack
+from service.inference.core import Inference
+from service.inference.loading import Host, host_for
+from service.inference.repository import ModelRepository
+from service.log import say
+from service.plan import Plan
+
+
+class Worker:
+    """A worker process's parts; `index` is its 1-based place among the server's workers (0: not under a server)."""
+
+    def __init__(self, plan: Plan, docs: FastAPI, index: int) -> None:
+        self.plan, self.docs, self.index = plan, docs, index
+        self.stack: HttpStack | None = None
+        self.inference: Inference | None = None
+        self.host: Host | None = None
+
+    def app(self, bentoml_app: ASGIApp, cors: dict | None) -> ASGIApp:
+        """The worker's ASGI app around BentoML's, made before uvicorn starts: this server's own metrics folder and
+        uvicorn's protocol with the head timeout and the hang-up probe come first."""
+        own_metrics_folder()
+        install_protocol(self.plan.settings.header_timeout_s)
+        self.stack = HttpStack(self.plan.settings, bentoml_app, lambda: self.inference, self.docs.openapi, cors)
+        return self.stack
+
+    def start(self) -> None:
+        """In the worker's event loop, once uvicorn runs: tracing (BentoML has loaded its configuration by now), the
+        models, and the drain's signal handlers (after uvicorn's own, which it calls when the drain ends)."""
+        tracing.configure()
+        self.host = self._host()
+        repository = ModelRepository(list(self.plan.sources), self.plan.settings, self.host)
+        self.inference = Inference(repository, self.plan.settings)
+        self.stack.drain.install()
+
+    @property
+    def ready(self) -> bool:
+        """/readyz: the models are loaded and the worker is not draining."""
+        return self.inference is not None and not self.stack.drain.draining
+
+    def close(self) -> None:
+        """Once uvicorn has answered every request (not when the grace period ran out)."""
+        if self.inference is not None:
+            self.inference.repository.close()
+        if self.host is not None and self.host.shared is not None:
+            self.host.shared.close()
+        if self.stack.drain.draining:
+            say(self.stack.drain.summary())
+
+    def _host(self) -> Host:
+        # The workers' shared-cores file sits in BentoML's home, like their metrics; their parent is the server.
+        cores = bentoml_home() / f"cifar10-cores-{os.getppid()}"
+        return host_for(self.plan.settings, not self.plan.on_gpu, self.plan.workers, self.index, cores)
