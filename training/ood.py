@@ -72,18 +72,30 @@ def add_stage_outputs(path: Path) -> list[int]:
     widths = [shapes[name][1] for name in stages]
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     graph.initializer.append(onnx.helper.make_tensor(f"{PREFIX}axes", onnx.TensorProto.INT64, [2], [2, 3]))
+    producers = {name: node for node in graph.node for name in node.output}
     means, squares = [], []
     for i, name in enumerate(stages):
-        squared = f"{PREFIX}{i}_squared"
-        graph.node.append(onnx.helper.make_node("Mul", [name, name], [squared], name=squared))
-        for source, out in ((name, f"{PREFIX}{i}_mean"), (squared, f"{PREFIX}{i}_square")):
-            if opset >= 18:
-                node = onnx.helper.make_node("ReduceMean", [source, f"{PREFIX}axes"], [out], name=out, keepdims=0)
-            else:
-                node = onnx.helper.make_node("ReduceMean", [source], [out], name=out, axes=[2, 3], keepdims=0)
-            graph.node.append(node)
-        means.append(f"{PREFIX}{i}_mean")
-        squares.append(f"{PREFIX}{i}_square")
+        source = name
+        producer = producers.get(name)
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            # An int8 file's own copy of the dequantized tensor: a second consumer of the one its convolution reads
+            # would keep ONNX Runtime from fusing that convolution into an int8 one.
+            source = f"{PREFIX}{i}_float"
+            graph.node.append(onnx.helper.make_node("DequantizeLinear", producer.input, [source], name=source))
+        area = onnx.helper.make_tensor(
+            f"{PREFIX}{i}_area", onnx.TensorProto.FLOAT, [], [1 / (shapes[name][2] * shapes[name][3])]
+        )
+        graph.initializer.append(area)
+        summed, mean, square = f"{PREFIX}{i}_sum_square", f"{PREFIX}{i}_mean", f"{PREFIX}{i}_square"
+        graph.node.extend(
+            [
+                reduction("ReduceMean", source, mean, opset),
+                reduction("ReduceSumSquare", source, summed, opset),
+                onnx.helper.make_node("Mul", [summed, area.name], [square], name=square),
+            ]
+        )
+        means.append(mean)
+        squares.append(square)
     for output, parts in ((MEANS_OUTPUT, means), (SQUARES_OUTPUT, squares)):
         graph.node.append(onnx.helper.make_node("Concat", parts, [output], name=f"{PREFIX}{output}", axis=1))
         graph.output.append(onnx.helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, ["batch", sum(widths)]))
@@ -97,6 +109,13 @@ def without_stage_outputs(source: Path, out: Path) -> None:
     proto = onnx.load(str(source))
     remove_stage_outputs(proto.graph)
     onnx.save(proto, str(out))
+
+
+def reduction(op: str, source: str, out: str, opset: int) -> onnx.NodeProto:
+    """`op` over a tensor's height and width, to (N, C)."""
+    if opset >= 18:
+        return onnx.helper.make_node(op, [source, f"{PREFIX}axes"], [out], name=out, keepdims=0)
+    return onnx.helper.make_node(op, [source], [out], name=out, axes=[2, 3], keepdims=0)
 
 
 def remove_stage_outputs(graph: onnx.GraphProto) -> None:
