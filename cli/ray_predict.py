@@ -171,6 +171,9 @@ def predict_on_ray(
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=count),
             num_cpus=cpus_per_actor,
             num_gpus=gpus,
+            # Ray Data's default (restart for ever) makes Ray log an error on every run, because a restarted
+            # actor could not count on its object-store constructor arguments; a dead actor fails the run instead.
+            max_restarts=0,
         )
         if writer is None:
             rows.write_parquet(out, mode="overwrite" if force else "append")
