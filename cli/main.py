@@ -8,8 +8,11 @@ here, when the command line is read: a bad value is one line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import sys
 from collections.abc import Callable
+from dataclasses import fields
 
 from core.contract import PRECISIONS, SPLITS
 from core.errors import UserError
@@ -55,83 +58,27 @@ def number(low: float, high: float | None = None, low_open: bool = False) -> Cal
     return parse
 
 
+def call(target: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand that imports `module:function` when it runs (so `predict` needs no torch) and calls it with the
+    options its parameters name; a text it returns is printed."""
+
+    def run(args: argparse.Namespace) -> int:
+        module, name = target.split(":")
+        function = getattr(importlib.import_module(module), name)
+        options = vars(args)
+        result = function(**{key: options[key] for key in inspect.signature(function).parameters if key in options})
+        if isinstance(result, str):
+            print(result)
+        return result if isinstance(result, int) else 0
+
+    return run
+
+
 def _train(args: argparse.Namespace) -> int:
     from training.train import TrainConfig, train
 
-    cfg = TrainConfig(
-        arch=args.arch,
-        data=args.data,
-        out=args.out,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        cutout=args.cutout,
-        seed=args.seed,
-        device=args.device,
-        amp=args.amp,
-        resume=args.resume,
-        download=args.download,
-        val_size=args.val_size,
-        stop_after=args.stop_after,
-        command=["cifar10", *sys.argv[1:]],
-    )
-    train(cfg)
-    return 0
-
-
-def _export(args: argparse.Namespace) -> int:
-    from training.export import export
-
-    export(
-        args.checkpoint, args.out, data=args.data, register_as=args.register, tolerance=args.tolerance, force=args.force
-    )
-    return 0
-
-
-def _quantize(args: argparse.Namespace) -> int:
-    from training.quantize import quantize
-
-    quantize(
-        args.model,
-        args.out,
-        args.data,
-        images=args.images,
-        seed=args.seed,
-        register_as=args.register,
-        min_agreement=args.min_agreement,
-        force=args.force,
-    )
-    return 0
-
-
-def _calibrate(args: argparse.Namespace) -> int:
-    from training.calibrate import calibrate
-
-    calibrate(
-        args.model,
-        args.data,
-        args.out,
-        source=args.source,
-        val_size=args.val_size,
-        seed=args.seed,
-        diagram=args.diagram,
-        force=args.force,
-        outside=args.ood_images,
-    )
-    return 0
-
-
-def _register(args: argparse.Namespace) -> int:
-    from core.store import register_and_compare
-
-    print(register_and_compare(args.onnx_file, args.name))
-    return 0
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate
-
-    evaluate(args.data, model=args.model, split=args.split, out=args.out, precision=args.precision, force=args.force)
+    options = {spec.name: getattr(args, spec.name) for spec in fields(TrainConfig) if hasattr(args, spec.name)}
+    train(TrainConfig(**options, command=["cifar10", *sys.argv[1:]]))
     return 0
 
 
@@ -242,16 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--register",
+        dest="register_as",
         metavar="NAME",
         nargs="?",
         const="",
         help="also store it in the BentoML model store (NAME: default cifar10-ARCH)",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
-    p.set_defaults(func=_export)
+    p.set_defaults(func=call("training.export:export"))
 
     p = sub.add_parser("quantize", help="int8 copy of an fp32 ONNX file, calibrated on training images")
-    p.add_argument("model", metavar="MODEL.onnx", help="an fp32 file from `cifar10 export`")
+    p.add_argument("source", metavar="MODEL.onnx", help="an fp32 file from `cifar10 export`")
     p.add_argument("--data", required=True, help="the training data (its train split calibrates and checks)")
     p.add_argument("--out", required=True, help="FILE.onnx to write")
     p.add_argument("--images", type=whole(1), default=512, help="calibration images, drawn from the train split")
@@ -264,13 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--register",
+        dest="register_as",
         metavar="NAME",
         nargs="?",
         const="",
         help="also store it in the BentoML model store (NAME: default cifar10-ARCH-int8)",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
-    p.set_defaults(func=_quantize)
+    p.set_defaults(func=call("training.quantize:quantize"))
 
     p = sub.add_parser(
         "calibrate",
@@ -293,11 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diagram", metavar="FILE.png", help="also draw the reliability diagram, before and after")
     p.add_argument(
         "--ood-images",
+        dest="outside",
         metavar="FOLDER",
         help="images of none of the classes, to measure the out-of-distribution score against (never fitted on)",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
-    p.set_defaults(func=_calibrate)
+    p.set_defaults(func=call("training.calibrate:calibrate"))
 
     p = sub.add_parser("register", help="store an ONNX file in the BentoML model store")
     p.add_argument("onnx_file", metavar="FILE.onnx", help="a file from `cifar10 export` or `cifar10 quantize`")
@@ -306,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cifar10-ARCH[-ANYTHING][-int8], served as what follows cifar10-; default: "
         "cifar10-ARCH (-int8 for an int8 file), from the file's metadata",
     )
-    p.set_defaults(func=_register)
+    p.set_defaults(func=call("core.store:register_and_compare"))
 
     p = sub.add_parser("predict", help="label image files: CSV or JSONL, one row per input, in order")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, globs, or - for paths on stdin")
@@ -362,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("-o", "--out", help="folder for evaluation.json and confusion.png")
     p.add_argument("-f", "--force", action="store_true", help="overwrite evaluation.json and confusion.png in --out")
-    p.set_defaults(func=_evaluate)
+    p.set_defaults(func=call("training.evaluate:evaluate"))
     parser.commands = sub.choices  # each subcommand's parser, to word the errors main() finds
     return parser
 

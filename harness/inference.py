@@ -15,8 +15,13 @@ def shipped_sources(names: tuple[str, ...] = ("resnet18", "lenet")) -> list[Mode
     return [ModelSource(name, "shipped", ModelFile(f"cifar10-{name}:shipped", shipped_file(name))) for name in names]
 
 
-def in_process(settings: Settings | None = None, names: tuple[str, ...] = ("resnet18", "lenet")) -> Inference:
-    """The shipped models loaded as one worker outside a server loads them, with `settings`."""
+def in_process(
+    settings: Settings | None = None,
+    names: tuple[str, ...] = ("resnet18", "lenet"),
+    sources: list[ModelSource] | None = None,
+) -> Inference:
+    """The shipped models (or `sources`) loaded as one worker outside a server loads them, with `settings`."""
     settings = settings or Settings()
     host = host_for(settings, on_cpu=CUDA not in choose_providers(settings.providers))
-    return Inference(ModelRepository(shipped_sources(names), settings, host), settings)
+    return Inference(ModelRepository.of(sources or shipped_sources(names), settings, host), settings)
+

@@ -258,7 +258,7 @@ def restart_dead_workers_within(seconds: float) -> None:
 
 def slim_image(python_version: str) -> Any:
     """The bento's container image: python:<version>-slim as it is, without the compilers and git BentoML
-    installs for the distros it knows (588 MB: the CPU image went from 1,274 to ~690 MB). Every package
+    installs for the distros it knows (588 MB of them). Every package
     this service needs is a wheel, so nothing is compiled at build time."""
     import bentoml
 

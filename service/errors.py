@@ -44,6 +44,24 @@ class NotFound(Exception):
     """An unknown model or model version on a route that names one in its path (HTTP 404)."""
 
 
+class Forbidden(Exception):
+    """A valid key without the right to the route, e.g. a plain key on the model-control routes (HTTP 403)."""
+
+
+class Conflict(Exception):
+    """A change that collides with one under way, e.g. a second load of a model while one runs (HTTP 409)."""
+
+
+class LoadFailed(Exception):
+    """A model version that cannot be loaded: `status` 422 where the version itself cannot serve (a corrupt or
+    changed file, a contract or architecture mismatch, a failing int8 self-check), 507 where this host lacks the
+    memory, 500 for anything else."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class ClientGone(Exception):
     """The client disconnected before its answer was ready: nothing is sent, and its images are not computed.
     `stage`: where the request was, for /metrics (reading its body, or waiting for its answer)."""

@@ -26,10 +26,9 @@ from service.settings import SettingError, Settings
 
 
 def worker_count(on_gpu: bool) -> int:
-    """A worker's HTTP handling needs a core of its own (LeNet: ~1,000 req/s per worker). On a CPU host the model
-    needs the cores too: one worker per core. On a GPU the HTTP layer is the limit (one worker served 13,000 images/s
-    of /classify_batch on an H100, four 39,500, eight 42,600; each holds a CUDA context of ~1 GB): up to 8 per GPU, at
-    most one per two cores."""
+    """A worker's HTTP handling needs a core of its own. On a CPU host the model needs the cores too: one worker per
+    core. On a GPU the HTTP layer is the limit, and each worker holds a CUDA context (~1 GB): up to 8 per GPU, at
+    most one per two cores (BENCHMARKS.md, GPU)."""
     return min(8 * gpu_count(), max(1, usable_cores() // 2)) if on_gpu else usable_cores()
 
 

@@ -55,7 +55,7 @@ def with_worker(service: type, app, cors: dict | None):
 
 PLAN = server_plan()
 # The routes, declared for the API's description, /models (this worker's, once it runs) and the page's files.
-DOCS = mounted_app(PLAN.settings, lambda: Classifier.inner.worker.inference.describe())
+DOCS = mounted_app(PLAN.settings, lambda: Classifier.inner.worker.describe())
 
 
 @bentoml.service(

@@ -67,6 +67,9 @@ class Settings:
     access_log_sample: int = field(default=1, metadata=_whole(1, 1_000_000, "1: every request"))
     # A file of API keys, one per line (service/http/keys.py); empty: no key needed.
     api_keys_file: str = field(default="", metadata={"text": True})
+    # The model-control routes (/v2/repository/...): auto = on with a keys file, for its admin keys only; on =
+    # on without keys too (anyone who reaches the port may change the models); off.
+    model_control: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:

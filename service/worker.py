@@ -14,9 +14,10 @@ from core.bentoml_internals import bentoml_home
 from service import tracing
 from service.bentoml_internals import install_protocol, own_metrics_folder
 from service.http.stack import HttpStack
+from service.inference.control import ModelControl
 from service.inference.core import Inference
 from service.inference.loading import Host, host_for
-from service.inference.repository import ModelRepository
+from service.inference.repository import ModelRepository, NamePlan
 from service.log import say
 from service.plan import Plan
 
@@ -28,6 +29,7 @@ class Worker:
         self.plan, self.docs, self.index = plan, docs, index
         self.stack: HttpStack | None = None
         self.inference: Inference | None = None
+        self.control: ModelControl | None = None
         self.host: Host | None = None
 
     def app(self, bentoml_app: ASGIApp, cors: dict | None) -> ASGIApp:
@@ -35,7 +37,9 @@ class Worker:
         uvicorn's protocol with the head timeout and the hang-up probe come first."""
         own_metrics_folder()
         install_protocol(self.plan.settings.header_timeout_s)
-        self.stack = HttpStack(self.plan.settings, bentoml_app, lambda: self.inference, self.docs.openapi, cors)
+        self.stack = HttpStack(
+            self.plan.settings, bentoml_app, lambda: self.inference, self._control, self.docs.openapi, cors
+        )
         return self.stack
 
     def start(self) -> None:
@@ -43,9 +47,23 @@ class Worker:
         models, and the drain's signal handlers (after uvicorn's own, which it calls when the drain ends)."""
         tracing.configure()
         self.host = self._host()
-        repository = ModelRepository(list(self.plan.sources), self.plan.settings, self.host)
-        self.inference = Inference(repository, self.plan.settings)
+        plan = self.plan
+        repository = ModelRepository(plan.settings, self.host)
+        # The server's folder for live model changes, in BentoML's home like its metrics; its parent is the server.
+        folder = bentoml_home() / "cifar10-repository" / str(os.getppid())
+        sources = {(source.name, source.version): source for source in plan.sources}
+        self.control = ModelControl(repository, folder, max(self.index, 1), plan.workers, sources)
+        self.control.start({source.name: NamePlan(source.version) for source in plan.sources})
+        self.control.watch()
+        self.inference = Inference(repository, plan.settings)
         self.stack.drain.install()
+
+    def _control(self) -> ModelControl | None:
+        return self.control if self.inference is not None else None
+
+    def describe(self) -> dict:
+        """/models: what this worker serves (its inference core's view), and what each worker serves."""
+        return {**self.inference.describe(), "serving_by_worker": self.control.workers_serving()}
 
     @property
     def ready(self) -> bool:
@@ -54,6 +72,8 @@ class Worker:
 
     def close(self) -> None:
         """Once uvicorn has answered every request (not when the grace period ran out)."""
+        if self.control is not None:
+            self.control.stop()
         if self.inference is not None:
             self.inference.repository.close()
         if self.host is not None and self.host.shared is not None:

@@ -112,3 +112,23 @@ def wrong_int8(source: Path, out: Path) -> Path:
             scale.CopyFrom(numpy_helper.from_array(values.astype(np.float32), scale.name))
     onnx.save(model, str(out))
     return out
+
+
+def another_lenet(out: Path, seed: int = 1) -> Path:
+    """The shipped LeNet with its last layer's weights moved by ~20% noise: a real, different version that agrees
+    with the shipped one on most images, not all."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from core.store import shipped_file
+
+    model = onnx.load(str(shipped_file("lenet")))
+    rng = np.random.default_rng(seed)
+    last = next(n for n in reversed(model.graph.node) if n.op_type == "Gemm")
+    weights = next(i for i in model.graph.initializer if i.name == last.input[1])
+    values = numpy_helper.to_array(weights)
+    moved = values * (1 + 0.2 * rng.standard_normal(values.shape))
+    weights.CopyFrom(numpy_helper.from_array(moved.astype(np.float32), weights.name))
+    onnx.save(model, str(out))
+    return out

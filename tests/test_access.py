@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 
-from service.http.access import AccessLog, Exchange
+from service.http.access import AccessLog, RequestRecord
 
 
 def test_a_json_access_line_parses_back_to_the_request_whatever_its_strings_hold() -> None:
@@ -17,13 +17,14 @@ def test_a_json_access_line_parses_back_to_the_request_whatever_its_strings_hold
         "client": ("127.0.0.1", 50123),
         "headers": [(b"x-request-id", b'lb-"1"\\2'), (b"content-length", b"1234")],
     }
-    exchange = Exchange.begin(scope)
-    exchange.status, exchange.model, exchange.error, exchange.bytes_out = 404, odd, f"no model {odd}", 77
+    record = RequestRecord.begin(scope)
+    record.started -= 0.25  # a request that took a quarter of a second
+    record.status, record.model, record.error, record.bytes_out = 404, odd, f"no model {odd}", 77
     stream = io.StringIO()
-    AccessLog("json", stream=stream).write(exchange)
+    AccessLog("json", stream=stream).write(record)
     [line] = stream.getvalue().splitlines()
     written = json.loads(line)
     assert written["path"] == scope["path"] and written["model"] == odd and written["error"] == f"no model {odd}"
     assert written["request_id"] == 'lb-"1"\\2' and written["client"] == "127.0.0.1:50123"
     assert (written["status"], written["bytes_in"], written["bytes_out"]) == (404, 1234, 77)
-    assert written["images"] is None and written["trace_id"] is None and written["latency_ms"] >= 0
+    assert written["images"] is None and written["trace_id"] is None and 250 <= written["latency_ms"] < 1250

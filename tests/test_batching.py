@@ -117,7 +117,7 @@ def test_bucket_sizes_are_powers_of_two_up_to_the_largest_batch() -> None:
     assert bucket_sizes(64) == (1, 2, 4, 8, 16, 32, 64)
     assert bucket_sizes(100) == (1, 2, 4, 8, 16, 32, 64, 100) and bucket_sizes(1) == (1,)
     with pytest.raises(ValueError, match="bucket_sizes must rise"):
-        ModelRepository(shipped_sources(("lenet",)), Settings(), Host(on_cpu=True, threads=1, bucket_sizes=(1, 2, 32)))
+        ModelRepository(Settings(), Host(on_cpu=True, threads=1, bucket_sizes=(1, 2, 32)))
 
 
 def test_with_buckets_every_model_call_sees_a_bucket_size_and_padding_changes_no_answer(lenet, monkeypatch) -> None:
@@ -156,9 +156,8 @@ def test_start_up_runs_every_bucket_of_every_session_before_serving(monkeypatch)
     assert seen[:6] == [*buckets] and seen[8:14] == [*buckets]  # both models, each shape once, before serving
     assert set(seen) <= set(buckets)  # and no other shape, ever
     assert inference.describe()["batching"]["bucket_sizes"] == [1, 2, 4, 8, 16, 32]
-    cpu = in_process()  # auto: no buckets on a CPU host
-    lenet = cpu.repository.served["lenet"].model
-    assert cpu.repository.host.bucket_sizes == () or lenet.all_cores.provider != "CPUExecutionProvider"
+    cpu = in_process(Settings(providers="cpu"))  # auto: no buckets on the CPU
+    assert cpu.repository.host.bucket_sizes == ()
 
 
 def test_inline_the_requests_of_one_pass_share_one_call_in_the_event_loop(lenet) -> None:

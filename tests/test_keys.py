@@ -12,6 +12,7 @@ import tritonclient.http as triton
 
 from harness.samples import ROOT
 from harness.server import serve_expecting_exit, serving
+from service.errors import Forbidden, Unauthorized
 from service.http import keys as keys_module
 from service.http.keys import ApiKeys
 from tests.conftest import run_cli
@@ -47,7 +48,7 @@ def test_with_a_key_every_route_answers(keyed_server, samples) -> None:
     statuses = {path: request(url, path, "key-two", samples[0][1]).status_code for path in PROTECTED}
     assert statuses == {**dict.fromkeys(PROTECTED, 200), "/v2/models/lenet/infer": 400}  # no inputs: a 400
     assert request(url, "/metrics", "scrape-key").status_code == 200  # the scraper's key opens /metrics only
-    assert request(url, "/classify", "scrape-key", samples[0][1]).status_code == 401
+    assert request(url, "/classify", "scrape-key", samples[0][1]).status_code == 403
 
 
 def test_the_cli_and_tritonclient_send_the_key(keyed_server, samples, tmp_path: Path) -> None:
@@ -108,9 +109,22 @@ def test_keys_are_compared_in_constant_time_every_one(tmp_path: Path, monkeypatc
     real = keys_module.hmac.compare_digest
     monkeypatch.setattr(keys_module.hmac, "compare_digest", lambda a, b: compared.append(b) or real(a, b))
     api_keys = ApiKeys(tmp_path / "keys")
-    assert api_keys.allows("/classify", b"Bearer alpha") and not api_keys.allows("/classify", b"Bearer delta")
-    assert compared == [b"alpha", b"beta", b"gamma"] * 2
-    assert api_keys.allows("/readyz", b"") and not api_keys.allows("/classify", b"Basic alpha")
+    assert api_keys.refusal("/classify", b"Bearer alpha") is None
+    assert isinstance(api_keys.refusal("/classify", b"Bearer delta"), Unauthorized)
+    assert compared == [b"alpha", b"beta", b"gamma"] * 3  # alpha: every known key, then the route's; delta: known
+    assert api_keys.refusal("/readyz", b"") is None
+    assert isinstance(api_keys.refusal("/classify", b"Basic alpha"), Unauthorized)
+
+
+def test_admin_keys_alone_open_the_model_control_routes(tmp_path: Path) -> None:
+    (tmp_path / "keys").write_text("plain\nboss admin\nscraper metrics\n")
+    api_keys = ApiKeys(tmp_path / "keys")
+    load = "/v2/repository/models/lenet/load"
+    assert api_keys.refusal(load, b"Bearer boss") is None and api_keys.refusal("/classify", b"Bearer boss") is None
+    assert isinstance(api_keys.refusal(load, b"Bearer plain"), Forbidden)
+    assert isinstance(api_keys.refusal(load, b"Bearer scraper"), Forbidden)
+    assert isinstance(api_keys.refusal(load, b""), Unauthorized)
+    assert isinstance(api_keys.refusal("/classify", b"Bearer scraper"), Forbidden)
 
 
 @pytest.mark.parametrize(

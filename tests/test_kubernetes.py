@@ -177,6 +177,9 @@ def kserve_problems(runtime: dict, service: dict) -> list[str]:
     for probe, path in (("readinessProbe", "/v2/health/ready"), ("livenessProbe", "/v2/health/live")):
         if container.get(probe, {}).get("httpGet", {}).get("path") != path:
             found.append(f"{probe} does not ask {path}")
+    canary = service["spec"]["predictor"].get("canaryTrafficPercent")
+    if canary is not None and not 0 < canary < 100:
+        found.append(f"canaryTrafficPercent {canary} sends the new revision all traffic or none; a canary is 1-99")
     return found
 
 
@@ -196,6 +199,11 @@ def test_the_kserve_runtime_and_inference_service_pass_kserves_schemas_and_fit_t
     other = copy.deepcopy(service)
     other["spec"]["predictor"]["model"]["runtime"] = "triton"
     assert any("names runtime triton" in p for p in kserve_problems(runtime, other))
+    other["spec"]["predictor"]["canaryTrafficPercent"] = "10%"  # KServe's is an integer share
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(other, strict(schemas["InferenceService"]))
+    other["spec"]["predictor"]["canaryTrafficPercent"] = 100
+    assert any("a canary is 1-99" in p for p in kserve_problems(runtime, other))
 
 
 @pytest.mark.server

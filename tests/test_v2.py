@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 
+import bentoml
 import httpx
 import numpy as np
 import pytest
@@ -54,6 +55,19 @@ def test_health_and_metadata_through_tritonclient(client: triton.InferenceServer
     assert client.get_model_metadata("lenet", version)["name"] == "lenet"
     with pytest.raises(InferenceServerException, match="has no version"):
         client.get_model_metadata("lenet", "nosuchversion")
+
+
+def test_the_fp32_store_version_addresses_the_copy_that_answers(client: triton.InferenceServerClient, samples) -> None:
+    """#41: the version `bentoml models list` shows for cifar10-resnet18 works in v2 paths, whichever copy answers;
+    the answering copy's version comes first and names the answers."""
+    fp32 = bentoml.models.get("cifar10-resnet18:latest").tag.version
+    versions = client.get_model_metadata("resnet18")["versions"]
+    assert fp32 in versions and client.get_model_metadata("resnet18", fp32)["versions"] == versions
+    given = triton.InferInput("image", [1], "BYTES")
+    given.set_data_from_numpy(np.array([samples[0][1]], dtype=object))
+    assert client.infer("resnet18", [given], model_version=fp32).get_response()["model_version"] == versions[0]
+    with pytest.raises(InferenceServerException, match=f"it serves version {versions[0]}"):
+        client.get_model_metadata("resnet18", "nosuchversion")
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])

@@ -1,6 +1,6 @@
 """What an operator sees of every request: its request ID and one access log line.
 
-Every route's requests pass the request context layer (service/http/context.py), which makes one `Exchange` per
+Every route's requests pass the request context layer (service/http/context.py), which makes one `RequestRecord` per
 request and writes it here when the answer has gone, so BentoML's own access log is off (service/service.py): one
 line per request, whatever route answered it. The ID is the client's X-Request-ID when it has a usable one (a load
 balancer's), else a new one; it goes back in the X-Request-ID header and in every error body.
@@ -20,6 +20,7 @@ from typing import TextIO
 from starlette.types import Scope
 
 REQUEST_ID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no spaces, bounded
+RECORD = "cifar10.record"  # the scope key of a request's RequestRecord
 
 
 def text(value: str) -> str:
@@ -39,7 +40,7 @@ def request_id(scope: Scope) -> str:
 
 
 @dataclass(slots=True)
-class Exchange:
+class RequestRecord:
     """One request as the access log records it; the routes fill in what they learn (model, images, error)."""
 
     request_id: str
@@ -56,7 +57,7 @@ class Exchange:
     trace_id: str = ""
 
     @classmethod
-    def begin(cls, scope: Scope) -> Exchange:
+    def begin(cls, scope: Scope) -> RequestRecord:
         client = scope.get("client")
         length = next((v for k, v in scope["headers"] if k == b"content-length"), b"0")
         return cls(
@@ -78,10 +79,10 @@ class AccessLog:
         self.successes = 0
         self.second, self.stamp = -1, ""  # the time text of the current second, made once a second
 
-    def write(self, exchange: Exchange) -> None:
+    def write(self, record: RequestRecord) -> None:
         if self.form == "off":
             return
-        if exchange.status < 400:
+        if record.status < 400:
             self.successes += 1
             if self.successes % self.sample:
                 return
@@ -90,22 +91,22 @@ class AccessLog:
             self.second = int(now)
             self.stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
         at = f"{self.stamp}.{int(now % 1 * 1000):03d}Z"
-        latency = (time.perf_counter() - exchange.started) * 1000
+        latency = (time.perf_counter() - record.started) * 1000
         if self.form == "json":  # written out: the same JSON as json.dumps, at under a third of its cost
             line = (
-                f'{{"time":"{at}","method":{text(exchange.method)},"path":{text(exchange.path)},'
-                f'"status":{exchange.status},"bytes_in":{exchange.bytes_in},"bytes_out":{exchange.bytes_out},'
-                f'"latency_ms":{latency:.3f},"model":{text(exchange.model)},"images":{exchange.images or "null"},'
-                f'"error":{text(exchange.error)},"client":{text(exchange.client)},'
-                f'"request_id":{text(exchange.request_id)},"trace_id":{text(exchange.trace_id)}}}'
+                f'{{"time":"{at}","method":{text(record.method)},"path":{text(record.path)},'
+                f'"status":{record.status},"bytes_in":{record.bytes_in},"bytes_out":{record.bytes_out},'
+                f'"latency_ms":{latency:.3f},"model":{text(record.model)},"images":{record.images or "null"},'
+                f'"error":{text(record.error)},"client":{text(record.client)},'
+                f'"request_id":{text(record.request_id)},"trace_id":{text(record.trace_id)}}}'
             )
         else:
             line = (
-                f"{at} [INFO] [cifar10.access] {exchange.client} (method={exchange.method},path={exchange.path},"
-                f"length={exchange.bytes_in}) (status={exchange.status},length={exchange.bytes_out}) "
-                f"{latency:.3f}ms (request_id={exchange.request_id},trace={exchange.trace_id or '-'},"
-                f"model={exchange.model or '-'},images={exchange.images})"
-                + (f" error={text(exchange.error)}" if exchange.error else "")
+                f"{at} [INFO] [cifar10.access] {record.client} (method={record.method},path={record.path},"
+                f"length={record.bytes_in}) (status={record.status},length={record.bytes_out}) "
+                f"{latency:.3f}ms (request_id={record.request_id},trace={record.trace_id or '-'},"
+                f"model={record.model or '-'},images={record.images})"
+                + (f" error={text(record.error)}" if record.error else "")
             )
         with contextlib.suppress(OSError, ValueError):  # stderr gone (its parent exited): the answer went out
             self.stream.write(line + "\n")

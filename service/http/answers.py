@@ -12,6 +12,9 @@ from core.errors import ImageError, ImageTooLarge, UnsupportedImage
 from service.errors import (
     BadRequest,
     BodyTooLarge,
+    Conflict,
+    Forbidden,
+    LoadFailed,
     NotFound,
     Overloaded,
     ShuttingDown,
@@ -31,7 +34,9 @@ STATUSES: tuple[tuple[type[Exception], int], ...] = (
     (ImageError, 400),
     (BadRequest, 400),
     (Unauthorized, 401),
+    (Forbidden, 403),
     (NotFound, 404),
+    (Conflict, 409),
     (BodyTooLarge, 413),
     (SlowRequest, 408),
     (TooManyRequests, 429),
@@ -39,7 +44,8 @@ STATUSES: tuple[tuple[type[Exception], int], ...] = (
     (ShuttingDown, 503),
     (TimedOut, 504),
 )
-ANSWERED = tuple(kind for kind, _ in STATUSES)  # the errors with an answer of their own; anything else is a 500
+# The errors with an answer of their own; anything else is a 500.
+ANSWERED = (*(kind for kind, _ in STATUSES), LoadFailed)
 JSON = (b"content-type", b"application/json")
 
 
@@ -58,13 +64,16 @@ class Answer:
 
 
 def status_of(exc: BaseException) -> int:
+    if isinstance(exc, LoadFailed):
+        return exc.status
     return next((status for kind, status in STATUSES if isinstance(exc, kind)), 500)
 
 
 def error_answer(exc: BaseException, request_id: str = "") -> Answer:
     """The answer to any error, naming the request's ID; a bug (500) says only that, the log has the rest."""
     status = status_of(exc)
-    message = str(exc) if status != 500 else "internal server error; the server log has the details"
+    said = status != 500 or isinstance(exc, LoadFailed)  # a failed load's reason is the caller's to know
+    message = str(exc) if said else "internal server error; the server log has the details"
     body = {"error": message, "request_id": request_id} if request_id else {"error": message}
     headers = [(b"retry-after", RETRY_AFTER_S)] if status in (429, 503) else []
     if isinstance(exc, SlowRequest | ShuttingDown):  # the rest of the body, or this worker, is gone

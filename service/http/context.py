@@ -8,7 +8,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.http.access import AccessLog, Exchange
+from service.http.access import RECORD, AccessLog, RequestRecord
 from service.tracing import request_span, trace_id
 
 
@@ -19,38 +19,38 @@ def header(scope: Scope, name: bytes) -> bytes:
 
 def record_asked(scope: Scope, model: str, images: int) -> None:
     """What the access line says the request asked for."""
-    exchange = scope.get("exchange")
-    if exchange is not None:
-        exchange.model, exchange.images = model, images
+    record = scope.get(RECORD)
+    if record is not None:
+        record.model, record.images = model, images
 
 
 class RequestContext:
-    """Puts the request's `Exchange` in its scope, answers with its ID, and writes its access line."""
+    """Puts the request's `RequestRecord` in its scope, answers with its ID, and writes its access line."""
 
     def __init__(self, app: ASGIApp, access_log: AccessLog) -> None:
         self.app, self.access_log = app, access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        exchange = scope["exchange"] = Exchange.begin(scope)
-        request_id = exchange.request_id.encode()
+        record = scope[RECORD] = RequestRecord.begin(scope)
+        request_id = record.request_id.encode()
 
         async def recording_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                exchange.status = message["status"]
+                record.status = message["status"]
                 message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id)]}
             elif message["type"] == "http.response.body":
                 body = message.get("body", b"")
-                exchange.bytes_out += len(body)
-                if exchange.status >= 400 and not exchange.error and body.startswith(b'{"error"'):
-                    exchange.error = _error_text(body)
+                record.bytes_out += len(body)
+                if record.status >= 400 and not record.error and body.startswith(b'{"error"'):
+                    record.error = _error_text(body)
             await send(message)
 
         try:
             with request_span(scope, scope["path"]):
-                exchange.trace_id = trace_id()
+                record.trace_id = trace_id()
                 await self.app(scope, receive, recording_send)
         finally:
-            self.access_log.write(exchange)
+            self.access_log.write(record)
 
 
 def _error_text(body: bytes) -> str:

@@ -29,13 +29,17 @@ DESCRIPTION = (
 ERRORS = {
     400: "bad input: not an image, a corrupt one, a bad option or field",
     401: "API keys are on and the request has no valid `Authorization: Bearer KEY`",
-    404: "no such model or model version",
+    403: "the key may not use this route (a /metrics-only key; a key not marked admin on /v2/repository)",
+    404: "no such model or model version (on /v2/repository: also model control is off)",
+    409: "a change of this model is under way, or the change would leave nothing to answer",
     408: "the headers or the body arrived too slowly",
     413: "the body is over the size limit, or the image over the pixel limit",
     415: "a type the route does not take (SVG, PDF, text; JSON on /classify)",
+    422: "the version cannot serve: a corrupt or changed file, another contract or network than its name says",
     429: "too many requests in flight; retry after Retry-After",
     503: "overloaded, or shutting down; retry after Retry-After",
     504: "no answer in time",
+    507: "the host lacks the memory to load the version",
 }
 PREDICTION = {
     "type": "object",
@@ -129,6 +133,7 @@ def documented_app(settings: Settings) -> FastAPI:
     classify_routes(document, settings)
     plain_routes(document)
     v2_routes(document)
+    repository_routes(document)
     return document.app
 
 
@@ -210,6 +215,53 @@ def v2_routes(document: Document) -> None:
             requestBody={"required": True, "content": {"application/json": {"schema": V2_INFER}}},
             parameters=named,
         )
+
+
+def repository_routes(document: Document) -> None:
+    """Triton's model-repository extension (service/http/repository.py)."""
+    named = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+    document.route(
+        "/v2/repository/index",
+        "POST",
+        "Every cifar10-* model in the store: each version and its state here (READY, LOADING, UNAVAILABLE)",
+        {200: json_answer("[{name, version, state, reason}]"), **errors(400, 401, 403, 404)},
+        requestBody=_json_body({"ready": {"type": "boolean", "description": "only the READY versions"}}),
+    )
+    document.route(
+        "/v2/repository/models/{name}/load",
+        "POST",
+        "Load a version (default: the store's newest) to answer on every worker, or as a shadow on a sample; the "
+        "version it replaces stays warm: loading it again rolls back",
+        {200: json_answer("what each worker serves"), **errors(400, 401, 403, 404, 409, 422, 503, 507)},
+        requestBody=_json_body(
+            {
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "version": {"type": "string", "description": "a store version (a prefix will do)"},
+                        "shadow": {"type": "boolean", "description": "compute it beside the live one, answer none"},
+                        "sample": {"type": "number", "description": "with shadow: the share of requests, (0, 1]"},
+                    },
+                }
+            }
+        ),
+        parameters=named,
+    )
+    document.route(
+        "/v2/repository/models/{name}/unload",
+        "POST",
+        "Unload a warm or shadow version, or (without one) the whole model",
+        {200: json_answer("what each worker serves"), **errors(400, 401, 403, 404, 409)},
+        requestBody=_json_body(
+            {"parameters": {"type": "object", "properties": {"version": {"type": "string"}}}},
+        ),
+        parameters=named,
+    )
+
+
+def _json_body(properties: dict) -> dict:
+    schema = {"type": "object", "properties": properties}
+    return {"required": False, "content": {"application/json": {"schema": schema}}}
 
 
 def mounted_app(settings: Settings, models: Callable[[], dict]) -> FastAPI:

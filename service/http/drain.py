@@ -26,6 +26,7 @@ from types import FrameType
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ShuttingDown
+from service.http.access import RECORD
 from service.http.answers import error_answer, send_answer
 from service.log import say
 
@@ -108,7 +109,7 @@ class Drain:
 
         try:
             if self.draining and scope["path"] not in STILL_SERVED_WHILE_DRAINING:
-                await _refuse(receive, closing_send, scope["exchange"].request_id)
+                await _refuse(receive, closing_send, scope[RECORD].request_id)
             else:
                 await self.app(scope, receive, closing_send)
         finally:

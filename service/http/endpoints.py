@@ -15,18 +15,26 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
 
 from starlette.types import Receive, Scope, Send
 
 from service.bentoml_internals import CONNECTION
 from service.errors import BodyTooLarge, ClientGone, SlowRequest, TimedOut, TooManyRequests
-from service.http.access import Exchange
+from service.http.access import RECORD, RequestRecord
 from service.http.answers import ANSWERED, Answer, error_answer, send_answer, size_text
 from service.http.metrics import ABANDONED_REQUESTS, REQUEST_SECONDS, REQUESTS
 from service.inference.batcher import SWEEP_S, HangUpProbe
 
 Handler = Callable[[Scope, bytes], Awaitable[Answer]]
 logger = logging.getLogger("cifar10.http")
+
+
+class RouteMeters(NamedTuple):
+    """A route's Prometheus children for one status."""
+
+    seconds: Any
+    answered: Any
 
 
 class Endpoints:
@@ -48,18 +56,18 @@ class Endpoints:
         # Requests past their body read, against max_concurrency, each with its hang-up probe (or None).
         self.running: dict[int, HangUpProbe | None] = {}
         self.last_sweep = 0.0
-        self.meters: dict[tuple[str, int], tuple] = {}  # Prometheus children, looked up once per (route, status)
+        self.meters: dict[tuple[str, int], RouteMeters] = {}  # looked up once per (route, status)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         route = scope.get("route", scope["path"])
-        exchange: Exchange | None = scope.get("exchange")
+        record: RequestRecord | None = scope.get(RECORD)
         try:
-            answer = await self._answer(self.handlers[route], scope, receive, exchange)
+            answer = await self._answer(self.handlers[route], scope, receive, record)
         except ClientGone as gone:  # nobody to answer; counted, and (in the access log) a 499 as nginx writes it
             ABANDONED_REQUESTS.labels(stage=gone.stage).inc()
-            if exchange is not None:
-                exchange.status, exchange.error = 499, "the client disconnected before its answer"
+            if record is not None:
+                record.status, record.error = 499, "the client disconnected before its answer"
             connection = scope.get(CONNECTION)
             if connection is not None:  # its socket said so first: uvicorn has not read the hang-up yet
                 connection.end()
@@ -67,19 +75,18 @@ class Endpoints:
         await send_answer(send, answer)
         meters = self.meters.get((route, answer.status))
         if meters is None:
-            meters = self.meters[route, answer.status] = (
-                REQUEST_SECONDS.labels(endpoint=route),
-                REQUESTS.labels(endpoint=route, status=str(answer.status)),
+            meters = self.meters[route, answer.status] = RouteMeters(
+                REQUEST_SECONDS.labels(endpoint=route), REQUESTS.labels(endpoint=route, status=str(answer.status))
             )
-        meters[0].observe(time.perf_counter() - started)
-        meters[1].inc()
+        meters.seconds.observe(time.perf_counter() - started)
+        meters.answered.inc()
 
-    async def _answer(self, handler: Handler, scope: Scope, receive: Receive, exchange: Exchange | None) -> Answer:
-        request_id = exchange.request_id if exchange is not None else ""
+    async def _answer(self, handler: Handler, scope: Scope, receive: Receive, record: RequestRecord | None) -> Answer:
+        request_id = record.request_id if record is not None else ""
         try:
             body = await self._body(scope, receive)
-            if exchange is not None:
-                exchange.bytes_in = len(body)
+            if record is not None:
+                record.bytes_in = len(body)
             hung_up = hang_up_probe(scope)
             if hung_up is not None and hung_up():  # sent its body and left (the loop has not read that yet)
                 raise ClientGone("reading")

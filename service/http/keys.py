@@ -2,7 +2,8 @@
 docs' static files) wants `Authorization: Bearer <key>`.
 
 The file holds one key per line; `#` starts a comment; a line `KEY metrics` gives a key that opens /metrics
-only (for a Prometheus scraper). A Kubernetes Secret mounted as a file works the same. The file is the truth
+only (for a Prometheus scraper), and `KEY admin` one that also opens the model-control routes (/v2/repository/...,
+403 for any other key). A Kubernetes Secret mounted as a file works the same. The file is the truth
 at every request: each request that needs a key looks at it (one stat, ~1 us) and it is read again when it
 changed, so keys rotate without a restart and every worker holds the keys the file holds. A file that is
 deleted, unreadable, malformed or empty while the server runs accepts no key (401 everywhere) until it holds
@@ -19,7 +20,8 @@ from pathlib import Path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from core.errors import UserError
-from service.errors import Unauthorized
+from service.errors import Forbidden, Unauthorized
+from service.http.access import RECORD
 from service.http.answers import error_answer, send_answer
 from service.http.context import header
 from service.log import say
@@ -28,27 +30,34 @@ from service.log import say
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/v2/health/live", "/v2/health/ready", "/", "/docs", "/docs.json"})
 OPEN_PREFIXES = ("/page/", "/static_content/")
 METRICS = "/metrics"
+ADMIN_PREFIX = "/v2/repository"
+ROLES = ("metrics", "admin")
 
 
 @dataclass(frozen=True)
 class KeySet:
     everything: tuple[bytes, ...]
     metrics_only: tuple[bytes, ...]
+    admin: tuple[bytes, ...] = ()  # also in `everything`
 
 
 EMPTY = KeySet((), ())  # what a file that cannot be used holds
 
 
 def parse(text: str) -> KeySet:
-    everything, metrics = [], []
+    everything, metrics, admin = [], [], []
     for line in text.splitlines():
         words = line.split("#", 1)[0].split()
         if not words:
             continue
-        if len(words) > 2 or (len(words) == 2 and words[1] != "metrics"):
-            raise ValueError("a line holds a key, optionally followed by the word metrics")
-        (metrics if len(words) == 2 else everything).append(words[0].encode())
-    return KeySet(tuple(everything), tuple(metrics))
+        if len(words) > 2 or (len(words) == 2 and words[1] not in ROLES):
+            raise ValueError("a line holds a key, optionally followed by the word metrics or admin")
+        key = words[0].encode()
+        role = words[1] if len(words) == 2 else ""
+        (metrics if role == "metrics" else everything).append(key)
+        if role == "admin":
+            admin.append(key)
+    return KeySet(tuple(everything), tuple(metrics), tuple(admin))
 
 
 class ApiKeys:
@@ -64,17 +73,20 @@ class ApiKeys:
             raise UserError(f"CIFAR10_API_KEYS_FILE={path} holds no key; put one key per line in it")
         self.stamp = self._stamp()
 
-    def allows(self, path: str, authorization: bytes) -> bool:
-        """Whether a request for `path` with this Authorization header may proceed."""
+    def refusal(self, path: str, authorization: bytes) -> Unauthorized | Forbidden | None:
+        """Why a request for `path` with this Authorization header may not proceed; None where it may."""
         if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
-            return True
+            return None
         self._refresh()
         scheme, _, given = authorization.partition(b" ")
-        if scheme.lower() != b"bearer" or not given:
-            return False
-        keys = self.keys.everything + (self.keys.metrics_only if path == METRICS else ())
-        # Every key compared, in constant time each: neither which key nor how far a guess got shows in the timing.
-        return any([hmac.compare_digest(given.strip(), key) for key in keys])
+        keys = self.keys
+        if scheme.lower() != b"bearer" or not given or not _known(given, keys.everything + keys.metrics_only):
+            return Unauthorized("a missing or wrong API key; send the header Authorization: Bearer <key>")
+        if path.startswith(ADMIN_PREFIX) and not _known(given, keys.admin):
+            return Forbidden("this key may not change the models; use a key marked admin in the keys file")
+        if path != METRICS and not _known(given, keys.everything):
+            return Forbidden("this key opens /metrics only")
+        return None
 
     def _refresh(self) -> None:
         stamp = self._stamp()
@@ -92,8 +104,8 @@ class ApiKeys:
             say(f"cifar10: CIFAR10_API_KEYS_FILE={self.path} {problem}: every key is refused until it holds keys")
         else:
             say(
-                f"cifar10: API keys read again from {self.path}: {len(keys.everything)} keys, "
-                f"{len(keys.metrics_only)} for /metrics only"
+                f"cifar10: API keys read again from {self.path}: {len(keys.everything)} keys ({len(keys.admin)} "
+                f"admin), {len(keys.metrics_only)} for /metrics only"
             )
 
     def _read(self) -> KeySet:
@@ -107,15 +119,20 @@ class ApiKeys:
         return stat.st_mtime_ns, stat.st_ino, stat.st_size
 
 
+def _known(given: bytes, keys: tuple[bytes, ...]) -> bool:
+    # Every key compared, in constant time each: neither which key nor how far a guess got shows in the timing.
+    return any([hmac.compare_digest(given.strip(), key) for key in keys])
+
+
 class KeyCheck:
-    """The layer that answers 401 to a request without a valid key."""
+    """The layer that answers 401 to a request without a valid key, 403 to a key without the right to the route."""
 
     def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
         self.app, self.keys = app, keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.keys.allows(scope["path"], header(scope, b"authorization")):
+        refusal = self.keys.refusal(scope["path"], header(scope, b"authorization"))
+        if refusal is None:
             await self.app(scope, receive, send)
             return
-        missing = Unauthorized("a missing or wrong API key; send the header Authorization: Bearer <key>")
-        await send_answer(send, error_answer(missing, scope["exchange"].request_id))
+        await send_answer(send, error_answer(refusal, scope[RECORD].request_id))

@@ -1,8 +1,8 @@
 """multipart/form-data bodies, parsed whole from bytes (the body is already read, under its size limit).
 
-python-multipart's streaming parser, through Starlette's form(), cost ~190 us of a core per one-image request
-here (BENCHMARKS.md); this one splits on the boundary with bytes.find (C) and reads only each part's
-Content-Disposition: ~10 us. It accepts what browsers, curl, httpx and requests send (RFC 7578) and refuses
+python-multipart's streaming parser, through Starlette's form(), cost a large share of a one-image request
+(BENCHMARKS.md); this one splits on the boundary with bytes.find (C) and reads only each part's
+Content-Disposition. It accepts what browsers, curl, httpx and requests send (RFC 7578) and refuses
 anything else with a BadRequest that says what is wrong.
 """
 

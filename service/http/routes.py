@@ -10,6 +10,7 @@ from pathlib import Path
 from starlette.responses import FileResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.http.access import RECORD
 from service.http.answers import Answer, send_answer
 from service.tracing import continued
 
@@ -18,11 +19,19 @@ PAGE = Path(__file__).resolve().parent / "page"  # the page at / for people to t
 
 class Routes:
     """Dispatches a request by method and path: the endpoints the service answers itself (/classify,
-    /classify_batch, under `endpoints`), the v2 protocol (`v2`), the page and the API's description (`openapi()`);
-    the rest to `bentoml_app` (/models, the probes, /metrics, static files)."""
+    /classify_batch, under `endpoints`), the model-control routes (`repository`), the v2 protocol (`v2`), the page
+    and the API's description (`openapi()`); the rest to `bentoml_app` (/models, the probes, /metrics, static
+    files)."""
 
-    def __init__(self, bentoml_app: ASGIApp, endpoints: ASGIApp, v2: ASGIApp, openapi: Callable[[], dict]) -> None:
-        self.bentoml_app, self.v2, self.openapi = bentoml_app, v2, openapi
+    def __init__(
+        self,
+        bentoml_app: ASGIApp,
+        endpoints: ASGIApp,
+        v2: ASGIApp,
+        repository: ASGIApp,
+        openapi: Callable[[], dict],
+    ) -> None:
+        self.bentoml_app, self.v2, self.repository, self.openapi = bentoml_app, v2, repository, openapi
         self.table: dict[tuple[str, str], ASGIApp] = {
             ("POST", "/classify"): endpoints,
             ("PUT", "/classify"): endpoints,  # curl -T cat.jpg
@@ -37,6 +46,8 @@ class Routes:
         app = self.table.get((scope["method"], path))
         if app is not None:
             await app(scope, receive, send)
+        elif path.startswith("/v2/repository/"):
+            await self.repository(scope, receive, send)
         elif path == "/v2" or path.startswith("/v2/"):
             await self.v2(scope, receive, send)
         else:
@@ -64,7 +75,7 @@ def _json_errors(scope: Scope, send: Send) -> Send:
                 error = f"no route for {where}; /docs lists them"
             else:
                 error = f"{where} is not allowed" + (f"; use {allow[0][1].decode()}" if allow else "")
-            body = json.dumps({"error": error, "request_id": scope["exchange"].request_id}).encode()
+            body = json.dumps({"error": error, "request_id": scope[RECORD].request_id}).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *allow]
             await send({"type": "http.response.start", "status": message["status"], "headers": headers})
             await send({"type": "http.response.body", "body": body})

@@ -7,10 +7,11 @@
   - the endpoints the service answers itself, under the request limits: service/http/endpoints.py, whose handlers
     only parse and format (/classify and /classify_batch: service/http/classify.py; v2: service/http/v2.py), calling
     the inference core (service/inference/core.py);
+  - the model-control routes (/v2/repository/...: service/http/repository.py), under limits of their own;
   - the page and the API's description; and BentoML's app for everything else (/models among it).
 
-The endpoints run ahead of BentoML's per-request middleware (tracing, access log, HTTP metrics, timeout), which
-cost about 2 ms of CPU per request and capped one worker at ~380 requests/s (BENCHMARKS.md).
+The endpoints run ahead of BentoML's per-request middleware (tracing, access log, HTTP metrics, timeout), whose
+cost per request bounded a worker's throughput (BENCHMARKS.md has the figures).
 """
 
 from __future__ import annotations
@@ -27,12 +28,16 @@ from service.http.context import RequestContext
 from service.http.drain import Drain
 from service.http.endpoints import Endpoints
 from service.http.keys import ApiKeys, KeyCheck
+from service.http.repository import RepositoryHandlers, RepositoryRoutes, control_on
 from service.http.routes import Routes
 from service.http.v2 import INFER_ROUTE, OpenInference
+from service.inference.control import PREPARE_S, SWAP_S, ModelControl
 from service.inference.core import Inference
 from service.settings import Settings
 
 SERVER_NAME = "cifar10-classifier"
+CONTROL_BODY_BYTES = 64 * 1024  # a repository request is a small JSON object
+CONTROL_CALLS = 8  # repository calls in flight per worker (a second change of a model is a 409 anyway)
 
 
 class HttpStack:
@@ -43,11 +48,12 @@ class HttpStack:
         settings: Settings,
         bentoml_app: ASGIApp,
         inference: Callable[[], Inference | None],
+        control: Callable[[], ModelControl | None],
         openapi: Callable[[], dict],
         cors: dict | None = None,
     ) -> None:
-        """`inference()`: the worker's inference core once its models are loaded. `cors`: CORSMiddleware options
-        when BentoML's CORS is on (its preflights stay BentoML's)."""
+        """`inference()`, `control()`: the worker's inference core and its model control once its models are
+        loaded. `cors`: CORSMiddleware options when BentoML's CORS is on (its preflights stay BentoML's)."""
         self.bentoml_app = bentoml_app
         endpoints = Endpoints(
             {}, settings.max_body_bytes, settings.max_concurrency, settings.timeout_s, settings.body_timeout_s
@@ -55,7 +61,11 @@ class HttpStack:
         guarded = CORSMiddleware(endpoints, **cors) if cors else endpoints
         v2 = OpenInference(inference, guarded, lambda: self.drain.draining, SERVER_NAME)
         endpoints.handlers |= classify_endpoints(inference) | {INFER_ROUTE: v2.infer}
-        routes = Routes(bentoml_app, guarded, v2, openapi)
+        changes = Endpoints(
+            RepositoryHandlers(control).handlers(), CONTROL_BODY_BYTES, CONTROL_CALLS, PREPARE_S + SWAP_S + 5
+        )
+        repository = RepositoryRoutes(control_on(settings), changes)
+        routes = Routes(bentoml_app, guarded, v2, repository, openapi)
         keyed = KeyCheck(routes, ApiKeys(Path(settings.api_keys_file))) if settings.api_keys_file else routes
         self.drain = Drain(keyed, settings.drain_s)
         self.app = RequestContext(self.drain, AccessLog(settings.access_log, settings.access_log_sample))

@@ -25,6 +25,7 @@ import numpy as np
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import BadRequest, NotFound
+from service.http.access import RECORD
 from service.http.answers import Answer, error_answer, send_answer
 from service.http.context import header, record_asked
 from service.http.endpoints import hang_up_probe
@@ -79,7 +80,7 @@ class OpenInference:
         self.server_name = server_name
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path, method, request_id = scope["path"], scope["method"], scope["exchange"].request_id
+        path, method, request_id = scope["path"], scope["method"], scope[RECORD].request_id
         route = model_route(method, path)
         wanted = "POST" if route and route[0] == "infer" else "GET"
         if method != wanted:
@@ -127,7 +128,7 @@ class OpenInference:
             200,
             {
                 "name": name,
-                "versions": [model.version],
+                "versions": list(model.versions),  # the answering copy's first
                 "platform": "onnx_onnxv1",
                 "inputs": [
                     {"name": IMAGE, "datatype": "BYTES", "shape": [-1]},

@@ -6,7 +6,7 @@ has gone is left out: its future is done (cancelled), or its hang-up probe says 
 before the busy event loop reads it). The batcher only queues: it hands the call the requests' arrays as
 they are, and each request gets its own rows of what the call returns.
 
-Two ways to run the calls. A model whose calls cost little (`inline`: LeNet on a CPU, ~40 us an image)
+Two ways to run the calls. A model whose calls cost little (`inline`: LeNet on a CPU)
 runs them in the event loop itself: the requests that reach the batcher in one pass of the loop share
 one call, made before the loop moves on, with no thread hand-off (which cost more than LeNet's call).
 Any other model has its own thread that loops over the queue, so under load the next batch starts the
@@ -36,6 +36,10 @@ logger = logging.getLogger("cifar10.batching")
 GATHER_S = 0.002
 SWEEP_S = 0.005  # when about to refuse for a long queue or too many requests: how often to look for hung-up ones
 HangUpProbe: TypeAlias = Callable[[], bool]  # whether a request's client has closed its connection
+
+
+class Deferred(Exception):
+    """A call dropped because the batcher gives way to another (a shadow to its live model) that has work queued."""
 
 
 class Rows(Protocol):
@@ -91,10 +95,11 @@ class Batcher:
         max_latency_s: float,
         device_lock: threading.Lock,
         inline: bool = False,
+        gives_way: Callable[[], bool] | None = None,
     ) -> None:
         """`run` is the blocking model call, given the arrays of the requests in a batch; `device_lock` is shared by
         the models that share the cores. `inline`: run the calls in the event loop (for a cheap model), not in a
-        thread of its own."""
+        thread of its own. `gives_way()`: when true as a call is about to run, its requests get Deferred instead."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_latency_s <= 0:
@@ -109,6 +114,7 @@ class Batcher:
         self.seconds_per_image = 0.0  # running estimate, to shed at once what could not be served in time
         self.last_batch = 0  # requests in the last call: more than one means requests are overlapping
         self.inline = inline
+        self.gives_way = gives_way
         self.passing: list[_Pending] = []  # inline: the requests of this pass of the event loop
         self.last_sweep = 0.0
         self.ready = threading.Condition()
@@ -208,7 +214,9 @@ class Batcher:
             time.sleep(GATHER_S)
         with self.ready:
             batch = self._take()
-        if batch:
+        if batch and self.gives_way is not None and self.gives_way():
+            _hand_back([(pending, Deferred()) for pending in batch])
+        elif batch:
             self._call(batch)
 
     def _take(self) -> list[_Pending]:

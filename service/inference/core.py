@@ -21,14 +21,14 @@ from service.inference.repository import ModelRepository
 from service.settings import Settings
 from service.tracing import model_span
 
-# Images over this many pixels (after JPEG's DCT scaling) are decoded off the event loop: a 256x256 PNG takes
-# ~0.3 ms, a 36-megapixel one 0.2 s, during which every connection would wait.
+# Images over this many pixels (after JPEG's DCT scaling) are decoded off the event loop, where every connection
+# would wait for a large one.
 INLINE_PIXELS = 256 * 256
 
 
 class Prediction(NamedTuple):
-    """One of an image's top-k classes (a NamedTuple: ~20x cheaper than a frozen dataclass to build and to turn
-    into JSON, on a path that runs three times per request)."""
+    """One of an image's top-k classes (a NamedTuple: far cheaper than a frozen dataclass to build and to turn into
+    JSON, on a path that runs three times per request)."""
 
     label: str
     index: int
@@ -100,6 +100,9 @@ class Inference:
                 ranked, call_images = await serving.batcher.call(inputs, asked.hung_up)
                 if span is not None:
                     span.set_attribute("cifar10.batch_images", call_images)
+            shadow = self.repository.shadow_of(asked.model) if asked.version is None else None
+            if shadow is not None:
+                shadow.offer(inputs, ranked, serving.batcher, model.ood.threshold if model.ood else None)
         good = [i for i, item in enumerate(items) if not isinstance(item, ImageError)]
         scores = [None] * len(good) if ranked.ood_scores is None else ranked.ood_scores.tolist()
         names = model.class_names
@@ -141,7 +144,7 @@ class Inference:
         """The served models, their versions, input contract, accuracy, execution provider and scores; the batching
         settings and request limits."""
         models = self.repository.describe()
-        first = next(iter(self.repository.served.values())).model
+        first = self.repository.answering(self.repository.default).model
         return {
             "default": self.repository.default,
             "models": models,

@@ -19,7 +19,7 @@ from core.files import sha256_of
 from core.host import gpu_count, usable_cores
 from core.runtime import OnnxModel
 from core.selfcheck import choose
-from core.store import INT8, MODEL_FILE, int8_copy, served_names, store_name, verify_stored
+from core.store import INT8, MODEL_FILE, checked_name, int8_copy, served_names, store_name, verify_stored
 from service.inference.cores import SharedCores
 from service.inference.model import ModelFile, ModelSource, ServedModel, bucket_sizes
 from service.log import say
@@ -75,9 +75,16 @@ def checked(model: Any) -> ModelFile:
     path = Path(model.path_of(MODEL_FILE))
     verify_stored(path, model.info.metadata, str(model.tag))
     try:
-        OnnxModel(path, providers="cpu", threads=1, optimized=False)
+        info = OnnxModel(path, providers="cpu", threads=1, optimized=False).info
     except UserError as exc:
         raise UserError(f"{model.tag}: {exc}") from None
+    try:
+        checked_name(model.tag.name, info)
+    except UserError:
+        raise UserError(
+            f"{model.tag} holds a {info.precision} {info.arch}, which its name does not say; register the file "
+            "again under its own name (`cifar10 register` names it)"
+        ) from None
     return ModelFile(str(model.tag), path)
 
 

@@ -14,6 +14,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -70,6 +71,21 @@ class Ranked:
         return Ranked(self.classes[rows], None if self.ood_scores is None else self.ood_scores[rows])
 
 
+class CallMeters(NamedTuple):
+    """A model's Prometheus children, looked up once (service/inference/metrics.py)."""
+
+    seconds: Any
+    batch_sizes: Any
+    images: Any
+    flagged: Any
+
+    @classmethod
+    def of(cls, model: str) -> CallMeters:
+        return cls(
+            *(metric.labels(model=model) for metric in (MODEL_SECONDS, BATCH_SIZES, INFERENCES, OUT_OF_DISTRIBUTION))
+        )
+
+
 def pad(inputs: np.ndarray, bucket_sizes: tuple[int, ...]) -> np.ndarray:
     """`inputs` with rows of zeros added up to the smallest bucket size that holds them (as they are without)."""
     size = next((b for b in bucket_sizes if b >= len(inputs)), len(inputs))
@@ -100,13 +116,7 @@ class ServedModel:
         self.info, self.ood = choice.model.info, choice.model.ood
         answering = choice.model.path
         self.copy = next(f for f in (source.int8, source.fp32) if f is not None and f.path == answering)
-        labels = {"model": source.name}
-        self.meters = (
-            MODEL_SECONDS.labels(**labels),
-            BATCH_SIZES.labels(**labels),
-            INFERENCES.labels(**labels),
-            OUT_OF_DISTRIBUTION.labels(**labels),
-        )
+        self.meters = CallMeters.of(source.name)
 
     @property
     def name(self) -> str:
@@ -116,6 +126,20 @@ class ServedModel:
     def version(self) -> str:
         """The answering copy's store version (the int8 copy's where it answers), as answers name it."""
         return self.copy.version
+
+    @property
+    def versions(self) -> tuple[str, ...]:
+        """The versions that address this model: the answering copy's, then the fp32 version it was made from."""
+        return tuple(dict.fromkeys(v for v in (self.copy.version, self.source.version) if v))
+
+    def answers_as(self) -> str:
+        """Which copy answers, under which versions, in words."""
+        if len(self.versions) == 1:
+            return f"it serves version {self.version}"
+        return (
+            f"it serves version {self.version}, the {self.info.precision} copy of version {self.source.version} "
+            "(either version addresses it)"
+        )
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -139,18 +163,21 @@ class ServedModel:
     def __call__(self, parts: list[np.ndarray]) -> Ranked:
         """The batcher's call: the requests' uint8 NHWC pixels or normalized float32 NCHW inputs, in order -> their
         ranked classes and scores. In the model thread (or the event loop, for a cheap model)."""
+        return self.run(parts, self.meters)
+
+    def run(self, parts: list[np.ndarray], meters: CallMeters) -> Ranked:
+        """The call, counted in `meters` (a shadow's calls are counted apart from the live ones)."""
         batch = pad(self._joined(parts), self.buckets)
         started = time.perf_counter()
         with self.cores.call() if self.cores else nullcontext(True) as alone:
             logits, scores = (self.all_cores if alone else self.shared).logits_and_scores(batch)
-        seconds, sizes, images, flagged = self.meters
-        seconds.observe(time.perf_counter() - started)
-        sizes.observe(len(batch))
-        images.inc(len(batch))
+        meters.seconds.observe(time.perf_counter() - started)
+        meters.batch_sizes.observe(len(batch))
+        meters.images.inc(len(batch))
         count = sum(len(part) for part in parts)
         if scores is not None:
             scores = scores[:count]
-            flagged.inc(int((scores > self.ood.threshold).sum()))
+            meters.flagged.inc(int((scores > self.ood.threshold).sum()))
         return Ranked(rank(logits[:count], self.all_cores.temperature), scores)
 
     def _joined(self, parts: list[np.ndarray]) -> np.ndarray:
@@ -166,6 +193,7 @@ class ServedModel:
         return {
             "store_tag": self.copy.store_tag,
             "version": self.copy.version,
+            "versions": list(self.versions),
             "provider": self.all_cores.provider,
             **vars(self.info),
             "precision_reason": self.choice.reason,
