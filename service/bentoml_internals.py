@@ -91,6 +91,13 @@ def own_metrics_folder() -> Path:
             alive = False
         if not alive:
             shutil.rmtree(other, ignore_errors=True)
+    # A worker killed outside its cleanup left its live gauges (cifar10_workers_serving): its replacement drops them.
+    for path in folder.glob("gauge_live*_*.db"):
+        pid = path.stem.rpartition("_")[2]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(int(pid), str(folder))
     return folder
 
 

@@ -66,6 +66,8 @@ class ClientGone(Exception):
     """The client disconnected before its answer was ready: nothing is sent, and its images are not computed.
     `stage`: where the request was, for /metrics (reading its body, or waiting for its answer)."""
 
+    STAGES = ("reading", "waiting")
+
     def __init__(self, stage: str = "waiting") -> None:
         super().__init__(stage)
         self.stage = stage

@@ -6,6 +6,7 @@ turns 200); and their shutdown.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp
@@ -17,6 +18,7 @@ from service.http.stack import HttpStack
 from service.inference.control import ModelControl
 from service.inference.core import Inference
 from service.inference.loading import Host, host_for
+from service.inference.metrics import WORKERS_EXPECTED
 from service.inference.repository import ModelRepository, NamePlan
 from service.log import say
 from service.plan import Plan
@@ -31,11 +33,12 @@ class Worker:
         self.inference: Inference | None = None
         self.control: ModelControl | None = None
         self.host: Host | None = None
+        self.metrics_folder = Path()
 
     def app(self, bentoml_app: ASGIApp, cors: dict | None) -> ASGIApp:
         """The worker's ASGI app around BentoML's, made before uvicorn starts: this server's own metrics folder and
         uvicorn's protocol with the head timeout and the hang-up probe come first."""
-        own_metrics_folder()
+        self.metrics_folder = own_metrics_folder()
         install_protocol(self.plan.settings.header_timeout_s)
         self.stack = HttpStack(
             self.plan.settings, bentoml_app, lambda: self.inference, self._control, self.docs.openapi, cors
@@ -56,6 +59,7 @@ class Worker:
         self.control.start({source.name: NamePlan(source.version) for source in plan.sources})
         self.control.watch()
         self.inference = Inference(repository, plan.settings)
+        WORKERS_EXPECTED.labels(server=self.metrics_folder.name).set(plan.workers)
         self.stack.drain.install()
 
     def _control(self) -> ModelControl | None:

@@ -67,12 +67,17 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def measure(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> dict:
+    """Accuracy, ECE, NLL, and the share of the images predicted as each class (what a server's predicted classes
+    are compared against, to see its inputs drift)."""
     probabilities = softmax(logits, temperature)
+    predicted = probabilities.argmax(1)
+    shares = np.bincount(predicted, minlength=logits.shape[1]) / len(labels)
     return {
         "images": len(labels),
-        "accuracy": float((probabilities.argmax(1) == labels).mean()),
+        "accuracy": float((predicted == labels).mean()),
         "ece": calibration_error(probabilities, labels),
         "nll": negative_log_likelihood(probabilities, labels),
+        "predicted_shares": [round(float(share), 4) for share in shares],
     }
 
 

@@ -23,7 +23,7 @@ from service.bentoml_internals import CONNECTION
 from service.errors import BodyTooLarge, ClientGone, SlowRequest, TimedOut, TooManyRequests
 from service.http.access import RECORD, RequestRecord
 from service.http.answers import ANSWERED, Answer, error_answer, send_answer, size_text
-from service.http.metrics import ABANDONED_REQUESTS, REQUEST_SECONDS, REQUESTS
+from service.http.metrics import ABANDONED_REQUESTS, ALERTED_STATUSES, REQUEST_SECONDS, REQUESTS
 from service.inference.batcher import SWEEP_S, HangUpProbe
 
 Handler = Callable[[Scope, bytes], Awaitable[Answer]]
@@ -48,7 +48,7 @@ class Endpoints:
         timeout_s: float,
         body_timeout_s: float = 30,
     ) -> None:
-        self.handlers = handlers
+        self.handlers: dict[str, Handler] = {}
         self.max_body_bytes = max_body_bytes
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
@@ -57,6 +57,17 @@ class Endpoints:
         self.running: dict[int, HangUpProbe | None] = {}
         self.last_sweep = 0.0
         self.meters: dict[tuple[str, int], RouteMeters] = {}  # looked up once per (route, status)
+        for stage in ClientGone.STAGES:
+            ABANDONED_REQUESTS.labels(stage=stage)
+        self.add(handlers)
+
+    def add(self, handlers: dict[str, Handler]) -> None:
+        """Serve these routes too, their series created at 0 for the statuses the alert rules watch (a rate() over
+        a series that appears with its first event misses that event)."""
+        self.handlers |= handlers
+        for route in handlers:
+            for status in ALERTED_STATUSES:
+                self._meters(route, status)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -73,13 +84,15 @@ class Endpoints:
                 connection.end()
             return
         await send_answer(send, answer)
-        meters = self.meters.get((route, answer.status))
-        if meters is None:
-            meters = self.meters[route, answer.status] = RouteMeters(
-                REQUEST_SECONDS.labels(endpoint=route), REQUESTS.labels(endpoint=route, status=str(answer.status))
-            )
+        meters = self.meters.get((route, answer.status)) or self._meters(route, answer.status)
         meters.seconds.observe(time.perf_counter() - started)
         meters.answered.inc()
+
+    def _meters(self, route: str, status: int) -> RouteMeters:
+        meters = self.meters[route, status] = RouteMeters(
+            REQUEST_SECONDS.labels(endpoint=route), REQUESTS.labels(endpoint=route, status=str(status))
+        )
+        return meters
 
     async def _answer(self, handler: Handler, scope: Scope, receive: Receive, record: RequestRecord | None) -> Answer:
         request_id = record.request_id if record is not None else ""

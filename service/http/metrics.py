@@ -17,3 +17,5 @@ ABANDONED_REQUESTS = Counter(
     "Requests whose client disconnected before the answer: while sending the body (reading) or waiting for it",
     ["stage"],
 )
+# The statuses the alert rules (deploy/monitoring/) watch, each route's series created at 0 for them at start.
+ALERTED_STATUSES = (200, 429, 500, 503, 504)

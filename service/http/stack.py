@@ -60,7 +60,7 @@ class HttpStack:
         )
         guarded = CORSMiddleware(endpoints, **cors) if cors else endpoints
         v2 = OpenInference(inference, guarded, lambda: self.drain.draining, SERVER_NAME)
-        endpoints.handlers |= classify_endpoints(inference) | {INFER_ROUTE: v2.infer}
+        endpoints.add(classify_endpoints(inference) | {INFER_ROUTE: v2.infer})
         changes = Endpoints(
             RepositoryHandlers(control).handlers(), CONTROL_BODY_BYTES, CONTROL_CALLS, PREPARE_S + SWAP_S + 5
         )

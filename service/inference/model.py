@@ -18,11 +18,22 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from core.contract import CLASS_NAMES
 from core.preprocess import normalize
 from core.runtime import OnnxModel, rank
 from core.selfcheck import Choice
 from service.inference.cores import SharedCores
-from service.inference.metrics import BATCH_SIZES, INFERENCES, MODEL_SECONDS, OUT_OF_DISTRIBUTION
+from service.inference.metrics import (
+    ABANDONED_IMAGES,
+    ABANDONED_OUTCOMES,
+    BATCH_SIZES,
+    INFERENCES,
+    MODEL_SECONDS,
+    OUT_OF_DISTRIBUTION,
+    PREDICTED_CLASSES,
+    TOP1_PROBABILITY,
+    observe_all,
+)
 
 NO_OOD_SCORE = {
     "method": None,
@@ -72,18 +83,36 @@ class Ranked:
 
 
 class CallMeters(NamedTuple):
-    """A model's Prometheus children, looked up once (service/inference/metrics.py)."""
+    """A model's Prometheus children, looked up once (service/inference/metrics.py); `predicted` by class index."""
 
     seconds: Any
     batch_sizes: Any
     images: Any
     flagged: Any
+    predicted: tuple[Any, ...]
+    top1: Any
 
     @classmethod
     def of(cls, model: str) -> CallMeters:
+        """Every series of `model` created (at 0) here, when it is loaded."""
+        for outcome in ABANDONED_OUTCOMES:
+            ABANDONED_IMAGES.labels(model=model, outcome=outcome)
         return cls(
-            *(metric.labels(model=model) for metric in (MODEL_SECONDS, BATCH_SIZES, INFERENCES, OUT_OF_DISTRIBUTION))
+            *(metric.labels(model=model) for metric in (MODEL_SECONDS, BATCH_SIZES, INFERENCES, OUT_OF_DISTRIBUTION)),
+            tuple(PREDICTED_CLASSES.labels(model=model, **{"class": name}) for name in CLASS_NAMES),
+            TOP1_PROBABILITY.labels(model=model),
         )
+
+    def count(self, ranked: np.ndarray) -> None:
+        """The answers of a call (core.runtime.rank's rows): their top-1 classes and probabilities."""
+        if len(ranked) == 1:  # the common call, at a quarter of the arrays' cost (5 us against 20)
+            self.predicted[int(ranked[0, 0, 0])].inc()
+            self.top1.observe(float(ranked[0, 0, 1]))
+            return
+        counts = np.bincount(ranked[:, 0, 0].astype(np.intp), minlength=len(self.predicted))
+        for index in np.flatnonzero(counts).tolist():
+            self.predicted[index].inc(int(counts[index]))
+        observe_all(self.top1, ranked[:, 0, 1])
 
 
 def pad(inputs: np.ndarray, bucket_sizes: tuple[int, ...]) -> np.ndarray:
@@ -173,12 +202,14 @@ class ServedModel:
             logits, scores = (self.all_cores if alone else self.shared).logits_and_scores(batch)
         meters.seconds.observe(time.perf_counter() - started)
         meters.batch_sizes.observe(len(batch))
-        meters.images.inc(len(batch))
         count = sum(len(part) for part in parts)
+        meters.images.inc(count)  # not the padding
         if scores is not None:
             scores = scores[:count]
             meters.flagged.inc(int((scores > self.ood.threshold).sum()))
-        return Ranked(rank(logits[:count], self.all_cores.temperature), scores)
+        ranked = rank(logits[:count], self.all_cores.temperature)
+        meters.count(ranked)
+        return Ranked(ranked, scores)
 
     def _joined(self, parts: list[np.ndarray]) -> np.ndarray:
         """One float32 batch: uint8 parts normalized together where every part is uint8, else one by one."""

@@ -18,6 +18,7 @@ from core.errors import UserError
 from service.errors import BadRequest, LoadFailed, NotFound
 from service.inference.batcher import Batcher
 from service.inference.loading import Host, ModelNotFound, find, load
+from service.inference.metrics import EXPECTED_CLASS_SHARE, INT8_FALLBACK, WORKERS_SERVING
 from service.inference.model import CallMeters, ModelSource, ServedModel
 from service.inference.shadow import Shadow
 from service.settings import Settings
@@ -176,6 +177,7 @@ class ModelRepository:
             self.entries = {n: e for n, e in self.entries.items() if n != name}
         else:
             self.entries = {**self.entries, name: Entry(plan, loaded, shadow)}  # one swap: requests see old or new
+        _publish(name, entry.answering.model if entry else None, loaded[plan.version].model if plan else None)
         unused = [serving.batcher for version, serving in pool.items() if version not in loaded]
         return unused + ([old_shadow.batcher] if old_shadow is not None and old_shadow is not shadow else [])
 
@@ -221,6 +223,21 @@ class ModelRepository:
             model.name, model, settings.max_batch_size, settings.max_latency_ms / 1000, self.device_lock, inline
         )
         return Serving(model, batcher)
+
+
+def _publish(name: str, old: ServedModel | None, new: ServedModel | None) -> None:
+    """The gauges of what this worker serves for `name`, from `old` to `new` (None: nothing)."""
+    if old is not None:
+        WORKERS_SERVING.labels(model=name, precision=old.info.precision).set(0)
+    if new is None:
+        INT8_FALLBACK.labels(model=name).set(0)
+        return
+    WORKERS_SERVING.labels(model=name, precision=new.info.precision).set(1)
+    check = new.choice.check
+    INT8_FALLBACK.labels(model=name).set(int(check is not None and not check.passed and new.info.precision == "fp32"))
+    shares = ((new.info.calibration or {}).get("validation") or {}).get("after", {}).get("predicted_shares")
+    for label, share in zip(new.class_names, shares or [], strict=False):  # files calibrated before 2026-12 lack it
+        EXPECTED_CLASS_SHARE.labels(model=name, **{"class": label}).set(share)
 
 
 def _load_problem(name: str, version: str, exc: Exception) -> str:
