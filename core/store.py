@@ -26,7 +26,9 @@ PRETRAINED = Path(__file__).resolve().parent.parent / "models" / "pretrained"
 PREFIX = "cifar10-"
 INT8 = "-int8"
 SHIPPED = ("resnet18", "lenet")  # served by default
-SHIPPED_FILES = ("resnet18", "resnet18-int8", "lenet")  # LeNet has no int8 copy: it agreed with fp32 on 98.70% only
+# Registered by `make serve`; served by name. LeNet and WhiteNet have no int8 copy: theirs agreed with fp32 on
+# 98.70% and 98.60% of held-out images, below the 99% required.
+SHIPPED_FILES = ("resnet18", "resnet18-int8", "lenet", "whitenet")
 MODEL_FILE = "model.onnx"
 
 

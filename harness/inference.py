@@ -24,4 +24,3 @@ def in_process(
     settings = settings or Settings()
     host = host_for(settings, on_cpu=CUDA not in choose_providers(settings.providers))
     return Inference(ModelRepository.of(sources or shipped_sources(names), settings, host), settings)
-

@@ -20,7 +20,7 @@ from core.files import sha256_of
 from core.ood import METADATA_KEY, OodScore
 from core.preprocess import decode_rgb, normalize
 from core.runtime import OnnxModel
-from core.store import PRETRAINED, shipped_file
+from core.store import PRETRAINED, SHIPPED_FILES, shipped_file
 from harness.samples import ROOT, cifar_samples
 from harness.server import serve_expecting_exit, serving
 from tests.conftest import run_cli
@@ -33,8 +33,6 @@ from training.ood import (
     generated_sets,
     remove_stage_outputs,
 )
-
-SHIPPED = ("resnet18", "resnet18-int8", "lenet")
 
 
 def fitted_on_random_stages(seed: int = 0) -> tuple[OodScore, tuple]:
@@ -112,13 +110,13 @@ def outside_samples() -> dict[str, np.ndarray]:
     }
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", SHIPPED_FILES)
 def test_images_of_none_of_the_classes_are_flagged_and_cifar10_images_kept(name: str, outside_samples) -> None:
     model = OnnxModel(PRETRAINED / f"{name}.onnx", providers="cpu")
     assert model.ood is not None and model.ood.describe()["method"] == "layer-statistics"
     for set_name, pixels in outside_samples.items():
-        # ResNet-18 flags nearly all of each (README); LeNet, a far weaker network, all noise and colours and 43%
-        # of Fashion-MNIST.
+        # ResNet-18 flags nearly all of each (README); LeNet, a far weaker network, and WhiteNet all noise and
+        # colours, and 43% and 84% of Fashion-MNIST.
         least = 0.9 if name.startswith("resnet18") or set_name != "fashion-mnist" else 0.3
         assert flagged_share(model, pixels) >= least, set_name
     cifar = np.stack([decode_rgb(data) for _, data in cifar_samples(per_class=10, offset=100)])
@@ -134,7 +132,7 @@ def test_the_int8_copy_flags_what_fp32_flags(outside_samples) -> None:
     assert (flags[0] == flags[1]).mean() >= 0.95
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", SHIPPED_FILES)
 def test_each_card_gives_the_scores_figures(name: str) -> None:
     card = json.loads((PRETRAINED / f"{name}.json").read_text())["out_of_distribution"]
     model = OnnxModel(PRETRAINED / f"{name}.onnx", providers="cpu")
@@ -248,7 +246,8 @@ def test_every_route_and_predict_give_the_same_flag(server: str, outside_samples
     batch = httpx.post(f"{server}/classify_batch", files=[("images", (n, d)) for n, d in files.items()]).json()
     for name, result in zip(files, batch["results"], strict=True):
         assert result["in_distribution"] == single[name]["in_distribution"]
-        assert result["ood_score"] == pytest.approx(single[name]["ood_score"], rel=1e-6)
+        # int8 kernels may sum in another order for another batch size (2e-6 apart on an AVX2-only CPU)
+        assert result["ood_score"] == pytest.approx(single[name]["ood_score"], rel=1e-4)
     infer = {
         "inputs": [
             {"name": "image", "datatype": "BYTES", "shape": [len(files)], "data": [
@@ -257,7 +256,7 @@ def test_every_route_and_predict_give_the_same_flag(server: str, outside_samples
         "outputs": [{"name": "ood_score"}],
     }  # fmt: skip
     [scores] = httpx.post(f"{server}/v2/models/resnet18/infer", json=infer).json()["outputs"]
-    assert scores["data"] == pytest.approx([single[n]["ood_score"] for n in files], rel=1e-5)
+    assert scores["data"] == pytest.approx([single[n]["ood_score"] for n in files], rel=1e-4)
     folder = tmp_path / "images"
     folder.mkdir()
     for name, data in files.items():

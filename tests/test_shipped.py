@@ -15,11 +15,11 @@ import pytest
 from core.contract import CLASS_NAMES
 from core.preprocess import decode_rgb, normalize
 from core.runtime import OnnxModel
-from core.store import PRETRAINED, store_name
+from core.store import PRETRAINED, SHIPPED_FILES, store_name
 from harness.samples import ROOT, TEST_ZIP
 from tests.conftest import run_cli
 
-ARCHS = ("resnet18", "lenet")
+ARCHS = ("resnet18", "lenet", "whitenet")
 
 
 def card(arch: str) -> dict:
@@ -66,8 +66,8 @@ def test_shipped_models_never_replace_a_users_model(tmp_path) -> None:
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home")}
     store = [sys.executable, "-m", "core.store"]
     first = subprocess.run(store, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert first.count("registered") == 3
+    assert first.count("registered") == len(SHIPPED_FILES)
     mine = run_cli("register", str(PRETRAINED / "lenet.onnx"), "--name", store_name("lenet"), env=env)
     assert mine.returncode == 0, mine.stderr
     again = subprocess.run(store, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert again.count("kept") == 3 and mine.stdout.split()[1].split(":")[1] in again
+    assert again.count("kept") == len(SHIPPED_FILES) and mine.stdout.split()[1].split(":")[1] in again

@@ -112,7 +112,10 @@ def _quantize_to(
     with tempfile.TemporaryDirectory() as work:
         plain, prepared = Path(work) / "plain.onnx", Path(work) / "prepared.onnx"
         without_stage_outputs(source, plain)  # made again on the int8 graph, from its own activations
-        quant_pre_process(str(plain), str(prepared))
+        try:
+            quant_pre_process(str(plain), str(prepared))
+        except TypeError:  # its symbolic shape inference cannot follow every graph (WhiteNet's whitening Reshape)
+            quant_pre_process(str(plain), str(prepared), skip_symbolic_shape=True)
         quantize_static(
             str(prepared),
             str(path),
