@@ -78,7 +78,7 @@ def _train(args: argparse.Namespace) -> int:
     from training.train import TrainConfig, train
 
     options = {spec.name: getattr(args, spec.name) for spec in fields(TrainConfig) if hasattr(args, spec.name)}
-    train(TrainConfig(**options, command=["cifar10", *sys.argv[1:]]))
+    train(TrainConfig(**{**options, "command": ["cifar10", *sys.argv[1:]]}))  # args.command is the subcommand
     return 0
 
 

@@ -85,7 +85,7 @@ def test_a_rolling_restart_behind_haproxy_onto_a_new_version_fails_no_request(tm
         with ThreadPoolExecutor(CLIENTS) as pool:
             clients = [pool.submit(client, i) for i in range(CLIENTS)]
             try:
-                time.sleep(2)
+                time.sleep(1)
                 for port in ports:  # one replica at a time, as a rolling update does
                     stop_server(replicas[port])
                     replicas[port] = start_server(["service.service:Classifier"], served(env, new), ROOT, port)

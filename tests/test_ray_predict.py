@@ -21,9 +21,9 @@ SUMMARY = re.compile(
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    """1,000 CIFAR-10 test images (100 a class) and two files that are not images."""
+    """400 CIFAR-10 test images (40 a class) and two files that are not images."""
     folder = tmp_path_factory.mktemp("images")
-    for i, (label, data) in enumerate(cifar_samples(100)):
+    for i, (label, data) in enumerate(cifar_samples(40)):
         (folder / f"{i:04d}-{label}.jpg").write_bytes(data)
     (folder / "notes.txt").write_text("not an image")
     (folder / "cut.jpg").write_bytes(cifar_samples(1)[0][1][:40])
@@ -42,7 +42,7 @@ def summary(stderr: str) -> tuple[int, int]:
     return int(match.group(1).replace(",", "")), int(match.group(2).replace(",", ""))
 
 
-def test_on_ray_the_rows_are_local_predicts_for_1000_test_images(folder: Path, tmp_path: Path) -> None:
+def test_on_ray_the_rows_are_local_predicts_for_400_test_images(folder: Path, tmp_path: Path) -> None:
     """The same paths in the same order, the same labels and probabilities, the same error rows, and a summary."""
     missing = str(folder / "missing.jpg")
     local = run_cli("predict", str(folder), missing, "--out", str(tmp_path / "local.csv"), "--quiet")
@@ -50,7 +50,7 @@ def test_on_ray_the_rows_are_local_predicts_for_1000_test_images(folder: Path, t
     on_ray = run_cli("predict", str(folder), missing, "--ray", "--out", str(tmp_path / "ray.csv"), "--quiet")
     assert on_ray.returncode == 0, on_ray.stderr
     expected, got = rows(tmp_path / "local.csv"), rows(tmp_path / "ray.csv")
-    assert [r["path"] for r in got] == [r["path"] for r in expected] and len(got) == 1003
+    assert [r["path"] for r in got] == [r["path"] for r in expected] and len(got) == 403
     assert [r["label"] for r in got] == [r["label"] for r in expected]
     assert [r["error"] for r in got] == [r["error"] for r in expected]
     for mine, theirs in zip(got, expected, strict=True):
@@ -58,7 +58,7 @@ def test_on_ray_the_rows_are_local_predicts_for_1000_test_images(folder: Path, t
             [float(p) for p in theirs["top_probabilities"].split(";") if p], abs=1e-5
         )
     assert sum(bool(r["error"]) for r in got) == 3  # the text file, the cut JPEG, the missing file
-    assert summary(on_ray.stderr) == (1003, 3)
+    assert summary(on_ray.stderr) == (403, 3)
     assert "core_worker" not in on_ray.stderr  # Ray's error line about restartable actors (#41)
 
 

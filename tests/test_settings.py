@@ -62,7 +62,7 @@ def test_the_model_list_is_parsed_and_checked() -> None:
     [
         (
             {"CIFAR10_MODELS": "resnet18,vgg11"},
-            "CIFAR10_MODELS names vgg11, which the model store lacks (it has: lenet, resnet18)",
+            "CIFAR10_MODELS names vgg11, which the model store lacks (it has: lenet, resnet18, whitenet)",
         ),
         # A host whose driver sees no GPU (CUDA_VISIBLE_DEVICES hides any), whatever this one has.
         (

@@ -130,7 +130,8 @@ def fit_file(
     )
     if test:
         sets = {**generated_sets(), **(images_in(outside) if outside else {})}
-        outside_outputs = {name: outputs(images) for name, images in sets.items()}
+        # No more of each set than the test images they are weighed against (all of each beside the 10,000).
+        outside_outputs = {name: outputs(images[: len(splits.test)]) for name, images in sets.items()}
         measured = measure(test, splits.test.labels, outside_outputs, fitted_temperature, score)
         score = replace(score, fitted={**fitted, "measured": measured})
         print(_summary(measured))
