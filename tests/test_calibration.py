@@ -56,7 +56,7 @@ def test_each_shipped_model_carries_its_temperature_and_its_card_the_figures(nam
 
 def test_on_2000_test_images_the_temperature_lowers_the_calibration_error() -> None:
     model = OnnxModel(shipped_file("resnet18"), providers="cpu")
-    logits, labels = logits_on_2000_test_images(model)
+    logits, labels = logits_on_2000_test_images(shipped_file("resnet18"))
     before, after = (calibration_error(softmax(logits, t), labels) for t in (1.0, model.temperature))
     assert after < before, (before, after)
 

@@ -187,21 +187,26 @@ def test_the_kserve_runtime_and_inference_service_pass_kserves_schemas_and_fit_t
     import jsonschema
 
     schemas = json.loads(gzip.decompress((ROOT / "tests" / "schemas" / "kserve-crds.json.gz").read_bytes()))
+    # One validator per kind: jsonschema.validate checks the (large) schema itself again on every call.
+    validators = {
+        kind: jsonschema.validators.validator_for(schemas[kind])(strict(schemas[kind]))
+        for kind in ("ServingRuntime", "InferenceService")
+    }
     runtime = yaml.safe_load((KSERVE / "servingruntime.yaml").read_text())
     service = yaml.safe_load((KSERVE / "inferenceservice.yaml").read_text())
     for manifest in (runtime, service):
-        jsonschema.validate(manifest, strict(schemas[manifest["kind"]]))
+        validators[manifest["kind"]].validate(manifest)
     assert kserve_problems(runtime, service) == []
     typo = copy.deepcopy(runtime)
     typo["spec"]["protocolVersion"] = ["v2"]  # not a field: the strict schema says so
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(typo, strict(schemas["ServingRuntime"]))
+        validators["ServingRuntime"].validate(typo)
     other = copy.deepcopy(service)
     other["spec"]["predictor"]["model"]["runtime"] = "triton"
     assert any("names runtime triton" in p for p in kserve_problems(runtime, other))
     other["spec"]["predictor"]["canaryTrafficPercent"] = "10%"  # KServe's is an integer share
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(other, strict(schemas["InferenceService"]))
+        validators["InferenceService"].validate(other)
     other["spec"]["predictor"]["canaryTrafficPercent"] = 100
     assert any("a canary is 1-99" in p for p in kserve_problems(runtime, other))
 
@@ -247,13 +252,14 @@ def test_the_rayjob_passes_kuberays_schema_and_runs_a_predict_that_parses() -> N
     schema = strict(
         json.loads(gzip.decompress((ROOT / "tests" / "schemas" / "kuberay-rayjob-crd.json.gz").read_bytes()))["RayJob"]
     )
+    validator = jsonschema.validators.validator_for(schema)(schema)  # the schema checked once, not per call
     job = yaml.safe_load(RAYJOB.read_text())
-    jsonschema.validate(job, schema)
+    validator.validate(job)
     assert rayjob_problems(job) == []
     typo = copy.deepcopy(job)
     typo["spec"]["shutdownAfterJobFinish"] = True  # not a field: the strict schema says so
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(typo, schema)
+        validator.validate(typo)
     wrong = copy.deepcopy(job)
     wrong["spec"]["entrypoint"] = "cifar10 predict s3://b/images/ --ray --top-k 11"
     assert any("cannot parse" in p for p in rayjob_problems(wrong))

@@ -95,7 +95,7 @@ def test_the_shipped_int8_file_matches_its_card() -> None:
     info = OnnxModel(PRETRAINED / "resnet18-int8.onnx", providers="cpu").info
     assert info.precision == "int8" and info.test_accuracy == card["test"]["accuracy"]
     assert info.source_sha256 == sha256_of(shipped_file("resnet18"))  # made from the shipped fp32 file
-    accuracy = accuracy_on_2000_test_images(OnnxModel(PRETRAINED / "resnet18-int8.onnx", providers="cpu"))
+    accuracy = accuracy_on_2000_test_images(PRETRAINED / "resnet18-int8.onnx")
     assert accuracy >= card["test"]["accuracy"] - 0.015, accuracy
 
 

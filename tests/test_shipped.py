@@ -7,16 +7,15 @@ import json
 import os
 import subprocess
 import sys
-import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from core.contract import CLASS_NAMES
-from core.preprocess import decode_rgb, normalize
 from core.runtime import OnnxModel
 from core.store import PRETRAINED, SHIPPED_FILES, store_name
-from harness.samples import ROOT, TEST_ZIP
+from harness.samples import ROOT, TEST_ZIP, logits_on_test_images
 from tests.conftest import run_cli
 
 ARCHS = ("resnet18", "lenet", "whitenet")
@@ -35,30 +34,22 @@ def test_onnx_file_matches_its_card(arch: str) -> None:
     assert info.test_accuracy == card(arch)["test"]["accuracy"]  # what /models reports is the card's figure
 
 
-def logits_on_2000_test_images(model: OnnxModel) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels of the first 200 test images of each class, through the service's preprocessing."""
+def logits_on_2000_test_images(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The file's logits on the first 200 test images of each class (computed once per file), and their labels."""
     if not TEST_ZIP.exists():
         pytest.skip(f"needs the CIFAR-10 test archive at {TEST_ZIP}")
-    with zipfile.ZipFile(TEST_ZIP) as archive:
-        names = sorted(n for n in archive.namelist() if n.endswith(".jpg"))
-        chosen = [
-            (i, n) for i, label in enumerate(CLASS_NAMES) for n in [n for n in names if n.split("/")[-2] == label][:200]
-        ]
-        pixels = np.stack([decode_rgb(archive.read(n)) for _, n in chosen])
-    labels = np.array([i for i, _ in chosen])
-    logits = np.concatenate([model.logits(normalize(pixels[s : s + 250], model.table)) for s in range(0, 2000, 250)])
-    return logits, labels
+    return logits_on_test_images(path)
 
 
-def accuracy_on_2000_test_images(model: OnnxModel) -> float:
-    """Top-1 accuracy on the first 200 test images of each class, through the service's preprocessing."""
-    logits, labels = logits_on_2000_test_images(model)
+def accuracy_on_2000_test_images(path: Path) -> float:
+    """Top-1 accuracy on the first 200 test images of each class."""
+    logits, labels = logits_on_2000_test_images(path)
     return float((logits.argmax(1) == labels).mean())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_accuracy_on_2000_test_images_holds_the_cards_figure(arch: str) -> None:
-    accuracy = accuracy_on_2000_test_images(OnnxModel(PRETRAINED / f"{arch}.onnx", providers="cpu"))
+    accuracy = accuracy_on_2000_test_images(PRETRAINED / f"{arch}.onnx")
     assert accuracy >= card(arch)["test"]["accuracy"] - 0.015, accuracy
 
 
