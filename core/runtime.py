@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from threadpoolctl import threadpool_limits
 
 from core.contract import ModelInfo
 from core.errors import UserError
@@ -90,6 +91,10 @@ class OnnxModel:
         self.logits_name = self.session.get_outputs()[0].name
         self.scored_outputs = [self.logits_name, MEANS_OUTPUT, SQUARES_OUTPUT]
         self.ood = self._ood_score()
+        if self.ood is not None:
+            # ONNX Runtime's threads hold the cores (they spin between calls): the score's matrix products must not
+            # start BLAS threads beside them, which made them 40x slower at 32 images (BENCHMARKS.md).
+            threadpool_limits(1, user_api="blas")
         self.provider = self.session.get_providers()[0]
         # A GPU that the driver reports but ONNX Runtime cannot use (CUDA or cuDNN libraries missing): on the CPU.
         self.fallback = (
