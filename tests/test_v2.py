@@ -204,3 +204,13 @@ def test_a_broken_binary_request_is_a_400_not_a_500(server: str) -> None:
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]
     unknown = httpx.get(f"{server}/v2/repository/index")
     assert unknown.status_code == 404 and unknown.json()["error"]
+
+
+def test_a_tensor_over_the_size_limit_is_told_its_size(client: triton.InferenceServerClient) -> None:
+    tensor = triton.InferInput("input", [1000, 3, 32, 32], "FP32")  # 12 MB of floats
+    tensor.set_data_from_numpy(np.zeros((1000, 3, 32, 32), np.float32), binary_data=True)
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer("resnet18", [tensor])
+    said = refused.value.message()
+    assert "is larger than the 10 MB limit" in said and "a tensor of fewer rows" in said, said
+    assert "smaller image" not in said

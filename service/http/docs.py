@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.staticfiles import StaticFiles
 
 from service.http.routes import PAGE
-from service.http.v2 import package_version
+from service.openinference import package_version
 from service.settings import Settings
 
 TITLE = "CIFAR-10 classifier"

@@ -57,6 +57,8 @@ class Endpoints:
         self.running: dict[int, HangUpProbe | None] = {}
         self.last_sweep = 0.0
         self.meters: dict[tuple[str, int], RouteMeters] = {}  # looked up once per (route, status)
+        # What a 413 tells a route's client to send instead (default: a smaller image).
+        self.advice: dict[str, str] = {"/classify_batch": "send fewer or smaller images per request"}
         for stage in ClientGone.STAGES:
             ABANDONED_REQUESTS.labels(stage=stage)
         self.add(handlers)
@@ -122,9 +124,12 @@ class Endpoints:
             logger.exception("%s failed (request %s)", scope["path"], request_id)
             return error_answer(exc, request_id)
 
-    def _too_large(self) -> BodyTooLarge:
+    def _too_large(self, scope: Scope, size: int) -> BodyTooLarge:
+        """`size`: the body's declared size, or what had arrived when it passed the limit."""
+        advice = self.advice.get(scope.get("route", scope["path"]), "send a smaller image")
         return BodyTooLarge(
-            f"request body is larger than the {size_text(self.max_body_bytes)} limit; send a smaller image"
+            f"the request body ({size_text(size)} or more) is larger than the {size_text(self.max_body_bytes)} "
+            f"limit (CIFAR10_MAX_BODY_BYTES); {advice}"
         )
 
     def _sweep(self) -> int:
@@ -141,14 +146,14 @@ class Endpoints:
     async def _body(self, scope: Scope, receive: Receive) -> bytes:
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise self._too_large()
+            raise self._too_large(scope, int(declared))
         message = await receive()  # the common case: the whole body in one message, no timer needed
         if message["type"] == "http.disconnect":
             raise ClientGone("reading")
         if not message.get("more_body"):
             body = message.get("body", b"")
             if len(body) > self.max_body_bytes:
-                raise self._too_large()
+                raise self._too_large(scope, len(body))
             return body
         chunks, size = [message.get("body", b"")], len(message.get("body", b""))
         try:
@@ -160,7 +165,7 @@ class Endpoints:
                     chunks.append(message.get("body", b""))
                     size += len(chunks[-1])
                     if size > self.max_body_bytes:
-                        raise self._too_large()
+                        raise self._too_large(scope, size)
         except TimeoutError:
             raise SlowRequest(
                 f"the request body did not arrive within {self.body_timeout_s:g} s; send it faster "

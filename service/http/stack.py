@@ -61,14 +61,16 @@ class HttpStack:
         guarded = CORSMiddleware(endpoints, **cors) if cors else endpoints
         v2 = OpenInference(inference, guarded, lambda: self.drain.draining, SERVER_NAME)
         endpoints.add(classify_endpoints(inference) | {INFER_ROUTE: v2.infer})
+        endpoints.advice[INFER_ROUTE] = "send fewer images, or a tensor of fewer rows, per request"
         changes = Endpoints(
             RepositoryHandlers(control).handlers(), CONTROL_BODY_BYTES, CONTROL_CALLS, PREPARE_S + SWAP_S + 5
         )
         repository = RepositoryRoutes(control_on(settings), changes)
         routes = Routes(bentoml_app, guarded, v2, repository, openapi)
-        keyed = KeyCheck(routes, ApiKeys(Path(settings.api_keys_file))) if settings.api_keys_file else routes
-        self.drain = Drain(keyed, settings.drain_s)
-        self.app = RequestContext(self.drain, AccessLog(settings.access_log, settings.access_log_sample))
+        self.keys = ApiKeys(Path(settings.api_keys_file)) if settings.api_keys_file else None
+        self.drain = Drain(KeyCheck(routes, self.keys) if self.keys else routes, settings.drain_s)
+        self.access_log = AccessLog(settings.access_log, settings.access_log_sample)  # the gRPC calls' lines too
+        self.app = RequestContext(self.drain, self.access_log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await (self.app if scope["type"] == "http" else self.bentoml_app)(scope, receive, send)

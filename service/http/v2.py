@@ -1,14 +1,10 @@
 """The Open Inference Protocol (the KServe v2 REST API, as Triton, KServe, MLServer and OpenVINO Model Server
 speak it), for every model the service serves, with the binary tensor data extension.
 
-Inputs, one per request: `image`, BYTES [N] (or [N, 1]): encoded image files, base64 text in JSON (as MLServer
-and OVMS take BYTES in JSON: raw bytes are not text), raw with the binary extension; or `input`, FP32
-[N, 3, 32, 32], already normalized with the model's mean and std (GET /v2/models/NAME lists them). Outputs:
-`probabilities`, FP32 [N, classes], `labels`, BYTES [N, top_k] (the request parameter `top_k`, default 3), and
-for a model with an out-of-distribution score, `ood_score`, FP32 [N] (core/ood.py; the threshold is in the
-model's metadata); all of them unless the request names some. The protocol has no per-item errors: one bad
-image fails the request with its index in the message. Infer requests run through the same limits, batcher,
-drain and metrics as /classify (service/http/endpoints.py), through the same inference core.
+What a request may send and an answer carries is the protocol's, shared with the gRPC service
+(service/openinference.py); here: JSON, BYTES in JSON as base64 text (as MLServer and OVMS take them: raw bytes
+are not text), and the binary extension. Infer requests run through the same limits, batcher, drain and metrics
+as /classify (service/http/endpoints.py), through the same inference core.
 """
 
 from __future__ import annotations
@@ -17,9 +13,7 @@ import base64
 import binascii
 import json
 import re
-import struct
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -30,30 +24,25 @@ from service.http.answers import Answer, error_answer, send_answer
 from service.http.context import header, record_asked
 from service.http.endpoints import hang_up_probe
 from service.inference.core import Answers, Asked, Inference
+from service.openinference import (
+    DEFAULT_TOP_K,
+    IMAGE,
+    INPUTS_TEXT,
+    TENSOR,
+    binary_bytes,
+    binary_elements,
+    images_input,
+    model_metadata,
+    output_names,
+    output_tensors,
+    package_version,
+    tensor_input,
+    unknown_input,
+)
 
 INFER_ROUTE = "/v2/models/{name}/infer"  # the route's name in /metrics and traces
 _PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<what>/ready|/infer)?")
 HEADER_LENGTH = b"inference-header-content-length"
-IMAGE, TENSOR, PROBABILITIES, LABELS, OOD_SCORE = "image", "input", "probabilities", "labels", "ood_score"
-DEFAULT_TOP_K = 3
-# What a model's metadata passes on from /models.
-METADATA_PARAMETERS = (
-    "class_names",
-    "mean",
-    "std",
-    "precision",
-    "arch",
-    "test_accuracy",
-    "store_tag",
-    "out_of_distribution",
-)
-
-
-def package_version() -> str:
-    try:
-        return version("cifar10-service")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def model_route(method: str, path: str) -> tuple[str, str, str | None] | None:
@@ -122,30 +111,7 @@ class OpenInference:
         model = self._core().repository.answering(name, version, in_path=True).model
         if kind == "ready":
             return Answer(200, {"name": name, "ready": True})
-        described = model.describe()
-        classes = len(described["class_names"])
-        return Answer(
-            200,
-            {
-                "name": name,
-                "versions": list(model.versions),  # the answering copy's first
-                "platform": "onnx_onnxv1",
-                "inputs": [
-                    {"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
-                    {
-                        "name": TENSOR,
-                        "datatype": "FP32",
-                        "shape": [-1, 3, described["input_size"], described["input_size"]],
-                    },
-                ],
-                "outputs": [
-                    {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, classes]},
-                    {"name": LABELS, "datatype": "BYTES", "shape": [-1, -1]},
-                    *([{"name": OOD_SCORE, "datatype": "FP32", "shape": [-1]}] if model.ood else []),
-                ],
-                "parameters": {key: described[key] for key in METADATA_PARAMETERS},
-            },
-        )
+        return Answer(200, model_metadata(name, model))
 
     async def infer(self, scope: Scope, body: bytes) -> Answer:
         """POST /v2/models/NAME[/versions/V]/infer."""
@@ -156,9 +122,7 @@ class OpenInference:
         top_k = _whole(request.get("parameters", {}).get("top_k", DEFAULT_TOP_K), "parameters.top_k")
         inputs = request.get("inputs")
         if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-            raise BadRequest(
-                f"send exactly one input: {IMAGE} (BYTES, encoded images) or {TENSOR} (FP32 [N, 3, 32, 32], normalized)"
-            )
+            raise BadRequest(f"send exactly one input: {INPUTS_TEXT}")
         tensor, images = _input(inputs[0], binary)
         asked = Asked(name, top_k, images, tensor, version, in_path=True, whole=True, hung_up=hang_up_probe(scope))
         record_asked(scope, name, asked.count)
@@ -221,25 +185,11 @@ def _input(given: dict, binary: bytes) -> tuple[np.ndarray | None, list[bytes] |
     else:
         raise BadRequest(f"input {name}: it has neither data nor binary_data_size")
     if name == IMAGE:
-        if datatype != "BYTES" or len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-            raise BadRequest(f"input {IMAGE} is BYTES with shape [N] (or [N, 1]), got {datatype} {shape}")
-        images = _binary_elements(data) if isinstance(data, bytes) else _base64_elements(data)
-        if len(images) != shape[0]:
-            raise BadRequest(f"input {IMAGE}: shape says {shape[0]} images, the data holds {len(images)}")
-        return None, images
+        images = binary_elements(data) if isinstance(data, bytes) else _base64_elements(data)
+        return None, images_input(datatype, shape, images)
     if name == TENSOR:
-        if datatype != "FP32" or len(shape) != 4 or shape[1:] != [3, 32, 32]:
-            raise BadRequest(f"input {TENSOR} is FP32 with shape [N, 3, 32, 32], got {datatype} {shape}")
-        try:
-            tensor = (np.frombuffer(data, "<f4") if isinstance(data, bytes) else np.asarray(data, np.float32)).reshape(
-                shape
-            )
-        except (ValueError, TypeError) as exc:
-            raise BadRequest(f"input {TENSOR}: its data does not fill shape {shape} ({exc})") from None
-        if not np.isfinite(tensor).all():
-            raise BadRequest(f"input {TENSOR}: its data holds NaN or infinite values")
-        return np.ascontiguousarray(tensor, np.float32), None
-    raise BadRequest(f"unknown input {name!r}: send {IMAGE} (BYTES, encoded images) or {TENSOR} (FP32 [N, 3, 32, 32])")
+        return tensor_input(datatype, shape, data), None
+    raise unknown_input(name)
 
 
 def _base64_elements(data: object) -> list[bytes]:
@@ -261,58 +211,22 @@ def _base64_elements(data: object) -> list[bytes]:
     return images
 
 
-def _binary_elements(data: bytes) -> list[bytes]:
-    """BYTES in binary: each element a 4-byte little-endian length, then its bytes."""
-    images, position = [], 0
-    while position < len(data):
-        if position + 4 > len(data):
-            raise BadRequest(f"input {IMAGE}: its binary data ends inside an element's length")
-        (length,) = struct.unpack_from("<I", data, position)
-        position += 4
-        if position + length > len(data):
-            raise BadRequest(f"input {IMAGE}: element {len(images)} says {length} bytes, fewer are left")
-        images.append(data[position : position + length])
-        position += length
-    return images
-
-
 def _response(request: dict, answers: Answers, top_k: int) -> Answer:
-    ranked, classes = answers.ranked, answers.class_names
     requested = request.get("outputs")
-    wanted = {PROBABILITIES: {}, LABELS: {}, **({OOD_SCORE: {}} if ranked.ood_scores is not None else {})}
-    if requested is not None:
-        if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
-            raise BadRequest("outputs must be a list of objects with a name")
-        unknown = [o.get("name") for o in requested if o.get("name") not in wanted]
-        if unknown:
-            raise BadRequest(f"unknown outputs {unknown}: this model has {', '.join(wanted)}")
-        wanted = {o["name"]: o.get("parameters") or {} for o in requested}
+    if requested is not None and (not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested)):
+        raise BadRequest("outputs must be a list of objects with a name")
+    parameters = {o.get("name"): o.get("parameters") or {} for o in requested or []}
+    names = output_names(None if requested is None else list(parameters), answers)
     all_binary = bool((request.get("parameters") or {}).get("binary_data_output"))
-    n = len(ranked)
-    probabilities = np.empty((n, len(classes)), np.float32)
-    np.put_along_axis(probabilities, ranked.classes[..., 0].astype(np.int64), ranked.classes[..., 1], axis=1)
-    labels = [[classes[int(i)] for i in row] for row in ranked.classes[:, :top_k, 0]]
-    floats = {PROBABILITIES: probabilities, OOD_SCORE: ranked.ood_scores}
     outputs, binary = [], []
-    for output, parameters in wanted.items():
-        as_binary = bool(parameters.get("binary_data", all_binary))
-        if output in floats:
-            values = floats[output].astype("<f4")
-            entry = {"name": output, "datatype": "FP32", "shape": list(values.shape)}
-            if as_binary:
-                binary.append(values.tobytes())
-            else:
-                entry["data"] = values.ravel().tolist()
-        else:
-            entry = {"name": output, "datatype": "BYTES", "shape": [n, top_k]}
-            if as_binary:
-                binary.append(
-                    b"".join(struct.pack("<I", len(t)) + t for row in labels for t in (s.encode() for s in row))
-                )
-            else:
-                entry["data"] = [label for row in labels for label in row]
-        if as_binary:
+    for tensor in output_tensors(answers, top_k, names):
+        entry = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
+        if parameters.get(tensor.name, {}).get("binary_data", all_binary):
+            is_floats = isinstance(tensor.values, np.ndarray)
+            binary.append(tensor.values.astype("<f4").tobytes() if is_floats else binary_bytes(tensor.values))
             entry["parameters"] = {"binary_data_size": len(binary[-1])}
+        else:
+            entry["data"] = tensor.values.ravel().tolist() if isinstance(tensor.values, np.ndarray) else tensor.values
         outputs.append(entry)
     body = {"model_name": answers.model, "model_version": answers.version, "outputs": outputs}
     if "id" in request:
