@@ -6,7 +6,7 @@ PORT ?= 3000
 IMAGE_GPU ?= cifar10-classifier:gpu
 IMAGE_CPU ?= cifar10-classifier:cpu
 
-.PHONY: serve test lint bento image image-cpu k8s-validate bench soak register-shipped clean
+.PHONY: serve test lint grpc-stubs bento image image-cpu k8s-validate bench soak register-shipped clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: $(VENV)/.all
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
+
+# The gRPC messages from service/grpc/inference.proto (committed; run again after changing it).
+grpc-stubs: $(VENV)/.all
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. service/grpc/inference.proto
 
 lint: $(VENV)/.all
 	$(BIN)/ruff check .

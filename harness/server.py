@@ -25,7 +25,9 @@ def free_port() -> int:
 
 
 def start_server(args: list[str], env: dict, cwd: Path, port: int, timeout: float = 120) -> subprocess.Popen:
-    """Start `bentoml serve ARGS` on `port` and wait until /readyz answers 200."""
+    """Start `bentoml serve ARGS` on `port` and wait until /readyz answers 200. Its gRPC port is a free one unless
+    env sets CIFAR10_GRPC_PORT (the default, 3001, would collide between servers)."""
+    env = {"CIFAR10_GRPC_PORT": str(free_port()), **env}
     log = open(Path(env.get("BENTOML_HOME", cwd)) / f"serve-{port}.log", "w")  # noqa: SIM115
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "bentoml"), "serve", *args, "--port", str(port), "--host", "127.0.0.1"],
@@ -82,10 +84,12 @@ class Server:
     """A `bentoml serve` of the shipped models with the given CIFAR10_* settings, from `checkout` (this one)."""
 
     def __init__(self, home: Path, checkout: Path = ROOT, **settings: str) -> None:
-        self.port = free_port()
+        self.home, self.port = home, free_port()
+        self.grpc_port = int(settings.setdefault("grpc_port", str(free_port())))
         env = {**os.environ, "BENTOML_HOME": str(home), **{f"CIFAR10_{k.upper()}": v for k, v in settings.items()}}
         self.process = start_server(["service.service:Classifier"], env, checkout, self.port)
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
 
     def rss_mb(self) -> float:
         tree = psutil.Process(self.process.pid)
@@ -110,7 +114,13 @@ def serve_expecting_exit(args: list[str], env: dict, cwd: Path, timeout: float =
         str(free_port()),
     ]
     process = subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        command,
+        cwd=cwd,
+        env={"CIFAR10_GRPC_PORT": str(free_port()), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         stdout, stderr = process.communicate(timeout=timeout)

@@ -31,11 +31,13 @@ import json
 import os
 import select
 import shutil
+import sys
 import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core.errors import UserError
 from service.log import say
 
 ASGIApp = Callable[..., Any]
@@ -261,6 +263,24 @@ def restart_dead_workers_within(seconds: float) -> None:
     create_standalone_arbiter.check_delay = seconds
     circus.create_standalone_arbiter = create_standalone_arbiter
     serving.create_watcher = create_respawning_watcher
+
+
+def before_serving(check: Callable[[], None]) -> None:
+    """Run `check` in `bentoml serve`'s server process just before it starts the workers (not when a build, or a
+    worker, imports the service): a UserError from it stops the server with one line."""
+    from bentoml._internal.utils import circus
+
+    create_arbiter = circus.create_standalone_arbiter
+
+    @functools.wraps(create_arbiter)
+    def checked_arbiter(watchers: list, **kwargs: Any) -> Any:
+        try:
+            check()
+        except UserError as exc:
+            sys.exit(f"error: {exc}")
+        return create_arbiter(watchers, **kwargs)
+
+    circus.create_standalone_arbiter = checked_arbiter
 
 
 def slim_image(python_version: str) -> Any:

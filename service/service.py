@@ -14,7 +14,8 @@ import sys
 import bentoml
 
 from core.errors import UserError
-from service.bentoml_internals import restart_dead_workers_within, service_class, slim_image
+from service.bentoml_internals import before_serving, restart_dead_workers_within, service_class, slim_image
+from service.grpc.server import check_port
 from service.http.docs import mounted_app
 from service.plan import Plan
 from service.worker import Worker
@@ -22,13 +23,14 @@ from service.worker import Worker
 
 def server_plan() -> Plan:
     """The plan, or one line and a non-zero exit. In the server process, its process manager is also told to
-    restart a dead worker within a second."""
+    restart a dead worker within a second, and the gRPC port is checked before the workers start."""
     try:
         plan = Plan.from_env()
     except UserError as exc:
         sys.exit(f"error: {exc}")
     if bentoml.server_context.worker_index is None:
         restart_dead_workers_within(1.0)
+        before_serving(lambda: check_port(plan.settings.grpc_port))
     return plan
 
 

@@ -55,6 +55,8 @@ class Settings:
     drain_s: int = field(default=20, metadata=_whole(0, 3600))
     header_timeout_s: int = field(default=10, metadata=_whole(1, 600))  # request line and headers, then 408
     body_timeout_s: int = field(default=30, metadata=_whole(1, 3600))  # the whole body, then 408
+    # The Open Inference Protocol over gRPC (service/grpc/), in every worker on this port; 0: none.
+    grpc_port: int = field(default=3001, metadata=_whole(0, 65535, "0: no gRPC"))
     # The models served, as (name, store version or "latest"): the store's cifar10-NAME; the first is the default.
     models: tuple[tuple[str, str], ...] = field(
         default=tuple((name, "latest") for name in SHIPPED), metadata={"models": True}

@@ -5,6 +5,7 @@ turns 200); and their shutdown.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from starlette.types import ASGIApp
 from core.bentoml_internals import bentoml_home
 from service import tracing
 from service.bentoml_internals import install_protocol, own_metrics_folder
-from service.http.stack import HttpStack
+from service.grpc.calls import Calls
+from service.grpc.server import GrpcServer
+from service.http.stack import SERVER_NAME, HttpStack
 from service.inference.control import ModelControl
 from service.inference.core import Inference
 from service.inference.loading import Host, host_for
@@ -32,6 +35,7 @@ class Worker:
         self.stack: HttpStack | None = None
         self.inference: Inference | None = None
         self.control: ModelControl | None = None
+        self.grpc: GrpcServer | None = None
         self.host: Host | None = None
         self.metrics_folder = Path()
 
@@ -61,6 +65,18 @@ class Worker:
         self.inference = Inference(repository, plan.settings)
         WORKERS_EXPECTED.labels(server=self.metrics_folder.name).set(plan.workers)
         self.stack.drain.install()
+        if plan.settings.grpc_port:
+            self._serve_grpc()
+
+    def _serve_grpc(self) -> None:
+        """The gRPC server on the worker's event loop, beside uvicorn, under the HTTP stack's keys, drain and access
+        log; the drain tells it, then stops it before uvicorn."""
+        stack = self.stack
+        calls = Calls(self.plan.settings, stack.keys, stack.drain, stack.access_log)
+        self.grpc = GrpcServer(self.plan.settings, calls, lambda: self.inference, self._control, SERVER_NAME)
+        stack.drain.on_start.append(self.grpc.draining)
+        stack.drain.before_stop.append(self.grpc.stop)
+        self.grpc.tasks.add(asyncio.get_running_loop().create_task(self.grpc.start()))
 
     def _control(self) -> ModelControl | None:
         return self.control if self.inference is not None else None

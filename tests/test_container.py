@@ -13,7 +13,9 @@ import zipfile
 from collections.abc import Iterator
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 
 from harness.samples import REAL_IMAGES, ROOT, TEST_ZIP
 from harness.server import free_port
@@ -84,11 +86,12 @@ def test_the_cpu_image_is_lean_and_runs_as_a_user(image: str) -> None:
 
 
 def test_the_readmes_run_command_serves_and_stops_cleanly_on_sigterm(image: str, samples) -> None:
-    command = readme_command("docker run --rm -p 3000:3000 cifar10-classifier:cpu")
-    port = free_port()
+    command = readme_command("docker run --rm -p 3000:3000 -p 3001:3001 cifar10-classifier:cpu")
+    port, grpc_port = free_port(), free_port()
     name = f"cifar10-test-{os.getpid()}"
     run = [image, *command[1:2], "-d", "--name", name, *(arg for arg in command[2:] if arg != "--rm")]  # logs
     run[run.index("3000:3000")] = f"127.0.0.1:{port}:3000"
+    run[run.index("3001:3001")] = f"127.0.0.1:{grpc_port}:3001"
     run[run.index("cifar10-classifier:cpu")] = TAG
     started = time.monotonic()
     subprocess.run(run, check=True, capture_output=True)
@@ -115,6 +118,14 @@ def test_the_readmes_run_command_serves_and_stops_cleanly_on_sigterm(image: str,
                     assert answer["predictions"][0]["label"] == label
         else:
             assert httpx.post(f"{url}/classify", files={"image": ("x.jpg", samples[0][1])}).status_code == 200
+        # The image's gRPC port: the same answer through tritonclient.grpc.
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        assert client.is_server_ready()
+        given = grpcclient.InferInput("image", [1], "BYTES")
+        given.set_data_from_numpy(np.array([samples[0][1]], dtype=np.object_))
+        probabilities = client.infer("resnet18", [given]).as_numpy("probabilities")[0]
+        expected = httpx.post(f"{url}/classify", files={"image": ("x.jpg", samples[0][1])}).json()["predictions"][0]
+        assert probabilities[expected["index"]] == pytest.approx(expected["probability"], abs=1e-5)
         began = time.monotonic()
         subprocess.run([image, "stop", "-t", str(GRACE_S + 10), name], check=True, capture_output=True)
         stopped_s = time.monotonic() - began

@@ -72,8 +72,11 @@ def problems(objects: list[dict], overlay: str) -> list[str]:
             found.append(f"the {kind} selector {selector} does not select the pods {labels}")
     if by_kind["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] != deployment["metadata"]["name"]:
         found.append("the HorizontalPodAutoscaler scales another Deployment")
-    if service["spec"]["ports"][0]["targetPort"] not in ports:
-        found.append(f"the Service targets port {service['spec']['ports'][0]['targetPort']}, which the pod lacks")
+    for port in service["spec"]["ports"]:
+        if port["targetPort"] not in ports:
+            found.append(f"the Service targets port {port['targetPort']}, which the pod lacks")
+    if str(ports.get("grpc")) != env.get("CIFAR10_GRPC_PORT", str(Settings().grpc_port)):
+        found.append(f"container port grpc {ports.get('grpc')} is not CIFAR10_GRPC_PORT {env.get('CIFAR10_GRPC_PORT')}")
     return found
 
 
@@ -158,6 +161,9 @@ def strict(schema: dict) -> dict:
     return schema
 
 
+PROBES = ("readinessProbe", "livenessProbe")
+
+
 def kserve_problems(runtime: dict, service: dict) -> list[str]:
     """What KServe's schemas cannot check: the protocol, the runtime and format named, port, image, probes."""
     found = []
@@ -194,9 +200,18 @@ def test_the_kserve_runtime_and_inference_service_pass_kserves_schemas_and_fit_t
     }
     runtime = yaml.safe_load((KSERVE / "servingruntime.yaml").read_text())
     service = yaml.safe_load((KSERVE / "inferenceservice.yaml").read_text())
-    for manifest in (runtime, service):
+    grpc_runtime = yaml.safe_load((KSERVE / "servingruntime-grpc.yaml").read_text())
+    for manifest in (runtime, service, grpc_runtime):
         validators[manifest["kind"]].validate(manifest)
     assert kserve_problems(runtime, service) == []
+    # The gRPC runtime: KServe's h2c port is the service's CIFAR10_GRPC_PORT, and its probes ask gRPC health there.
+    container = grpc_runtime["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert grpc_runtime["spec"]["protocolVersions"] == ["grpc-v2"]
+    assert container["ports"][0]["name"] == "h2c"
+    assert str(container["ports"][0]["containerPort"]) == env["CIFAR10_GRPC_PORT"]
+    assert all(container[probe]["grpc"]["port"] == container["ports"][0]["containerPort"] for probe in PROBES)
+    assert container["image"] == runtime["spec"]["containers"][0]["image"]
     typo = copy.deepcopy(runtime)
     typo["spec"]["protocolVersion"] = ["v2"]  # not a field: the strict schema says so
     with pytest.raises(jsonschema.ValidationError):

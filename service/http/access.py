@@ -30,13 +30,13 @@ def text(value: str) -> str:
 
 def request_id(scope: Scope) -> str:
     """The client's X-Request-ID when usable, else a new random one."""
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            given = value.decode("latin-1")
-            if REQUEST_ID.fullmatch(given):
-                return given
-            break
-    return secrets.token_hex(8)
+    given = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"x-request-id"), "")
+    return usable_request_id(given)
+
+
+def usable_request_id(given: str) -> str:
+    """`given` when it is a usable request ID, else a new random one."""
+    return given if REQUEST_ID.fullmatch(given) else secrets.token_hex(8)
 
 
 @dataclass(slots=True)

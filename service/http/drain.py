@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import FrameType
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -51,6 +51,10 @@ class Drain:
         self.received = self.answered = 0  # POST requests, for the line printed at the end of a drain
         self.previous: dict[int, Callable] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
+        # What else serves this worker's requests (its gRPC server): told when the drain starts, and stopped
+        # (awaited, with the grace left) before uvicorn is.
+        self.on_start: list[Callable[[], None]] = []
+        self.before_stop: list[Callable[[float], Awaitable[None]]] = []
 
     def install(self) -> None:
         """Take over SIGTERM and SIGINT from uvicorn, whose handlers are called when the drain ends.
@@ -64,6 +68,8 @@ class Drain:
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
         if not self.draining:
             self.draining = True
+            for told in self.on_start:
+                self.loop.call_soon_threadsafe(told)
             self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._drain(sig)))
         elif sig == signal.SIGINT:  # a second Ctrl-C: stop now, as uvicorn does
             self.previous[sig](sig, frame)
@@ -81,6 +87,8 @@ class Drain:
                 f"cifar10 drain: stopping after {time.monotonic() - started:.2f} s with {self.in_flight} requests "
                 "in flight"
             )
+            for stop in self.before_stop:
+                await stop(max(0.0, handoff - time.monotonic()))
         finally:  # whatever happened above, the worker must stop
             self.previous[signal.SIGTERM](signal.SIGTERM, None)  # uvicorn: close the listener, finish, exit
             # Past the grace period uvicorn must not wait any longer (a Ctrl-C to a stopping uvicorn forces it).
@@ -95,9 +103,7 @@ class Drain:
         """One request, counted as in flight (POSTs also as received, then answered), or refused while draining; an
         answer sent while draining closes its connection, so that no next request comes on it."""
         counted = scope["method"] == "POST"  # the summary counts requests, not probes and scrapes
-        self.in_flight += 1
-        self.received += counted
-        self.last_request = time.monotonic()
+        self.arrived(counted)
 
         async def closing_send(message: Message) -> None:
             if message["type"] == "http.response.start" and self.draining:
@@ -114,6 +120,12 @@ class Drain:
                 await self.app(scope, receive, closing_send)
         finally:
             self.in_flight -= 1
+
+    def arrived(self, counted: bool) -> None:
+        """A request (`counted`: a POST, or a gRPC inference call) is in flight; the caller lowers in_flight after."""
+        self.in_flight += 1
+        self.received += counted
+        self.last_request = time.monotonic()
 
     def summary(self) -> str:
         """What the drain did, for the log at the end of the worker's shutdown."""

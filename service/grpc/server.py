@@ -1,0 +1,302 @@
+"""The Open Inference Protocol over gRPC: KServe v2's `inference.GRPCInferenceService` with Triton's model-repository
+RPCs, and `grpc.health.v1` for Kubernetes' gRPC probes, on CIFAR10_GRPC_PORT in every worker (the workers share the
+port with SO_REUSEPORT; the server checks at start that no other process holds it).
+
+Every call goes through the worker's inference core, as the REST routes do (service/http/v2.py), with the same
+inputs and outputs (service/openinference.py): `image` BYTES or `input` FP32, in `raw_input_contents` or in typed
+contents; the outputs always in `raw_output_contents`, as Triton sends them. The generated messages
+(inference_pb2.py, from inference.proto: `make grpc-stubs`) register the package `inference` in protobuf's default
+pool, as tritonclient.grpc's do: a process imports one or the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from core.errors import UserError
+from service.errors import BadRequest, NotFound
+from service.grpc import inference_pb2 as pb
+from service.grpc.calls import Calls, too_large
+from service.http.access import RequestRecord
+from service.http.repository import TURN_ON, RepositoryHandlers, control_on
+from service.inference.core import Asked, Inference
+from service.openinference import (
+    DEFAULT_TOP_K,
+    IMAGE,
+    INPUTS_TEXT,
+    TENSOR,
+    binary_bytes,
+    binary_elements,
+    images_input,
+    model_metadata,
+    output_names,
+    output_tensors,
+    package_version,
+    tensor_input,
+    unknown_input,
+)
+from service.settings import Settings
+
+SERVICE = "inference.GRPCInferenceService"
+# gRPC's own limit on a message, above the service's: a message between the two gets the service's message, which
+# names its limit; one past this gets gRPC's own RESOURCE_EXHAUSTED.
+MESSAGE_LIMIT_FACTOR = 4
+
+
+def port_in_use(port: int) -> str:
+    """Why CIFAR10_GRPC_PORT cannot be served ("" where it can): its workers share the port with SO_REUSEPORT, which
+    would let a second server's workers share it silently, so a port another process holds is refused."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("::", port))
+        except OSError as exc:
+            return (
+                f"CIFAR10_GRPC_PORT={port}: the port is in use ({exc.strerror}), by another server perhaps; set "
+                "CIFAR10_GRPC_PORT to a free port, or 0 to serve no gRPC"
+            )
+    return ""
+
+
+def check_port(port: int) -> None:
+    problem = port_in_use(port) if port else ""
+    if problem:
+        raise UserError(problem)
+
+
+class InferenceServicer:
+    """The RPCs, each through `calls` and over the worker's inference core and model control."""
+
+    def __init__(self, settings: Settings, calls: Calls, inference, control, server_name: str) -> None:
+        """`inference()`, `control()`: the worker's inference core and model control (None while loading)."""
+        self.settings, self.calls, self.server_name = settings, calls, server_name
+        self.inference = inference
+        self.repository_on = control_on(settings)
+        self.handlers = RepositoryHandlers(control)
+
+    def _core(self) -> Inference:
+        core = self.inference()
+        if core is None:
+            raise NotFound("the models are still loading; retry shortly")
+        return core
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
+        async def live(_: RequestRecord) -> pb.ServerLiveResponse:
+            return pb.ServerLiveResponse(live=True)
+
+        return await self.calls.run(context, _method("ServerLive"), "/v2/health/live", live, counted=False)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
+        async def ready(_: RequestRecord) -> pb.ServerReadyResponse:
+            return pb.ServerReadyResponse(ready=self.inference() is not None and not self.calls.drain.draining)
+
+        return await self.calls.run(context, _method("ServerReady"), "/v2/health/ready", ready, counted=False)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
+        async def ready(_: RequestRecord) -> pb.ModelReadyResponse:
+            self._core().repository.answering(request.name, request.version or None, in_path=True)
+            return pb.ModelReadyResponse(ready=True)
+
+        path = f"/v2/models/{request.name}/ready"
+        return await self.calls.run(context, _method("ModelReady"), path, ready, counted=False)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context) -> pb.ServerMetadataResponse:
+        async def metadata(_: RequestRecord) -> pb.ServerMetadataResponse:
+            extensions = ["model_repository"] if self.repository_on else []
+            return pb.ServerMetadataResponse(name=self.server_name, version=package_version(), extensions=extensions)
+
+        return await self.calls.run(context, _method("ServerMetadata"), "/v2", metadata, counted=False)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
+        async def metadata(_: RequestRecord) -> pb.ModelMetadataResponse:
+            serving = self._core().repository.answering(request.name, request.version or None, in_path=True)
+            described = model_metadata(request.name, serving.model)
+            described.pop("parameters")  # the gRPC message has no place for them: GET /v2/models/NAME lists them
+            return pb.ModelMetadataResponse(**described)
+
+        path = f"/v2/models/{request.name}"
+        return await self.calls.run(context, _method("ModelMetadata"), path, metadata, counted=False)
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        async def infer(record: RequestRecord) -> pb.ModelInferResponse:
+            record.bytes_in = request.ByteSize()
+            if record.bytes_in > self.settings.max_body_bytes:
+                raise too_large(record.bytes_in, self.settings.max_body_bytes)
+            core = self._core()
+            version = request.model_version or None
+            core.repository.answering(request.model_name, version, in_path=True)  # unknown ones before bad inputs
+            asked = _asked(request)
+            record.model, record.images = asked.model, asked.count
+            answers = await core.classify(asked)
+            names = output_names([o.name for o in request.outputs] or None, answers)
+            response = pb.ModelInferResponse(model_name=answers.model, model_version=answers.version, id=request.id)
+            for tensor in output_tensors(answers, asked.top_k, names):
+                response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+                values = tensor.values
+                raw = values.astype("<f4").tobytes() if isinstance(values, np.ndarray) else binary_bytes(values)
+                response.raw_output_contents.append(raw)
+            record.bytes_out = response.ByteSize()
+            return response
+
+        path = f"/v2/models/{request.model_name}/infer"
+        return await self.calls.run(context, _method("ModelInfer"), path, infer)
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
+        async def index(_: RequestRecord) -> pb.RepositoryIndexResponse:
+            self._repository_on()
+            answer = await self.handlers.index({}, json.dumps({"ready": request.ready}).encode())
+            return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in answer.body])
+
+        return await self.calls.run(context, _method("RepositoryIndex"), "/v2/repository/index", index)
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context
+    ) -> pb.RepositoryModelLoadResponse:
+        async def load(_: RequestRecord) -> pb.RepositoryModelLoadResponse:
+            self._repository_on()
+            body = json.dumps({"parameters": _repository_parameters(request.parameters)}).encode()
+            await self.handlers.load({"repository_model": request.model_name}, body)
+            return pb.RepositoryModelLoadResponse()
+
+        path = f"/v2/repository/models/{request.model_name}/load"
+        return await self.calls.run(context, _method("RepositoryModelLoad"), path, load)
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context
+    ) -> pb.RepositoryModelUnloadResponse:
+        async def unload(_: RequestRecord) -> pb.RepositoryModelUnloadResponse:
+            self._repository_on()
+            body = json.dumps({"parameters": _repository_parameters(request.parameters)}).encode()
+            await self.handlers.unload({"repository_model": request.model_name}, body)
+            return pb.RepositoryModelUnloadResponse()
+
+        path = f"/v2/repository/models/{request.model_name}/unload"
+        return await self.calls.run(context, _method("RepositoryModelUnload"), path, unload)
+
+    def _repository_on(self) -> None:
+        if not self.repository_on:
+            raise NotFound(TURN_ON)
+
+
+def _method(name: str) -> str:
+    return f"/{SERVICE}/{name}"
+
+
+def _asked(request: pb.ModelInferRequest) -> Asked:
+    """The inference core's question from an infer request's one input, raw or typed, and its top_k parameter."""
+    if len(request.inputs) != 1:
+        raise BadRequest(f"send exactly one input: {INPUTS_TEXT}")
+    given, raw = request.inputs[0], request.raw_input_contents
+    if len(raw) > 1:
+        raise BadRequest(f"raw_input_contents holds {len(raw)} entries for the request's one input; send one")
+    shape = list(given.shape)
+    if any(d < 0 for d in shape):
+        raise BadRequest(f"input {given.name}: shape must hold whole numbers of 0 or more, got {shape}")
+    top_k = DEFAULT_TOP_K
+    if "top_k" in request.parameters:
+        parameter = request.parameters["top_k"]
+        if parameter.WhichOneof("parameter_choice") not in ("int64_param", "uint64_param"):
+            raise BadRequest("parameter top_k must be a whole number (int64_param)")
+        top_k = getattr(parameter, parameter.WhichOneof("parameter_choice"))
+    if given.name == IMAGE:
+        images = binary_elements(raw[0]) if raw else list(given.contents.bytes_contents)
+        return Asked(request.model_name, top_k, images=images_input(given.datatype, shape, images), **_named(request))
+    if given.name == TENSOR:
+        data = raw[0] if raw else given.contents.fp32_contents
+        return Asked(request.model_name, top_k, tensor=tensor_input(given.datatype, shape, data), **_named(request))
+    raise unknown_input(given.name)
+
+
+def _named(request: pb.ModelInferRequest) -> dict:
+    return {"version": request.model_version or None, "in_path": True, "whole": True}
+
+
+def _repository_parameters(parameters) -> dict:
+    """A load's or unload's parameters as the REST routes take them; `sample` may come as text (the message has no
+    real numbers)."""
+    values = {key: getattr(v, v.WhichOneof("parameter_choice") or "string_param") for key, v in parameters.items()}
+    if isinstance(values.get("sample"), str):
+        try:
+            values["sample"] = float(values["sample"])
+        except ValueError:
+            raise BadRequest(f'"sample" is a share of requests, e.g. "0.1", got {values["sample"]!r}') from None
+    return values
+
+
+def _handlers(servicer: InferenceServicer, calls: Calls) -> grpc.GenericRpcHandler:
+    """The service's RPCs, as the .proto declares them, each reading its own message: bytes that are not one get
+    INVALID_ARGUMENT (gRPC's own deserializer would answer INTERNAL for the caller's mistake)."""
+
+    def handler(name: str, request_type: type, response_type: type) -> grpc.RpcMethodHandler:
+        method = getattr(servicer, name)
+
+        async def handle(data: bytes, context: grpc.aio.ServicerContext) -> object:
+            try:
+                request = request_type.FromString(data)
+            except DecodeError as exc:
+                problem = BadRequest(f"the message is not an inference.{request_type.__name__} ({exc}); send one")
+
+                async def malformed(_: RequestRecord) -> object:
+                    raise problem
+
+                return await calls.run(context, _method(name), "/v2", malformed)
+            return await method(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(handle, response_serializer=response_type.SerializeToString)
+
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            m.name: handler(m.name, getattr(pb, m.input_type.name), getattr(pb, m.output_type.name))
+            for m in service.methods
+        },
+    )
+
+
+class GrpcServer:
+    """A worker's gRPC server: the inference service and the health service, stopped by the drain."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        calls: Calls,
+        inference,
+        control,
+        server_name: str,
+    ) -> None:
+        self.settings = settings
+        limit = settings.max_body_bytes * MESSAGE_LIMIT_FACTOR
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 1),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ]
+        )
+        servicer = InferenceServicer(settings, calls, inference, control, server_name)
+        self.server.add_generic_rpc_handlers((_handlers(servicer, calls),))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.server.add_insecure_port(f"[::]:{settings.grpc_port}")
+        self.tasks: set[asyncio.Task] = set()  # held until done: the loop keeps only weak references
+
+    async def start(self) -> None:
+        await self.server.start()
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def draining(self) -> None:
+        """The drain has begun: the health service says NOT_SERVING (new calls get UNAVAILABLE from Calls). In the
+        worker's event loop."""
+        self.tasks.add(asyncio.get_running_loop().create_task(self.health.enter_graceful_shutdown()))
+
+    async def stop(self, grace_s: float) -> None:
+        """After the drain: calls still running get `grace_s`."""
+        await self.server.stop(grace_s)
