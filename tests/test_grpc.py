@@ -251,13 +251,24 @@ def test_calls_get_a_request_id_an_access_line_and_metrics(served: Server) -> No
         assert f'cifar10_http_requests_total{{endpoint="{INFER}",status="{status}"}}' in metrics
 
 
-def test_a_passed_deadline_is_deadline_exceeded_and_its_work_is_dropped(
-    served: Server, client: grpcclient.InferenceServerClient
-) -> None:
+def test_a_passed_deadline_is_deadline_exceeded_and_its_work_is_dropped(served: Server) -> None:
+    """A call queued behind three others on the same connection (so the same worker), with a 50 ms deadline: the
+    server takes it in, then it is cancelled where it waits."""
     images = [data for _, data in cifar_samples(64)[:64]]
     before = len([line for line in access_lines(served, INFER) if line["status"] == 499])
-    code, _ = code_of(lambda: client.infer("resnet18", [images_input(images)], headers=AUTH, client_timeout=0.001))
-    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    async def run() -> list:
+        client = grpcaio.InferenceServerClient(served.grpc_url)
+        try:
+            ahead = [client.infer("resnet18", [images_input(images)], headers=AUTH) for _ in range(3)]
+            late = client.infer("resnet18", [images_input(images)], headers=AUTH, client_timeout=0.05)
+            return await asyncio.gather(*ahead, late, return_exceptions=True)
+        finally:
+            await client.close()
+
+    *ahead, late = asyncio.run(run())
+    assert all(not isinstance(result, Exception) for result in ahead), ahead
+    assert isinstance(late, InferenceServerException) and late.status() == "StatusCode.DEADLINE_EXCEEDED", late
     deadline = time.monotonic() + 10  # the server's line for it: a 499, nobody was answered
     while time.monotonic() < deadline:
         if len([line for line in access_lines(served, INFER) if line["status"] == 499]) > before:
