@@ -24,10 +24,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def with_grpc_port(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with a free CIFAR10_GRPC_PORT unless it sets one: the default, 3001, would collide between servers."""
+    return {"CIFAR10_GRPC_PORT": str(free_port()), **env}
+
+
 def start_server(args: list[str], env: dict, cwd: Path, port: int, timeout: float = 120) -> subprocess.Popen:
-    """Start `bentoml serve ARGS` on `port` and wait until /readyz answers 200. Its gRPC port is a free one unless
-    env sets CIFAR10_GRPC_PORT (the default, 3001, would collide between servers)."""
-    env = {"CIFAR10_GRPC_PORT": str(free_port()), **env}
+    """Start `bentoml serve ARGS` on `port` (and a free gRPC port: with_grpc_port) and wait until /readyz answers
+    200."""
+    env = with_grpc_port(env)
     log = open(Path(env.get("BENTOML_HOME", cwd)) / f"serve-{port}.log", "w")  # noqa: SIM115
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "bentoml"), "serve", *args, "--port", str(port), "--host", "127.0.0.1"],
@@ -116,7 +121,7 @@ def serve_expecting_exit(args: list[str], env: dict, cwd: Path, timeout: float =
     process = subprocess.Popen(
         command,
         cwd=cwd,
-        env={"CIFAR10_GRPC_PORT": str(free_port()), **env},
+        env=with_grpc_port(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

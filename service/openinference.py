@@ -46,6 +46,16 @@ class Tensor(NamedTuple):
     shape: list[int]
     values: np.ndarray | list[str]
 
+    def raw(self) -> bytes:
+        """Its values as the protocol's raw bytes: little-endian FP32, or BYTES as binary_elements reads them."""
+        if isinstance(self.values, np.ndarray):
+            return self.values.astype("<f4").tobytes()
+        return b"".join(struct.pack("<I", len(e)) + e for e in (s.encode() for s in self.values))
+
+    def listed(self) -> list:
+        """Its values as a flat list (JSON)."""
+        return self.values.ravel().tolist() if isinstance(self.values, np.ndarray) else self.values
+
 
 def package_version() -> str:
     try:
@@ -116,11 +126,6 @@ def binary_elements(data: bytes) -> list[bytes]:
         images.append(data[position : position + length])
         position += length
     return images
-
-
-def binary_bytes(strings: list[str]) -> bytes:
-    """BYTES elements in binary, as binary_elements reads them."""
-    return b"".join(struct.pack("<I", len(e)) + e for e in (s.encode() for s in strings))
 
 
 def output_names(requested: list[object] | None, answers: Answers) -> list[str]:

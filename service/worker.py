@@ -5,7 +5,6 @@ turns 200); and their shutdown.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 
@@ -76,7 +75,7 @@ class Worker:
         self.grpc = GrpcServer(self.plan.settings, calls, lambda: self.inference, self._control, SERVER_NAME)
         stack.drain.on_start.append(self.grpc.draining)
         stack.drain.before_stop.append(self.grpc.stop)
-        self.grpc.tasks.add(asyncio.get_running_loop().create_task(self.grpc.start()))
+        self.grpc.start()
 
     def _control(self) -> ModelControl | None:
         return self.control if self.inference is not None else None

@@ -186,10 +186,11 @@ def test_keys_are_asked_for_in_the_authorization_metadata(served: Server) -> Non
         ({"authorization": f"Bearer {SCRAPER}"}, grpc.StatusCode.PERMISSION_DENIED),
     ):
         assert code_of(lambda h=headers: client.infer("lenet", [given], headers=h))[0] == code
-    assert client.infer("lenet", [given], headers={"authorization": f"Bearer {ADMIN}"}).as_numpy("labels").shape
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    assert client.infer("lenet", [given], headers=admin).as_numpy("labels").shape == (1, 3)
     # The repository RPCs want an admin key.
     assert code_of(lambda: client.get_model_repository_index(headers=AUTH))[0] == grpc.StatusCode.PERMISSION_DENIED
-    index = client.get_model_repository_index(headers={"authorization": f"Bearer {ADMIN}"}, as_json=True)
+    index = client.get_model_repository_index(headers=admin, as_json=True)
     ready = {m["name"] for m in index["models"] if m.get("state") == "READY"}
     assert {"resnet18", "lenet"} <= ready
     assert client.is_server_live()  # the probes need no key

@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import Coroutine
 
 import grpc
-import numpy as np
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -32,7 +32,6 @@ from service.openinference import (
     IMAGE,
     INPUTS_TEXT,
     TENSOR,
-    binary_bytes,
     binary_elements,
     images_input,
     model_metadata,
@@ -70,8 +69,24 @@ def check_port(port: int) -> None:
         raise UserError(problem)
 
 
+# Each RPC's REST twin, whose key rules it follows (service/http/keys.py), and whether it counts as a request:
+# refused while draining, under max_concurrency, in the drain's summary (probes and metadata do not).
+ROUTES: dict[str, tuple[str, bool]] = {
+    "ServerLive": ("/v2/health/live", False),
+    "ServerReady": ("/v2/health/ready", False),
+    "ModelReady": ("/v2/models/NAME/ready", False),
+    "ServerMetadata": ("/v2", False),
+    "ModelMetadata": ("/v2/models/NAME", False),
+    "ModelInfer": ("/v2/models/NAME/infer", True),
+    "RepositoryIndex": ("/v2/repository/index", True),
+    "RepositoryModelLoad": ("/v2/repository/models/NAME/load", True),
+    "RepositoryModelUnload": ("/v2/repository/models/NAME/unload", True),
+}
+
+
 class InferenceServicer:
-    """The RPCs, each through `calls` and over the worker's inference core and model control."""
+    """The RPCs, each given its message and its access-log record, over the worker's inference core and model
+    control; _handlers runs them through `calls`."""
 
     def __init__(self, settings: Settings, calls: Calls, inference, control, server_name: str) -> None:
         """`inference()`, `control()`: the worker's inference core and model control (None while loading)."""
@@ -86,98 +101,65 @@ class InferenceServicer:
             raise NotFound("the models are still loading; retry shortly")
         return core
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
-        async def live(_: RequestRecord) -> pb.ServerLiveResponse:
-            return pb.ServerLiveResponse(live=True)
+    async def ServerLive(self, request: pb.ServerLiveRequest, record: RequestRecord) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
 
-        return await self.calls.run(context, _method("ServerLive"), "/v2/health/live", live, counted=False)
+    async def ServerReady(self, request: pb.ServerReadyRequest, record: RequestRecord) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.inference() is not None and not self.calls.drain.draining)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
-        async def ready(_: RequestRecord) -> pb.ServerReadyResponse:
-            return pb.ServerReadyResponse(ready=self.inference() is not None and not self.calls.drain.draining)
+    async def ModelReady(self, request: pb.ModelReadyRequest, record: RequestRecord) -> pb.ModelReadyResponse:
+        self._core().repository.answering(request.name, request.version or None, in_path=True)
+        return pb.ModelReadyResponse(ready=True)
 
-        return await self.calls.run(context, _method("ServerReady"), "/v2/health/ready", ready, counted=False)
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, record: RequestRecord
+    ) -> pb.ServerMetadataResponse:
+        extensions = ["model_repository"] if self.repository_on else []
+        return pb.ServerMetadataResponse(name=self.server_name, version=package_version(), extensions=extensions)
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
-        async def ready(_: RequestRecord) -> pb.ModelReadyResponse:
-            self._core().repository.answering(request.name, request.version or None, in_path=True)
-            return pb.ModelReadyResponse(ready=True)
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, record: RequestRecord) -> pb.ModelMetadataResponse:
+        serving = self._core().repository.answering(request.name, request.version or None, in_path=True)
+        described = model_metadata(request.name, serving.model)
+        described.pop("parameters")  # the gRPC message has no place for them: GET /v2/models/NAME lists them
+        return pb.ModelMetadataResponse(**described)
 
-        path = f"/v2/models/{request.name}/ready"
-        return await self.calls.run(context, _method("ModelReady"), path, ready, counted=False)
+    async def ModelInfer(self, request: pb.ModelInferRequest, record: RequestRecord) -> pb.ModelInferResponse:
+        core = self._core()
+        core.repository.answering(request.model_name, request.model_version or None, in_path=True)  # before inputs
+        asked = _asked(request)
+        record.model, record.images = asked.model, asked.count
+        answers = await core.classify(asked)
+        names = output_names([o.name for o in request.outputs] or None, answers)
+        response = pb.ModelInferResponse(model_name=answers.model, model_version=answers.version, id=request.id)
+        for tensor in output_tensors(answers, asked.top_k, names):
+            response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+            response.raw_output_contents.append(tensor.raw())
+        return response
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context) -> pb.ServerMetadataResponse:
-        async def metadata(_: RequestRecord) -> pb.ServerMetadataResponse:
-            extensions = ["model_repository"] if self.repository_on else []
-            return pb.ServerMetadataResponse(name=self.server_name, version=package_version(), extensions=extensions)
-
-        return await self.calls.run(context, _method("ServerMetadata"), "/v2", metadata, counted=False)
-
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
-        async def metadata(_: RequestRecord) -> pb.ModelMetadataResponse:
-            serving = self._core().repository.answering(request.name, request.version or None, in_path=True)
-            described = model_metadata(request.name, serving.model)
-            described.pop("parameters")  # the gRPC message has no place for them: GET /v2/models/NAME lists them
-            return pb.ModelMetadataResponse(**described)
-
-        path = f"/v2/models/{request.name}"
-        return await self.calls.run(context, _method("ModelMetadata"), path, metadata, counted=False)
-
-    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        async def infer(record: RequestRecord) -> pb.ModelInferResponse:
-            record.bytes_in = request.ByteSize()
-            if record.bytes_in > self.settings.max_body_bytes:
-                raise too_large(record.bytes_in, self.settings.max_body_bytes)
-            core = self._core()
-            version = request.model_version or None
-            core.repository.answering(request.model_name, version, in_path=True)  # unknown ones before bad inputs
-            asked = _asked(request)
-            record.model, record.images = asked.model, asked.count
-            answers = await core.classify(asked)
-            names = output_names([o.name for o in request.outputs] or None, answers)
-            response = pb.ModelInferResponse(model_name=answers.model, model_version=answers.version, id=request.id)
-            for tensor in output_tensors(answers, asked.top_k, names):
-                response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
-                values = tensor.values
-                raw = values.astype("<f4").tobytes() if isinstance(values, np.ndarray) else binary_bytes(values)
-                response.raw_output_contents.append(raw)
-            record.bytes_out = response.ByteSize()
-            return response
-
-        path = f"/v2/models/{request.model_name}/infer"
-        return await self.calls.run(context, _method("ModelInfer"), path, infer)
-
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
-        async def index(_: RequestRecord) -> pb.RepositoryIndexResponse:
-            self._repository_on()
-            answer = await self.handlers.index({}, json.dumps({"ready": request.ready}).encode())
-            return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in answer.body])
-
-        return await self.calls.run(context, _method("RepositoryIndex"), "/v2/repository/index", index)
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, record: RequestRecord
+    ) -> pb.RepositoryIndexResponse:
+        self._repository_on()
+        answer = await self.handlers.index({}, json.dumps({"ready": request.ready}).encode())
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in answer.body])
 
     async def RepositoryModelLoad(
-        self, request: pb.RepositoryModelLoadRequest, context
+        self, request: pb.RepositoryModelLoadRequest, record: RequestRecord
     ) -> pb.RepositoryModelLoadResponse:
-        async def load(_: RequestRecord) -> pb.RepositoryModelLoadResponse:
-            self._repository_on()
-            body = json.dumps({"parameters": _repository_parameters(request.parameters)}).encode()
-            await self.handlers.load({"repository_model": request.model_name}, body)
-            return pb.RepositoryModelLoadResponse()
-
-        path = f"/v2/repository/models/{request.model_name}/load"
-        return await self.calls.run(context, _method("RepositoryModelLoad"), path, load)
+        await self._change(self.handlers.load, request)
+        return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
-        self, request: pb.RepositoryModelUnloadRequest, context
+        self, request: pb.RepositoryModelUnloadRequest, record: RequestRecord
     ) -> pb.RepositoryModelUnloadResponse:
-        async def unload(_: RequestRecord) -> pb.RepositoryModelUnloadResponse:
-            self._repository_on()
-            body = json.dumps({"parameters": _repository_parameters(request.parameters)}).encode()
-            await self.handlers.unload({"repository_model": request.model_name}, body)
-            return pb.RepositoryModelUnloadResponse()
+        await self._change(self.handlers.unload, request)
+        return pb.RepositoryModelUnloadResponse()
 
-        path = f"/v2/repository/models/{request.model_name}/unload"
-        return await self.calls.run(context, _method("RepositoryModelUnload"), path, unload)
+    async def _change(self, handler, request: pb.RepositoryModelLoadRequest | pb.RepositoryModelUnloadRequest) -> None:
+        """A load or unload, through the REST route's handler (its checks and its ModelControl change)."""
+        self._repository_on()
+        body = json.dumps({"parameters": _repository_parameters(request.parameters)}).encode()
+        await handler({"repository_model": request.model_name}, body)
 
     def _repository_on(self) -> None:
         if not self.repository_on:
@@ -229,24 +211,30 @@ def _repository_parameters(parameters) -> dict:
     return values
 
 
-def _handlers(servicer: InferenceServicer, calls: Calls) -> grpc.GenericRpcHandler:
-    """The service's RPCs, as the .proto declares them, each reading its own message: bytes that are not one get
-    INVALID_ARGUMENT (gRPC's own deserializer would answer INTERNAL for the caller's mistake)."""
+def _handlers(servicer: InferenceServicer, calls: Calls, max_bytes: int) -> grpc.GenericRpcHandler:
+    """The service's RPCs, as the .proto declares them, each under `calls` and reading its own message: one over
+    `max_bytes` gets RESOURCE_EXHAUSTED naming the limit, bytes that are no such message INVALID_ARGUMENT (gRPC's
+    own deserializer would answer INTERNAL for the caller's mistake)."""
 
     def handler(name: str, request_type: type, response_type: type) -> grpc.RpcMethodHandler:
-        method = getattr(servicer, name)
+        method, (as_path, counted) = getattr(servicer, name), ROUTES[name]
 
         async def handle(data: bytes, context: grpc.aio.ServicerContext) -> object:
-            try:
-                request = request_type.FromString(data)
-            except DecodeError as exc:
-                problem = BadRequest(f"the message is not an inference.{request_type.__name__} ({exc}); send one")
+            async def answer(record: RequestRecord) -> object:
+                record.bytes_in = len(data)
+                if len(data) > max_bytes:
+                    raise too_large(len(data), max_bytes)
+                try:
+                    request = request_type.FromString(data)
+                except DecodeError as exc:
+                    raise BadRequest(
+                        f"the message is not an inference.{request_type.__name__} ({exc}); send one"
+                    ) from None
+                response = await method(request, record)
+                record.bytes_out = response.ByteSize()
+                return response
 
-                async def malformed(_: RequestRecord) -> object:
-                    raise problem
-
-                return await calls.run(context, _method(name), "/v2", malformed)
-            return await method(request, context)
+            return await calls.run(context, _method(name), as_path, answer, counted)
 
         return grpc.unary_unary_rpc_method_handler(handle, response_serializer=response_type.SerializeToString)
 
@@ -281,13 +269,17 @@ class GrpcServer:
             ]
         )
         servicer = InferenceServicer(settings, calls, inference, control, server_name)
-        self.server.add_generic_rpc_handlers((_handlers(servicer, calls),))
+        self.server.add_generic_rpc_handlers((_handlers(servicer, calls, settings.max_body_bytes),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.server.add_insecure_port(f"[::]:{settings.grpc_port}")
-        self.tasks: set[asyncio.Task] = set()  # held until done: the loop keeps only weak references
+        self.tasks: set[asyncio.Task] = set()
 
-    async def start(self) -> None:
+    def start(self) -> None:
+        """Start serving, from the worker's event loop (a task of its own)."""
+        self._spawn(self._start())
+
+    async def _start(self) -> None:
         await self.server.start()
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -295,7 +287,12 @@ class GrpcServer:
     def draining(self) -> None:
         """The drain has begun: the health service says NOT_SERVING (new calls get UNAVAILABLE from Calls). In the
         worker's event loop."""
-        self.tasks.add(asyncio.get_running_loop().create_task(self.health.enter_graceful_shutdown()))
+        self._spawn(self.health.enter_graceful_shutdown())
+
+    def _spawn(self, work: Coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self.tasks.discard)
 
     async def stop(self, grace_s: float) -> None:
         """After the drain: calls still running get `grace_s`."""

@@ -29,7 +29,6 @@ from service.openinference import (
     IMAGE,
     INPUTS_TEXT,
     TENSOR,
-    binary_bytes,
     binary_elements,
     images_input,
     model_metadata,
@@ -222,11 +221,10 @@ def _response(request: dict, answers: Answers, top_k: int) -> Answer:
     for tensor in output_tensors(answers, top_k, names):
         entry = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
         if parameters.get(tensor.name, {}).get("binary_data", all_binary):
-            is_floats = isinstance(tensor.values, np.ndarray)
-            binary.append(tensor.values.astype("<f4").tobytes() if is_floats else binary_bytes(tensor.values))
+            binary.append(tensor.raw())
             entry["parameters"] = {"binary_data_size": len(binary[-1])}
         else:
-            entry["data"] = tensor.values.ravel().tolist() if isinstance(tensor.values, np.ndarray) else tensor.values
+            entry["data"] = tensor.listed()
         outputs.append(entry)
     body = {"model_name": answers.model, "model_version": answers.version, "outputs": outputs}
     if "id" in request:
