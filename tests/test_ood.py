@@ -25,11 +25,13 @@ from harness.samples import ROOT, cifar_samples
 from harness.server import serve_expecting_exit, serving
 from tests.conftest import run_cli
 from training.ood import (
+    RIDGE,
     auroc,
     describe,
     fashion_mnist,
     fit,
     fpr_at_95_tpr,
+    gaussian,
     generated_sets,
     remove_stage_outputs,
 )
@@ -49,9 +51,9 @@ def fitted_on_random_stages(seed: int = 0) -> tuple[OodScore, tuple]:
 def test_the_score_sums_each_stages_standardized_distance_and_the_energy() -> None:
     score, (logits, means, squares) = fitted_on_random_stages()
     parts = []
-    for (start, end), gaussian in zip(((0, 3), (3, 5)), score.gaussians, strict=True):
+    for (start, end), stage in zip(((0, 3), (3, 5)), score.gaussians, strict=True):
         description = describe(means, squares, start, end)
-        deviation = (description - gaussian.mean) @ gaussian.whitening.astype(np.float64)
+        deviation = (description - stage.mean) @ stage.whitening.astype(np.float64)
         parts.append(np.linalg.norm(deviation, axis=1))
     parts.append(-np.log(np.exp(logits).sum(1)))  # the energy
     location, spread = np.asarray(score.scales).T
@@ -63,6 +65,20 @@ def test_the_score_sums_each_stages_standardized_distance_and_the_energy() -> No
         "stages": 2,
         "train_images": 400,
     }
+
+
+@pytest.mark.parametrize("images, dimensions", [(400, 30), (50, 200)])
+def test_a_gaussian_gives_the_mahalanobis_distance_with_more_or_fewer_images_than_dimensions(
+    images: int, dimensions: int
+) -> None:
+    rng = np.random.default_rng(1)
+    descriptions = rng.normal(size=(images, dimensions)) * rng.uniform(0.1, 3, size=dimensions)
+    covariance = np.cov(descriptions, rowvar=False)
+    covariance += np.eye(dimensions) * RIDGE * np.trace(covariance) / dimensions
+    deviations = rng.normal(size=(20, dimensions))
+    expected = np.sqrt((deviations * np.linalg.solve(covariance, deviations.T).T).sum(1))
+    fitted = gaussian(descriptions)
+    assert fitted.distances(deviations + descriptions.mean(0)) == pytest.approx(expected, rel=1e-4)
 
 
 def test_the_metadata_round_trips_and_refuses_what_was_changed_or_broken() -> None:
