@@ -141,9 +141,9 @@ def gaussian(descriptions: np.ndarray) -> Gaussian:
         covariance = centred.T @ centred / (n - 1) + np.eye(d) * ridge
         eigenvalues, eigenvectors = np.linalg.eigh(covariance)
         return Gaussian(mean.astype(np.float32), (eigenvectors / np.sqrt(eigenvalues)).astype(np.float32))
-    # Fewer images than dimensions (a small fit of a wide network): the covariance's eigenvectors outside the data's
-    # n directions all have the ridge for eigenvalue, so the data's SVD gives the inverse square root (one D x D
-    # eigendecomposition of GoogLeNet's last stage took 5 s): the same distances, whitened symmetrically.
+    # Fewer images than dimensions (a small fit of a wide network): outside the data's n directions every eigenvalue
+    # is the ridge, so the data's SVD gives the inverse square root without a D x D eigendecomposition: the same
+    # distances, whitened symmetrically.
     _, singular, directions = np.linalg.svd(centred, full_matrices=False)
     scale = 1 / np.sqrt(singular**2 / (n - 1) + ridge) - 1 / np.sqrt(ridge)
     whitening = (directions.T * scale) @ directions + np.eye(d) / np.sqrt(ridge)
