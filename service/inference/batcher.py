@@ -8,7 +8,9 @@ they are, and each request gets its own rows of what the call returns.
 
 Two ways to run the calls. A model whose calls cost little (`inline`: LeNet on a CPU)
 runs them in the event loop itself: the requests that reach the batcher in one pass of the loop share
-one call, made before the loop moves on, with no thread hand-off (which cost more than LeNet's call).
+one call, made before the loop moves on, with no thread hand-off (which cost more than LeNet's call);
+while calls hold more than one request (under load), a call first waits GATHER_S, and the requests of
+the loop's next passes join it (a lone client's calls, one at a time, never wait).
 Any other model has its own thread that loops over the queue, so under load the next batch starts the
 moment the last one ends instead of when the busy event loop gets round to it; there a call whose
 queued work is estimated below GATHER_S first waits GATHER_S (2 ms) for more. BENCHMARKS.md has the
@@ -32,7 +34,7 @@ from service.errors import ClientGone, Overloaded
 from service.inference.metrics import ABANDONED_IMAGES
 
 logger = logging.getLogger("cifar10.batching")
-# A model call whose queued work is estimated below this waits this long for more work when under load.
+# Under load, a model call whose queued work is estimated below this (inline: any) waits this long for more.
 GATHER_S = 0.002
 SWEEP_S = 0.005  # when about to refuse for a long queue or too many requests: how often to look for hung-up ones
 HangUpProbe: TypeAlias = Callable[[], bool]  # whether a request's client has closed its connection
@@ -135,7 +137,9 @@ class Batcher:
         loop = asyncio.get_running_loop()
         pending = _Pending(inputs, loop.create_future(), loop, hung_up)
         if self.inline:
-            if not self.passing:
+            if not self.passing and self.last_batch > 1:  # under load: let the next passes' requests join
+                loop.call_later(GATHER_S, self._run_passing)
+            elif not self.passing:
                 loop.call_soon(self._run_passing)  # after the requests already scheduled in this pass
             self.passing.append(pending)
             return await pending.future
