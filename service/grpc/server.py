@@ -1,6 +1,6 @@
 """The Open Inference Protocol over gRPC: KServe v2's `inference.GRPCInferenceService` with Triton's model-repository
-RPCs, and `grpc.health.v1` for Kubernetes' gRPC probes, on CIFAR10_GRPC_PORT in every worker (the workers share the
-port with SO_REUSEPORT; the server checks at start that no other process holds it).
+RPCs, and `grpc.health.v1` for Kubernetes' gRPC probes, on CIFAR10_GRPC_PORT in every worker (the workers, and the
+several servers of each, share the port with SO_REUSEPORT; the server checks at start that no other process holds it).
 
 Every call goes through the worker's inference core, as the REST routes do (service/http/v2.py), with the same
 inputs and outputs (service/openinference.py): `image` BYTES or `input` FP32, in `raw_input_contents` or in typed
@@ -47,6 +47,7 @@ SERVICE = "inference.GRPCInferenceService"
 # gRPC's own limit on a message, above the service's: a message between the two gets the service's message, which
 # names its limit; one past this gets gRPC's own RESOURCE_EXHAUSTED.
 MESSAGE_LIMIT_FACTOR = 4
+SERVERS_PER_WORKER = 8
 
 
 def port_in_use(port: int) -> str:
@@ -249,7 +250,10 @@ def _handlers(servicer: InferenceServicer, calls: Calls, max_bytes: int) -> grpc
 
 
 class GrpcServer:
-    """A worker's gRPC server: the inference service and the health service, stopped by the drain."""
+    """A worker's gRPC servers: the inference service and the health service, stopped by the drain.
+
+    SERVERS_PER_WORKER servers share the port: a grpc.aio server takes in one call per pass of the event loop, so
+    with one, concurrent single-image calls each got a model call of their own (BENCHMARKS.md, #45)."""
 
     def __init__(
         self,
@@ -261,18 +265,19 @@ class GrpcServer:
     ) -> None:
         self.settings = settings
         limit = settings.max_body_bytes * MESSAGE_LIMIT_FACTOR
-        self.server = grpc.aio.server(
-            options=[
-                ("grpc.so_reuseport", 1),
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-            ]
-        )
+        options = [
+            ("grpc.so_reuseport", 1),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ]
         servicer = InferenceServicer(settings, calls, inference, control, server_name)
-        self.server.add_generic_rpc_handlers((_handlers(servicer, calls, settings.max_body_bytes),))
+        handlers = (_handlers(servicer, calls, settings.max_body_bytes),)
         self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.server.add_insecure_port(f"[::]:{settings.grpc_port}")
+        self.servers = [grpc.aio.server(options=options) for _ in range(SERVERS_PER_WORKER)]
+        for server in self.servers:
+            server.add_generic_rpc_handlers(handlers)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            server.add_insecure_port(f"[::]:{settings.grpc_port}")
         self.tasks: set[asyncio.Task] = set()
 
     def start(self) -> None:
@@ -280,7 +285,7 @@ class GrpcServer:
         self._spawn(self._start())
 
     async def _start(self) -> None:
-        await self.server.start()
+        await asyncio.gather(*(server.start() for server in self.servers))
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -296,4 +301,4 @@ class GrpcServer:
 
     async def stop(self, grace_s: float) -> None:
         """After the drain: calls still running get `grace_s`."""
-        await self.server.stop(grace_s)
+        await asyncio.gather(*(server.stop(grace_s) for server in self.servers))
