@@ -180,30 +180,31 @@ def test_inline_the_requests_of_one_pass_share_one_call_in_the_event_loop(lenet)
     assert set(threads) == {threading.main_thread()}
 
 
-def test_inline_under_load_the_requests_of_the_next_passes_join_the_call(lenet, monkeypatch) -> None:
-    """Once a call has held more than one request, the next one waits GATHER_S, and requests that arrive one per
-    pass of the loop (as grpc.aio takes calls in) join it; a lone client's calls, one at a time, each run alone."""
+def test_inline_under_load_grpc_requests_of_the_next_passes_join_the_call(lenet, monkeypatch) -> None:
+    """Once a call has held more than one request, a gRPC request's call (they arrive one per pass of the loop)
+    waits GATHER_S, and requests arriving in the next passes join it; a lone client's calls, and REST's (which
+    arrive together), run at once."""
     monkeypatch.setattr(batcher_module, "GATHER_S", 0.5)  # far longer than the passes below take on any host
     run = Recorded(lenet)
-    batcher = Batcher("lenet", run, max_batch_size=64, max_latency_s=5, device_lock=threading.Lock(), inline=True)
+    batcher = Batcher("lenet", run, max_batch_size=64, max_latency_s=60, device_lock=threading.Lock(), inline=True)
 
-    async def after(passes: int, seed: int) -> np.ndarray:
+    async def after(passes: int, one_per_pass: bool = True) -> np.ndarray:
         for _ in range(passes):
             await asyncio.sleep(0)
-        return await rows(batcher, inputs(1, seed))
+        return (await batcher.call(inputs(1, seed=passes), one_per_pass=one_per_pass))[0]
 
     async def main() -> None:
-        for seed in range(3):  # one client, one call at a time
-            await rows(batcher, inputs(1, seed))
-        await asyncio.gather(rows(batcher, inputs(1, 3)), rows(batcher, inputs(1, 4)))  # one pass, one call
-        answered = await asyncio.gather(*(after(passes, seed=10 + passes) for passes in range(4)))
+        for _ in range(3):  # one client, one call at a time
+            await after(0)
+        await asyncio.gather(after(0), after(0))  # one pass, one call
+        answered = await asyncio.gather(*(after(passes) for passes in range(4)))
         for passes, answer in enumerate(answered):
-            assert np.allclose(answer, lenet.logits(inputs(1, 10 + passes)), atol=1e-5)
-        for seed in range(2):  # the load has gone: one call waits, then none
-            await rows(batcher, inputs(1, seed))
+            assert np.allclose(answer, lenet.logits(inputs(1, seed=passes)), atol=1e-5)
+        await asyncio.gather(*(after(passes, one_per_pass=False) for passes in range(2)))
+        await after(0)
 
     asyncio.run(main())
-    assert run.sizes == [1, 1, 1, 2, 4, 1, 1]
+    assert run.sizes == [1, 1, 1, 2, 4, 1, 1, 1]
 
 
 def test_inline_calls_go_to_the_thread_while_another_model_holds_the_device(lenet) -> None:

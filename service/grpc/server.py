@@ -181,6 +181,7 @@ def _asked(request: pb.ModelInferRequest) -> Asked:
     shape = list(given.shape)
     if any(d < 0 for d in shape):
         raise BadRequest(f"input {given.name}: shape must hold whole numbers of 0 or more, got {shape}")
+    named = {"version": request.model_version or None, "in_path": True, "whole": True, "one_per_pass": True}
     top_k = DEFAULT_TOP_K
     if "top_k" in request.parameters:
         parameter = request.parameters["top_k"]
@@ -189,15 +190,11 @@ def _asked(request: pb.ModelInferRequest) -> Asked:
         top_k = getattr(parameter, parameter.WhichOneof("parameter_choice"))
     if given.name == IMAGE:
         images = binary_elements(raw[0]) if raw else list(given.contents.bytes_contents)
-        return Asked(request.model_name, top_k, images=images_input(given.datatype, shape, images), **_named(request))
+        return Asked(request.model_name, top_k, images=images_input(given.datatype, shape, images), **named)
     if given.name == TENSOR:
         data = raw[0] if raw else given.contents.fp32_contents
-        return Asked(request.model_name, top_k, tensor=tensor_input(given.datatype, shape, data), **_named(request))
+        return Asked(request.model_name, top_k, tensor=tensor_input(given.datatype, shape, data), **named)
     raise unknown_input(given.name)
-
-
-def _named(request: pb.ModelInferRequest) -> dict:
-    return {"version": request.model_version or None, "in_path": True, "whole": True}
 
 
 def _repository_parameters(parameters) -> dict:

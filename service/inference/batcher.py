@@ -8,9 +8,10 @@ they are, and each request gets its own rows of what the call returns.
 
 Two ways to run the calls. A model whose calls cost little (`inline`: LeNet on a CPU)
 runs them in the event loop itself: the requests that reach the batcher in one pass of the loop share
-one call, made before the loop moves on, with no thread hand-off (which cost more than LeNet's call);
-while calls hold more than one request (under load), a call first waits GATHER_S, and the requests of
-the loop's next passes join it (a lone client's calls, one at a time, never wait).
+one call, made before the loop moves on, with no thread hand-off (which cost more than LeNet's call).
+grpc.aio takes in one call per pass, so while calls hold more than one request (under load) a gRPC
+request's call first waits GATHER_S, and the requests of the loop's next passes join it (a lone
+client's calls, one at a time, never wait).
 Any other model has its own thread that loops over the queue, so under load the next batch starts the
 moment the last one ends instead of when the busy event loop gets round to it; there a call whose
 queued work is estimated below GATHER_S first waits GATHER_S (2 ms) for more. BENCHMARKS.md has the
@@ -34,7 +35,7 @@ from service.errors import ClientGone, Overloaded
 from service.inference.metrics import ABANDONED_IMAGES
 
 logger = logging.getLogger("cifar10.batching")
-# Under load, a model call whose queued work is estimated below this (inline: any) waits this long for more.
+# Under load, a model call whose queued work is estimated below this waits this long for more (inline: gRPC's requests).
 GATHER_S = 0.002
 SWEEP_S = 0.005  # when about to refuse for a long queue or too many requests: how often to look for hung-up ones
 HangUpProbe: TypeAlias = Callable[[], bool]  # whether a request's client has closed its connection
@@ -131,13 +132,16 @@ class Batcher:
             self.ready.notify()
         self.thread.join()
 
-    async def call(self, inputs: np.ndarray, hung_up: HangUpProbe | None = None) -> tuple[Rows, int]:
+    async def call(
+        self, inputs: np.ndarray, hung_up: HangUpProbe | None = None, one_per_pass: bool = False
+    ) -> tuple[Rows, int]:
         """This request's rows of the output, and how many images the model call that made them held. Raises
-        ClientGone where `hung_up()` turns true before its images go into a call."""
+        ClientGone where `hung_up()` turns true before its images go into a call. `one_per_pass`: requests like
+        this one reach the batcher one per pass of the event loop (gRPC's)."""
         loop = asyncio.get_running_loop()
         pending = _Pending(inputs, loop.create_future(), loop, hung_up)
         if self.inline:
-            if not self.passing and self.last_batch > 1:  # under load: let the next passes' requests join
+            if not self.passing and one_per_pass and self.last_batch > 1:  # under load: the next passes' join it
                 loop.call_later(GATHER_S, self._run_passing)
             elif not self.passing:
                 loop.call_soon(self._run_passing)  # after the requests already scheduled in this pass

@@ -59,6 +59,7 @@ class Asked:
     in_path: bool = False  # the route names the model in its path: an unknown one is NotFound, not BadRequest
     whole: bool = False
     hung_up: HangUpProbe | None = None
+    one_per_pass: bool = False  # requests like this reach the batcher one per pass of the event loop (gRPC's)
 
     @property
     def count(self) -> int:
@@ -97,7 +98,7 @@ class Inference:
         ranked = Ranked(np.empty((0, len(model.class_names), 2)))
         if len(inputs):
             with model_span(asked.model, len(inputs)) as span:
-                ranked, call_images = await serving.batcher.call(inputs, asked.hung_up)
+                ranked, call_images = await serving.batcher.call(inputs, asked.hung_up, asked.one_per_pass)
                 if span is not None:
                     span.set_attribute("cifar10.batch_images", call_images)
             shadow = self.repository.shadow_of(asked.model) if asked.version is None else None
