@@ -250,7 +250,7 @@ class GrpcServer:
     """A worker's gRPC servers: the inference service and the health service, stopped by the drain.
 
     SERVERS_PER_WORKER servers share the port: a grpc.aio server takes in one call per pass of the event loop, so
-    with one, concurrent single-image calls each got a model call of their own (BENCHMARKS.md, #45)."""
+    with one, concurrent single-image calls each got a model call of their own (BENCHMARKS.md)."""
 
     def __init__(
         self,
