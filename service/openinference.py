@@ -147,7 +147,8 @@ def output_tensors(answers: Answers, top_k: int, names: list[str]) -> list[Tenso
     for name in names:
         if name == PROBABILITIES:
             probabilities = np.empty((n, len(classes)), np.float32)
-            np.put_along_axis(probabilities, ranked.classes[..., 0].astype(np.int64), ranked.classes[..., 1], axis=1)
+            # indexing, not np.put_along_axis: the same, at a fraction of its Python cost on one image
+            probabilities[np.arange(n)[:, None], ranked.classes[..., 0].astype(np.intp)] = ranked.classes[..., 1]
             tensors.append(Tensor(name, "FP32", [n, len(classes)], probabilities))
         elif name == OOD_SCORE:
             tensors.append(Tensor(name, "FP32", [n], ranked.ood_scores.astype(np.float32)))
