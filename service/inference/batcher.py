@@ -10,8 +10,8 @@ Two ways to run the calls. A model whose calls cost little (`inline`: LeNet on a
 runs them in the event loop itself: the requests that reach the batcher in one pass of the loop share
 one call, made before the loop moves on, with no thread hand-off (which cost more than LeNet's call).
 grpc.aio takes in one call per pass, so while calls hold more than one request (under load) a gRPC
-request's call first waits GATHER_S, and the requests of the loop's next passes join it (a lone
-client's calls, one at a time, never wait).
+request's call first waits GATHER_S, and the requests of the loop's next passes join it (of a lone
+client's calls, one at a time, only the first after a burst waits).
 Any other model has its own thread that loops over the queue, so under load the next batch starts the
 moment the last one ends instead of when the busy event loop gets round to it; there a call whose
 queued work is estimated below GATHER_S first waits GATHER_S (2 ms) for more. BENCHMARKS.md has the
@@ -141,7 +141,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         pending = _Pending(inputs, loop.create_future(), loop, hung_up)
         if self.inline:
-            if not self.passing and one_per_pass and self.last_batch > 1:  # under load: the next passes' join it
+            if not self.passing and one_per_pass and self.last_batch > 1:  # under load: gather the next passes'
                 loop.call_later(GATHER_S, self._run_passing)
             elif not self.passing:
                 loop.call_soon(self._run_passing)  # after the requests already scheduled in this pass
