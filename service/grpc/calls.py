@@ -24,7 +24,7 @@ from service.http.access import AccessLog, RequestRecord, usable_request_id
 from service.http.answers import ANSWERED, status_of
 from service.http.drain import Drain
 from service.http.keys import ApiKeys
-from service.http.metrics import ABANDONED_REQUESTS, REQUEST_SECONDS, REQUESTS
+from service.http.metrics import ABANDONED_REQUESTS, RouteMeters
 from service.settings import Settings
 from service.tracing import request_span, trace_id
 
@@ -65,6 +65,7 @@ class Calls:
     def __init__(self, settings: Settings, keys: ApiKeys | None, drain: Drain, access_log: AccessLog) -> None:
         self.settings, self.keys, self.drain, self.access_log = settings, keys, drain, access_log
         self.running = 0
+        self.meters = RouteMeters()  # each method's, added by the server that answers it
 
     async def run(
         self,
@@ -91,7 +92,8 @@ class Calls:
         self.drain.arrived(counted)
         failure: BaseException | None = None
         try:
-            scope = {"method": "POST", "headers": [(k.encode(), v.encode()) for k, v in metadata.items()]}
+            # the headers as a generator: read only where tracing is on
+            scope = {"method": "POST", "headers": ((k.encode(), v.encode()) for k, v in metadata.items())}
             with request_span(scope, method):
                 record.trace_id = trace_id()
                 try:
@@ -143,8 +145,7 @@ class Calls:
         if failure is not None:
             record.status = code_of(failure)[1]
             record.error = str(failure) if isinstance(failure, ANSWERED) else "internal server error"
-        REQUEST_SECONDS.labels(endpoint=record.path).observe(time.perf_counter() - record.started)
-        REQUESTS.labels(endpoint=record.path, status=str(record.status)).inc()
+        self.meters.answered(record.path, record.status, time.perf_counter() - record.started)
 
     async def _abort(self, context: grpc.aio.ServicerContext, failure: BaseException, request_id: str) -> None:
         """End the call with the error's code and message (a bug's message stays in the log)."""

@@ -237,6 +237,7 @@ def _handlers(servicer: InferenceServicer, calls: Calls, max_bytes: int) -> grpc
         return grpc.unary_unary_rpc_method_handler(handle, response_serializer=response_type.SerializeToString)
 
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    calls.meters.add(_method(m.name) for m in service.methods)
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {

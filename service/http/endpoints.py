@@ -15,7 +15,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple
 
 from starlette.types import Receive, Scope, Send
 
@@ -23,18 +22,11 @@ from service.bentoml_internals import CONNECTION
 from service.errors import BodyTooLarge, ClientGone, SlowRequest, TimedOut, TooManyRequests
 from service.http.access import RECORD, RequestRecord
 from service.http.answers import ANSWERED, Answer, error_answer, send_answer, size_text
-from service.http.metrics import ABANDONED_REQUESTS, ALERTED_STATUSES, REQUEST_SECONDS, REQUESTS
+from service.http.metrics import ABANDONED_REQUESTS, RouteMeters
 from service.inference.batcher import SWEEP_S, HangUpProbe
 
 Handler = Callable[[Scope, bytes], Awaitable[Answer]]
 logger = logging.getLogger("cifar10.http")
-
-
-class RouteMeters(NamedTuple):
-    """A route's Prometheus children for one status."""
-
-    seconds: Any
-    answered: Any
 
 
 class Endpoints:
@@ -56,7 +48,7 @@ class Endpoints:
         # Requests past their body read, against max_concurrency, each with its hang-up probe (or None).
         self.running: dict[int, HangUpProbe | None] = {}
         self.last_sweep = 0.0
-        self.meters: dict[tuple[str, int], RouteMeters] = {}  # looked up once per (route, status)
+        self.meters = RouteMeters()
         # What a 413 tells a route's client to send instead (default: a smaller image).
         self.advice: dict[str, str] = {"/classify_batch": "send fewer or smaller images per request"}
         for stage in ClientGone.STAGES:
@@ -64,12 +56,9 @@ class Endpoints:
         self.add(handlers)
 
     def add(self, handlers: dict[str, Handler]) -> None:
-        """Serve these routes too, their series created at 0 for the statuses the alert rules watch (a rate() over
-        a series that appears with its first event misses that event)."""
+        """Serve and count these routes too."""
         self.handlers |= handlers
-        for route in handlers:
-            for status in ALERTED_STATUSES:
-                self._meters(route, status)
+        self.meters.add(handlers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -86,15 +75,7 @@ class Endpoints:
                 connection.end()
             return
         await send_answer(send, answer)
-        meters = self.meters.get((route, answer.status)) or self._meters(route, answer.status)
-        meters.seconds.observe(time.perf_counter() - started)
-        meters.answered.inc()
-
-    def _meters(self, route: str, status: int) -> RouteMeters:
-        meters = self.meters[route, status] = RouteMeters(
-            REQUEST_SECONDS.labels(endpoint=route), REQUESTS.labels(endpoint=route, status=str(status))
-        )
-        return meters
+        self.meters.answered(route, answer.status, time.perf_counter() - started)
 
     async def _answer(self, handler: Handler, scope: Scope, receive: Receive, record: RequestRecord | None) -> Answer:
         request_id = record.request_id if record is not None else ""
