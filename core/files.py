@@ -11,6 +11,11 @@ from pathlib import Path
 from core.errors import UserError
 
 
+def cache_dir() -> Path:
+    """Where work done once is kept between runs: decoded data sets, int8 self-check results (CIFAR10_CACHE)."""
+    return Path(os.environ.get("CIFAR10_CACHE", Path.home() / ".cache" / "cifar10-service"))
+
+
 def sha256_of(path: Path) -> str:
     """Hex sha256 of a file's content."""
     with path.open("rb") as f:

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from core import selfcheck
 from core.errors import UserError
 from core.files import sha256_of
 from core.runtime import OnnxModel
@@ -59,6 +60,28 @@ def test_quantize_writes_an_int8_file_with_its_provenance(quantized) -> None:
     pixels, answers = reference_of(OnnxModel(out, providers="cpu"))
     assert pixels.shape[1:] == (32, 32, 3) and 0 < len(pixels) == len(answers) <= 30  # held-out images only
     assert self_check(OnnxModel(out, providers="cpu")).passed  # by construction on the host that quantized it
+
+
+def test_a_self_check_result_is_kept_for_its_file_cpu_and_runtime(
+    quantized, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run once on this CPU, a file's check is read back after; on another CPU, or for another file, it runs."""
+    monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path))
+    model = OnnxModel(quantized[0], providers="cpu")
+    runs: list[int] = []
+    logits = model.logits
+    monkeypatch.setattr(model, "logits", lambda batch: runs.append(len(batch)) or logits(batch))
+    first = self_check(model)
+    assert runs and first.images > 0 and len(list((tmp_path / "self-check").glob("*.json"))) == 1
+    runs.clear()
+    assert self_check(model) == first and not runs  # kept
+    monkeypatch.setattr(selfcheck, "describe_cpu", lambda: "Another CPU (avx2 fma)")
+    assert self_check(model).agreed == first.agreed and runs  # another CPU: run there
+    runs.clear()
+    monkeypatch.undo()
+    monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path))
+    other = OnnxModel(wrong_int8(quantized[0], tmp_path / "wrong.onnx"), providers="cpu")
+    assert self_check(other) != first  # another file: its own check (its answers differ)
 
 
 def test_quantize_refuses_a_copy_that_disagrees_with_fp32_and_writes_nothing(tmp_path: Path, tiny_data: Path) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from core.contract import CLASS_NAMES
 from core.errors import ImageError, UserError
-from core.files import sha256_of, write_atomic
+from core.files import cache_dir, sha256_of, write_atomic
 from core.preprocess import decode_rgb
 
 CACHE_VERSION = "1"
@@ -40,10 +40,6 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CIFAR10_CACHE", Path.home() / ".cache" / "cifar10-service"))
 
 
 def load_split(source: str | os.PathLike, split: str, download: bool = False) -> Split:
