@@ -30,9 +30,8 @@ class RouteMeters:
     """Each route's request time and answered count by status, its Prometheus children looked up once (a lookup
     costs more than the update)."""
 
-    def __init__(self, routes: Iterable[str] = ()) -> None:
+    def __init__(self) -> None:
         self.children: dict[tuple[str, int], tuple[Any, Any]] = {}
-        self.add(routes)
 
     def add(self, routes: Iterable[str]) -> None:
         """Count these routes too, their series created at 0 for the statuses the alert rules watch (a rate() over a
